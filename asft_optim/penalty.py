@@ -1,0 +1,81 @@
+"""The loss-level twin of the optimizer: ``loss = task + anchor_penalty(model, anchors)``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import to_out_in
+from .projection import AnchorError, Projection
+from .targets import Target, check_shapes, find_targets
+
+
+def target_penalty(target: Target, proj: Projection, reference: Tensor | None = None) -> Tensor | None:
+    """Differentiable raw penalty ``‖R ΔW‖²`` of one target (None: no active update)."""
+    if target.kind == "lora":
+        factors = target.lora_factors()
+        if not factors:
+            return None
+        b = torch.cat([f[0] * f[2] for f in factors], 1)
+        a = torch.cat([f[1] for f in factors], 0)
+        proj = target._proj(proj, b)
+        b, a = b.to(proj.factor.dtype), a.to(proj.factor.dtype)
+        rb = proj.residual(b)
+        # ‖R B A‖² = tr((RB)ᵀ RB · A Aᵀ): no d_out × d_in product.
+        return ((rb.transpose(0, 1) @ rb) * (a @ a.transpose(0, 1))).sum()
+    if target.kind == "full":
+        if reference is None:
+            raise AnchorError(f"{target.name}: fully tuned weight needs a reference weight")
+        w = target.base_weight()
+        proj = target._proj(proj, w)
+        delta = to_out_in(w.to(proj.factor.dtype) - reference.to(w.device, proj.factor.dtype), target.layout)
+        return proj.residual(delta).pow(2).sum()
+    delta = target.effective_delta()
+    if delta is None:
+        return None
+    proj = target._proj(proj, delta)
+    return proj.residual(delta.to(proj.factor.dtype)).pow(2).sum()
+
+
+def anchor_penalty(
+    model: nn.Module,
+    anchors: Mapping[str, Projection],
+    anchor_lambda: float = 1.0,
+    *,
+    reference: Mapping[str, Tensor] | None = None,
+    strict: bool = True,
+) -> Tensor:
+    r"""Differentiable :math:`\lambda \sum \lVert R\,\Delta W\rVert_F^2` over the anchored weights.
+
+    Adding it to the task loss and stepping a plain optimizer equals stepping
+    :class:`AnchoredOptimizer` (coupled) on the task loss alone.
+
+    Args:
+        model: the model being tuned.
+        anchors: ``{HF weight name: Projection}``.
+        anchor_lambda: λ (default: 1.0).
+        reference: ``{name: W_ref}`` for fully tuned weights (default: None; required
+            when an anchored weight is trained directly).
+        strict: raise if an anchor matches no module (default: True).
+
+    Example::
+
+        >>> loss = task_loss + anchor_penalty(peft_model, anchors, anchor_lambda=1.0)
+    """
+    targets, missing = find_targets(model, anchors)
+    if missing and strict:
+        raise AnchorError(f"{len(missing)} anchor(s) match no module of the model (first: {missing[:5]})")
+    check_shapes(targets, anchors)
+    total: Tensor | None = None
+    for t in targets:
+        if t.kind == "full" and not t.base_weight().requires_grad:
+            continue
+        ref = (reference or {}).get(t.name)
+        p = target_penalty(t, anchors[t.name], ref)
+        if p is not None:
+            total = p if total is None else total + p
+    if total is None:
+        raise AnchorError("no anchored weight has an active update (no LoRA adapter, no trainable weight)")
+    return anchor_lambda * total

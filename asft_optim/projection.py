@@ -1,0 +1,226 @@
+"""Pure tensor math of the AsFT penalty; no ``nn`` or ``optim`` imports.
+
+Paper symbols, mapped once (AsFT §3.3, Eq. 2-4):
+
+* ``V = W_aligned - W_base``  the alignment direction d_aligned of one weight, in
+  (out, in) layout;
+* ``C``                       the alignment operator acting on the *output* side of an
+  update, ``C = F Fᵀ`` for a stored factor ``F`` of shape (d_out, m);
+* ``I - C``                   C⊥_harm, the part of an update that leaves the basin;
+* ``ΔW``                      the update: ``s·B·A`` for LoRA, ``W - W_ref`` otherwise.
+
+The penalty of one weight is ``‖R ΔW‖²_F`` with ``R = I - C`` (modes ``safelora``,
+``orthogonal``, ``l2``) or ``R = C`` (mode ``subspace``: C spans *harmful*
+directions, AsFT_Alt). Its gradient is ``2 RᵀR ΔW``. C is never formed as a
+d×d matrix: every product goes through ``F`` as ``F (Fᵀ X)``, costing O(d·m·n)
+for an (d, n) operand. ``C`` is symmetric but a projector only in the
+``orthogonal``/``subspace`` modes, so ``RᵀR = I - 2C + C²`` in general and we
+apply R twice rather than assume ``RᵀR = R``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+Mode = Literal["safelora", "orthogonal", "subspace", "l2"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+#: SVDs of matrices whose smaller side exceeds this use a randomized solver.
+_EXACT_SVD_LIMIT = 2048
+
+
+class AnchorError(ValueError):
+    """Raised for anchors that cannot be used: bad shapes, non-finite values, no match."""
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The alignment operator ``C = F Fᵀ`` of one weight and the penalty it defines.
+
+    Args:
+        factor: ``F`` of shape (d_out, m). ``m`` may be 0 (mode ``l2``: C = 0).
+        mode: ``"safelora"`` (C = V Vᵀ/‖V‖_F, the reference code's operator),
+            ``"orthogonal"`` (C = U_k U_kᵀ, paper Eq. 3 with a rank cut),
+            ``"subspace"`` (C spans harmful directions; penalise ``‖C ΔW‖²``) or
+            ``"l2"`` (C = 0; penalise all of ΔW).
+        energy: fraction of ``‖V‖²_F`` kept by the factor (1.0 when exact).
+    """
+
+    factor: Tensor
+    mode: Mode
+    energy: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise AnchorError(f"unknown anchor mode {self.mode!r}; expected one of {MODES}")
+        if self.factor.dim() != 2:
+            raise AnchorError(f"anchor factor must be 2-D, got shape {tuple(self.factor.shape)}")
+
+    @property
+    def d_out(self) -> int:
+        return self.factor.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.factor.shape[1]
+
+    @property
+    def is_projector(self) -> bool:
+        # Orthonormal factors (and the empty one) make C idempotent: RᵀR = R.
+        return self.mode != "safelora"
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        return Projection(self.factor.to(device=device, dtype=dtype), self.mode, self.energy)
+
+    # -- operator products, all O(d_out · m · n) ------------------------------------------
+    def apply_c(self, x: Tensor) -> Tensor:
+        """``C x`` for ``x`` of shape (d_out, n)."""
+        f = self.factor
+        if f.shape[1] == 0:
+            return torch.zeros_like(x)
+        return f @ (f.transpose(0, 1) @ x)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """``R x``: the penalised component (``(I-C) x``, or ``C x`` for ``subspace``)."""
+        cx = self.apply_c(x)
+        return cx if self.mode == "subspace" else x - cx
+
+    def metric(self, x: Tensor, rx: Tensor | None = None) -> Tensor:
+        """``RᵀR x`` (R is symmetric). Pass ``rx = R x`` when already computed."""
+        rx = self.residual(x) if rx is None else rx
+        return rx if self.is_projector else self.residual(rx)
+
+
+# -- penalty values and gradients --------------------------------------------------------
+
+
+@dataclass
+class PenaltyTerms:
+    """Raw (λ-free) penalty of one weight and its gradients.
+
+    ``penalty = ‖R ΔW‖²`` and ``delta_sq = ‖ΔW‖²`` are 0-d tensors (never ``.item()``-ed
+    on the hot path). ``grads`` matches the tensors the update was built from:
+    ``(dB, dA)`` for LoRA, ``(dW,)`` for a dense update.
+    """
+
+    penalty: Tensor
+    delta_sq: Tensor
+    grads: tuple[Tensor, ...]
+
+    def off_anchor_fraction(self) -> Tensor:
+        """``‖R ΔW‖ / ‖ΔW‖`` (0 where ΔW = 0)."""
+        return torch.sqrt(self.penalty / self.delta_sq.clamp_min(torch.finfo(self.delta_sq.dtype).tiny))
+
+
+def dense_terms(proj: Projection, delta: Tensor) -> PenaltyTerms:
+    """Penalty of a dense update ``delta`` (d_out, d_in): grad ``2 RᵀR ΔW``."""
+    r = proj.residual(delta)
+    grad = 2.0 * proj.metric(delta, r)
+    return PenaltyTerms(r.pow(2).sum(), delta.pow(2).sum(), (grad,))
+
+
+def lora_terms(proj: Projection, lora_b: Tensor, lora_a: Tensor, scaling: float) -> PenaltyTerms:
+    """Penalty of ``ΔW = s·B·A`` in closed form, never forming ΔW.
+
+    With ``P = s²‖R B A‖²``:  ``∂P/∂B = 2s² (RᵀR B)(A Aᵀ)``, ``∂P/∂A = 2s² (RB)ᵀ(RB) A``.
+    Cost O(d_out·m·r + (d_out + d_in)·r²).
+
+    Args:
+        lora_b: ``B`` of shape (d_out, r).
+        lora_a: ``A`` of shape (r, d_in).
+        scaling: ``s`` (α/r, or α/√r for rsLoRA).
+    """
+    s2 = float(scaling) ** 2
+    rb = proj.residual(lora_b)
+    mb = proj.metric(lora_b, rb)
+    gram_a = lora_a @ lora_a.transpose(0, 1)  # A Aᵀ (r, r)
+    gram_rb = rb.transpose(0, 1) @ rb  # (RB)ᵀ(RB) (r, r)
+    gram_b = lora_b.transpose(0, 1) @ lora_b
+    penalty = s2 * (gram_rb * gram_a).sum()  # s² tr((RB)ᵀRB · AAᵀ)
+    delta_sq = s2 * (gram_b * gram_a).sum()
+    grad_b = (2.0 * s2) * (mb @ gram_a)
+    grad_a = (2.0 * s2) * (gram_rb @ lora_a)
+    return PenaltyTerms(penalty, delta_sq, (grad_b, grad_a))
+
+
+# -- building operators from weight differences -----------------------------------------
+
+
+def _top_left_singular(v: Tensor, k: int | None, energy: float | None) -> tuple[Tensor, Tensor, float]:
+    """Top left singular vectors/values of ``v`` in float64 or float32, cut by rank or energy."""
+    total = v.pow(2).sum()
+    small = min(v.shape)
+    if energy is not None or small <= _EXACT_SVD_LIMIT:
+        u, s, _ = torch.linalg.svd(v, full_matrices=False)
+        if energy is not None:
+            cum = torch.cumsum(s.pow(2), 0) / total
+            k = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
+            k = min(k, small)
+    else:
+        assert k is not None
+        # Randomized SVD: oversampling + power iterations make the top-k subspace accurate.
+        u, s, _ = torch.svd_lowrank(v, q=min(k + 16, small), niter=4)
+    assert k is not None
+    u, s = u[:, :k].contiguous(), s[:k].contiguous()
+    kept = float(s.pow(2).sum() / total) if float(total) > 0 else 1.0
+    return u, s, kept
+
+
+def projection_from_delta(
+    delta: Tensor,
+    mode: Mode = "safelora",
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    name: str = "weight",
+) -> Projection:
+    """Build the operator of one weight from ``delta`` (``V``, or harmful directions).
+
+    Args:
+        delta: ``V = W_aligned - W_base`` in (out, in) layout (for ``subspace``: a matrix
+            whose columns span the harmful directions).
+        mode: see :class:`Projection` (default: ``"safelora"``).
+        rank: keep the top ``rank`` left singular directions (default: None = exact for
+            ``safelora``; required, or ``energy``, for ``orthogonal``/``subspace``).
+        energy: keep the fewest directions holding this fraction of ``‖V‖²_F``.
+        name: weight name used in error messages.
+
+    The math runs in float32 at least (float64 inputs stay float64).
+    """
+    if mode not in MODES:
+        raise AnchorError(f"{name}: unknown anchor mode {mode!r}; expected one of {MODES}")
+    if delta.dim() != 2:
+        raise AnchorError(f"{name}: anchors need a 2-D weight, got shape {tuple(delta.shape)}")
+    if rank is not None and energy is not None:
+        raise AnchorError(f"{name}: give rank or energy, not both")
+    v = delta.detach().to(torch.promote_types(delta.dtype, torch.float32))
+    if not torch.isfinite(v).all():
+        raise AnchorError(f"{name}: the weight difference has non-finite values")
+    d_out, d_in = v.shape
+    if rank is not None and not (isinstance(rank, int) and 0 < rank <= min(d_out, d_in)):
+        raise AnchorError(f"{name}: rank {rank!r} must be an int in [1, {min(d_out, d_in)}] for shape {tuple(v.shape)}")
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise AnchorError(f"{name}: energy must lie in (0, 1], got {energy!r}")
+    if mode == "l2":
+        return Projection(v.new_zeros(d_out, 0), "l2")
+    norm = float(torch.linalg.matrix_norm(v))
+    if norm == 0.0 and mode != "l2":
+        raise AnchorError(f"{name}: the weight difference is zero; C is undefined (use mode='l2')")
+    if mode == "safelora":
+        if rank is None and energy is None:
+            # Exact: C = V Vᵀ/‖V‖_F = F Fᵀ with F = V/√‖V‖_F (Frobenius norm, not squared,
+            # as in the reference code and Safe LoRA).
+            return Projection(v / math.sqrt(norm), "safelora")
+        u, s, kept = _top_left_singular(v, rank, energy)
+        return Projection(u * (s / math.sqrt(norm)), "safelora", kept)
+    if rank is None and energy is None:
+        raise AnchorError(
+            f"{name}: mode {mode!r} needs rank= or energy= (a full-rank V spans everything, so C = I)"
+        )
+    u, _, kept = _top_left_singular(v, rank, energy)
+    return Projection(u, mode, kept)

@@ -1,0 +1,223 @@
+"""Find what is being tuned for each anchored weight, and compute its penalty terms.
+
+A :class:`Target` keeps a reference to the *module*, never to tensors: accelerate,
+FSDP2 and PEFT swap parameters after the optimizer is built, so every tensor is
+looked up when the penalty is computed.
+
+Kinds:
+
+* ``lora``: PEFT LoRA (Linear, GPT-2 Conv1D, Embedding, Conv); closed-form gradients.
+  Several active adapters on one module are penalised jointly: ΔW = Σ sᵢBᵢAᵢ is
+  ``[s₁B₁, s₂B₂] @ [A₁; A₂]``.
+* ``autograd``: DoRA and other PEFT tuners; the effective ΔW is built with autograd.
+* ``full``: the weight itself is trained; ΔW = W - W_ref.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import to_out_in, weight_layout
+from .projection import AnchorError, PenaltyTerms, Projection, dense_terms, lora_terms
+
+Kind = Literal["lora", "autograd", "full"]
+
+# Wrapper prefixes added by PEFT, DDP and torch.compile in front of the HF name.
+_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+
+
+def hf_name(module_name: str) -> str:
+    """Strip wrapper prefixes: ``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj``."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if module_name.startswith(p):
+                module_name, changed = module_name[len(p):], True
+    return module_name
+
+
+def _is_tuner(module: nn.Module) -> bool:
+    return hasattr(module, "get_base_layer") and hasattr(module, "active_adapters")
+
+
+@dataclass
+class Target:
+    """One anchored weight and how its update is parameterised."""
+
+    name: str
+    kind: Kind
+    module: nn.Module
+    layout: str = "out_in"
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # -- tensors, looked up now -------------------------------------------------------
+    def base_weight(self) -> Tensor:
+        m = self.module.get_base_layer() if _is_tuner(self.module) else self.module
+        return m.weight
+
+    def _adapters(self) -> list[str]:
+        m = self.module
+        if getattr(m, "disable_adapters", False):
+            return []
+        merged = set(getattr(m, "merged_adapters", ()))
+        pool = getattr(m, "lora_A", {}) if self.kind == "lora" else None
+        names = [a for a in m.active_adapters if a not in merged]
+        if self.kind == "lora":
+            emb = getattr(m, "lora_embedding_A", {})
+            names = [a for a in names if a in pool or a in emb]
+        return names
+
+    def lora_factors(self) -> list[tuple[Tensor, Tensor, float, Tensor, Tensor]]:
+        """``(B, A, s, B_param, A_param)`` per active adapter, B/A as 2-D (out, r)/(r, in)."""
+        m, out = self.module, []
+        for a in self._adapters():
+            if a in getattr(m, "lora_A", {}):
+                bp, ap = m.lora_B[a].weight, m.lora_A[a].weight
+                b2, a2 = bp.flatten(1), ap.flatten(1)
+            else:  # embedding LoRA: raw parameters, B (dim, r) and A (r, vocab)
+                bp, ap = m.lora_embedding_B[a], m.lora_embedding_A[a]
+                b2, a2 = bp, ap
+            out.append((b2, a2, float(m.scaling[a]), bp, ap))
+        return out
+
+    def params(self) -> list[Tensor]:
+        """The trainable tensors whose gradient the penalty touches."""
+        if self.kind == "full":
+            return [self.base_weight()]
+        if self.kind == "lora":
+            return [t for f in self.lora_factors() for t in (f[3], f[4])]
+        return [p for p in self._adapter_params() if p.requires_grad]
+
+    def _adapter_params(self) -> list[Tensor]:
+        names = set(self._adapters())
+        return [
+            p for n, p in self.module.named_parameters()
+            if "base_layer" not in n and names.intersection(n.split("."))
+        ]
+
+    # -- penalty --------------------------------------------------------------------
+    def terms(self, proj: Projection, reference: Tensor | None) -> tuple[PenaltyTerms, list[Tensor]] | None:
+        """Raw penalty terms and the tensors their gradients belong to (None: no update)."""
+        if self.kind == "full":
+            w = self.base_weight()
+            dtype = _math_dtype(w)
+            delta = to_out_in(w.detach().to(dtype) - reference.to(w.device, dtype), self.layout)
+            t = dense_terms(self._proj(proj, w), delta)
+            g = t.grads[0]
+            g = g.t() if self.layout == "in_out" else g
+            return PenaltyTerms(t.penalty, t.delta_sq, (g.reshape(w.shape).contiguous(),)), [w]
+        if self.kind == "lora":
+            factors = self.lora_factors()
+            if not factors:
+                return None
+            dtype = _math_dtype(factors[0][3])
+            bs = [f[0].detach().to(dtype) * f[2] for f in factors]
+            as_ = [f[1].detach().to(dtype) for f in factors]
+            # Joint update of all active adapters, folded into one (B, A) pair with s = 1.
+            t = lora_terms(self._proj(proj, factors[0][3]), torch.cat(bs, 1), torch.cat(as_, 0), 1.0)
+            gb, ga = t.grads
+            grads, params, col = [], [], 0
+            for (b2, a2, s, bp, ap) in factors:
+                r = b2.shape[1]
+                grads += [(gb[:, col:col + r] * s).reshape(bp.shape), ga[col:col + r].reshape(ap.shape)]
+                params += [bp, ap]
+                col += r
+            return PenaltyTerms(t.penalty, t.delta_sq, tuple(grads)), params
+        return self._autograd_terms(proj)
+
+    def effective_delta(self) -> Tensor:
+        """ΔW of the adapter(s) in (out, in) layout, differentiable (autograd kind)."""
+        m = self.module
+        delta = None
+        for a in self._adapters():
+            if getattr(m, "use_dora", {}).get(a, False):
+                d = _dora_delta(m, a)
+            elif hasattr(m, "get_delta_weight"):
+                d = to_out_in(m.get_delta_weight(a), self.layout)
+            else:
+                raise AnchorError(f"{self.name}: adapter {type(m).__name__} exposes no get_delta_weight")
+            delta = d if delta is None else delta + d
+        return delta
+
+    def _autograd_terms(self, proj: Projection):
+        params = self.params()
+        if not params:
+            return None
+        with torch.enable_grad():
+            delta = self.effective_delta()
+            delta = delta.to(_math_dtype(delta))
+            r = self._proj(proj, delta).residual(delta)
+            penalty = r.pow(2).sum()
+            grads = torch.autograd.grad(penalty, params, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+        return PenaltyTerms(penalty.detach(), delta.detach().pow(2).sum(), grads), params
+
+    def _proj(self, proj: Projection, like: Tensor) -> Projection:
+        # Anchors move lazily, once, to the device and math dtype of what they anchor.
+        key = (like.device, _math_dtype(like))
+        cached = self._cache.get("proj")
+        if cached is None or cached[0] != key or cached[1] is not proj:
+            self._cache["proj"] = (key, proj, proj.to(device=key[0], dtype=key[1]))
+        return self._cache["proj"][2]
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    # bf16/fp16 weights: the penalty math runs in float32; float64 stays float64.
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _dora_delta(m: nn.Module, adapter: str) -> Tensor:
+    """Effective DoRA update ``m ⊙ (W + sBA)/‖W + sBA‖_row - W`` (Linear layers)."""
+    base = m.get_base_layer()
+    if not isinstance(base, nn.Linear):
+        raise AnchorError(f"DoRA is supported on Linear layers only, got {type(base).__name__}")
+    w = base.weight.detach()
+    w = w.to(_math_dtype(w))
+    lora = m.lora_B[adapter].weight @ m.lora_A[adapter].weight
+    combined = w + m.scaling[adapter] * lora.to(w.dtype)
+    mag = m.lora_magnitude_vector[adapter].weight.to(w.dtype)
+    norm = torch.linalg.vector_norm(combined, dim=1)
+    return (mag / norm).unsqueeze(1) * combined - w
+
+
+def find_targets(model: nn.Module, anchors: Mapping[str, Projection]) -> tuple[list[Target], list[str]]:
+    """Match anchors to the model's modules by HF name.
+
+    Returns the targets and the anchor names that matched no module.
+    """
+    targets: dict[str, Target] = {}
+    for mod_name, module in model.named_modules():
+        name = hf_name(mod_name) + ".weight"
+        if name not in anchors or name in targets:
+            continue
+        if _is_tuner(module):
+            base = module.get_base_layer()
+            uses_dora = any(getattr(module, "use_dora", {}).values())
+            plain_lora = hasattr(module, "lora_A") and not uses_dora
+            kind: Kind = "lora" if plain_lora else "autograd"
+            targets[name] = Target(name, kind, module, weight_layout(base))
+        elif isinstance(getattr(module, "weight", None), torch.Tensor):
+            if ".base_layer" in mod_name:
+                continue  # the tuner wrapping it is the target
+            targets[name] = Target(name, "full", module, weight_layout(module))
+    missing = [n for n in anchors if n not in targets]
+    return list(targets.values()), missing
+
+
+def check_shapes(targets: list[Target], anchors: Mapping[str, Projection]) -> None:
+    problems = []
+    for t in targets:
+        w = t.base_weight()
+        d_out = to_out_in(w, t.layout).shape[0] if w.dim() >= 2 else -1
+        if d_out != anchors[t.name].d_out:
+            problems.append(
+                f"{t.name}: anchor acts on {anchors[t.name].d_out} outputs, weight {tuple(w.shape)} has {d_out}"
+            )
+    if problems:
+        raise AnchorError("anchors do not fit the model:\n  " + "\n  ".join(problems))
