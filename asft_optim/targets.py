@@ -137,7 +137,7 @@ class Target:
         delta = None
         for a in self._adapters():
             if getattr(m, "use_dora", {}).get(a, False):
-                d = _dora_delta(m, a)
+                d = _dora_delta(m, a, self.layout)
             elif hasattr(m, "get_delta_weight"):
                 d = to_out_in(m.get_delta_weight(a), self.layout)
             else:
@@ -172,16 +172,21 @@ def _math_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _dora_delta(m: nn.Module, adapter: str) -> Tensor:
-    """Effective DoRA update ``m ⊙ (W + sBA)/‖W + sBA‖_row - W`` (Linear layers)."""
+def _dora_delta(m: nn.Module, adapter: str, layout: str) -> Tensor:
+    """Effective DoRA update ``mag ⊙ (W + sBA)/‖W + sBA‖_row - W`` in (out, in) layout.
+
+    Linear, GPT-2 ``Conv1D`` (``fan_in_fan_out``) and conv layers (kernels flattened).
+    PEFT detaches the row norm in its forward pass (DoRA §4.3) to save memory; the
+    penalty is a function of the effective ΔW, so here the norm is differentiated too.
+    """
     base = m.get_base_layer()
-    if not isinstance(base, nn.Linear):
-        raise AnchorError(f"DoRA is supported on Linear layers only, got {type(base).__name__}")
-    w = base.weight.detach()
+    if isinstance(base, nn.Embedding) or not hasattr(m, "lora_A") or adapter not in m.lora_A:
+        raise AnchorError(f"DoRA is supported on Linear, Conv1D and conv layers, got {type(base).__name__}")
+    w = to_out_in(base.weight.detach(), layout)
     w = w.to(_math_dtype(w))
-    lora = m.lora_B[adapter].weight @ m.lora_A[adapter].weight
+    lora = m.lora_B[adapter].weight.flatten(1) @ m.lora_A[adapter].weight.flatten(1)
     combined = w + m.scaling[adapter] * lora.to(w.dtype)
-    mag = m.lora_magnitude_vector[adapter].weight.to(w.dtype)
+    mag = m.lora_magnitude_vector[adapter].weight.reshape(-1).to(w.dtype)
     norm = torch.linalg.vector_norm(combined, dim=1)
     return (mag / norm).unsqueeze(1) * combined - w
 
@@ -211,13 +216,25 @@ def find_targets(model: nn.Module, anchors: Mapping[str, Projection]) -> tuple[l
 
 
 def check_shapes(targets: list[Target], anchors: Mapping[str, Projection]) -> None:
+    """Raise :class:`AnchorError` naming every anchor that cannot act on its weight.
+
+    Checks the output dimension, finiteness of the factor, and (for the projector
+    modes) that the factor has no more columns than the weight has outputs.
+    Runs once at construction (it synchronises with the device).
+    """
     problems = []
     for t in targets:
         w = t.base_weight()
+        proj = anchors[t.name]
         d_out = to_out_in(w, t.layout).shape[0] if w.dim() >= 2 else -1
-        if d_out != anchors[t.name].d_out:
+        if d_out != proj.d_out:
             problems.append(
-                f"{t.name}: anchor acts on {anchors[t.name].d_out} outputs, weight {tuple(w.shape)} has {d_out}"
+                f"{t.name}: anchor acts on {proj.d_out} outputs, weight {tuple(w.shape)} has {d_out}"
             )
+            continue
+        if proj.is_projector and proj.rank > d_out:
+            problems.append(f"{t.name}: anchor rank {proj.rank} exceeds the {d_out} outputs of the weight")
+        if proj.factor.numel() and not bool(torch.isfinite(proj.factor).all()):
+            problems.append(f"{t.name}: anchor factor has non-finite values")
     if problems:
         raise AnchorError("anchors do not fit the model:\n  " + "\n  ".join(problems))
