@@ -129,7 +129,7 @@ class AnchoredOptimizer(Optimizer):
             )
         check_shapes(targets, anchors)
         owned = self._param_ids()
-        tuned = [t for t in targets if any(id(p) in owned and p.requires_grad for p in t.params())]
+        tuned = [t for t in targets if any(id(p) in owned and p.requires_grad for p in t.all_params())]
         if not tuned:
             raise AnchorError(
                 "no anchored weight is trained by this optimizer: the anchors match "
@@ -229,10 +229,16 @@ class AnchoredOptimizer(Optimizer):
         stats: list[tuple[str, Tensor, Tensor, Tensor]] = []
         any_trainable = False
         for t in self._targets:
+            if t.kind != "full" and getattr(t.module, "disable_adapters", False):
+                any_trainable = True  # PEFT froze the adapters for now: ΔW = 0, nothing to add
+                continue
+            if not any(id(p) in groups and p.requires_grad for p in t.all_params()):
+                continue
+            # Merged or disabled adapters: the target is trained but has no update now.
+            any_trainable = True
             owned = [p for p in t.params() if id(p) in groups and p.requires_grad]
             if not owned:
                 continue
-            any_trainable = True
             group = groups[id(owned[0])]
             lam = group.get("anchor_lambda", default_lambda)
             if isinstance(lam, (int, float)) and not lam >= 0.0:

@@ -94,6 +94,12 @@ class Target:
             return [t for f in self.lora_factors() for t in (f[3], f[4])]
         return [p for p in self._adapter_params() if p.requires_grad]
 
+    def all_params(self) -> list[Tensor]:
+        """Every tensor this target can train, active or not (adapters of all names)."""
+        if self.kind == "full":
+            return [self.base_weight()]
+        return [p for n, p in self.module.named_parameters() if "base_layer" not in n]
+
     def _adapter_params(self) -> list[Tensor]:
         names = set(self._adapters())
         return [

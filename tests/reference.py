@@ -68,6 +68,8 @@ def lora_delta(module: nn.Module) -> Tensor | None:
     base = module.get_base_layer()
     total = None
     for a in _active(module):
+        if a not in module.scaling:  # active on the model, but not injected into this layer
+            continue
         s = module.scaling[a]
         if a in module.lora_A:
             b, aa = module.lora_B[a].weight, module.lora_A[a].weight
