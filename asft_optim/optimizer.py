@@ -250,7 +250,7 @@ class AnchoredOptimizer(Optimizer):
             # λ = 0 leaves every gradient and weight untouched (bit-identical to the inner
             # optimizer); the diagnostics are still computed.
             active = not (isinstance(lam, (int, float)) and lam == 0)
-            for p, g in zip(tensors, terms.grads):
+            for p, g in zip(tensors, terms.grads, strict=True):
                 if not active or id(p) not in groups or not p.requires_grad:
                     continue
                 g = g.to(p.dtype)
@@ -292,7 +292,7 @@ class AnchoredOptimizer(Optimizer):
         ).tolist()
         return {
             n: {"penalty": v[0], "raw_penalty": v[1], "off_anchor_fraction": v[2]}
-            for (n, *_), v in zip(self._last, values)
+            for (n, *_), v in zip(self._last, values, strict=True)
         }
 
     def anchor_tensors(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:

@@ -9,7 +9,8 @@ Kinds:
 * ``lora``: PEFT LoRA (Linear, GPT-2 Conv1D, Embedding, Conv); closed-form gradients.
   Several active adapters on one module are penalised jointly: ΔW = Σ sᵢBᵢAᵢ is
   ``[s₁B₁, s₂B₂] @ [A₁; A₂]``.
-* ``autograd``: DoRA and other PEFT tuners; the effective ΔW is built with autograd.
+* ``autograd``: DoRA (Linear, GPT-2 Conv1D, conv) and other PEFT tuners exposing
+  ``get_delta_weight``; the effective ΔW is built and differentiated with autograd.
 * ``full``: the weight itself is trained; ΔW = W - W_ref.
 """
 
@@ -27,16 +28,20 @@ from .projection import AnchorError, PenaltyTerms, Projection, dense_terms, lora
 
 Kind = Literal["lora", "autograd", "full"]
 
-# Wrapper prefixes added by PEFT, DDP and torch.compile in front of the HF name.
+# Wrapper prefixes added by PEFT, DDP and torch.compile in front of the HF name, and
+# wrapper components FSDP1 / activation checkpointing insert anywhere inside it.
 _PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+_INNER_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def hf_name(module_name: str) -> str:
     """Strip wrapper prefixes: ``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj``."""
+    for w in _INNER_WRAPPERS:
+        module_name = module_name.replace("." + w, ".")
     changed = True
     while changed:
         changed = False
-        for p in _PREFIXES:
+        for p in _PREFIXES + _INNER_WRAPPERS:
             if module_name.startswith(p):
                 module_name, changed = module_name[len(p):], True
     return module_name
@@ -129,7 +134,7 @@ class Target:
             t = lora_terms(self._proj(proj, factors[0][3]), torch.cat(bs, 1), torch.cat(as_, 0), 1.0)
             gb, ga = t.grads
             grads, params, col = [], [], 0
-            for (b2, a2, s, bp, ap) in factors:
+            for (b2, _a2, s, bp, ap) in factors:
                 r = b2.shape[1]
                 grads += [(gb[:, col:col + r] * s).reshape(bp.shape), ga[col:col + r].reshape(ap.shape)]
                 params += [bp, ap]
@@ -161,7 +166,7 @@ class Target:
             r = self._proj(proj, delta).residual(delta)
             penalty = r.pow(2).sum()
             grads = torch.autograd.grad(penalty, params, allow_unused=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
         return PenaltyTerms(penalty.detach(), delta.detach().pow(2).sum(), grads), params
 
     def _proj(self, proj: Projection, like: Tensor) -> Projection:

@@ -10,7 +10,13 @@ import reference as ref
 import torch
 from tiny_models import D, lm_loss, lora, make_anchors, tiny_llama
 
-from asft_optim import AnchorError, AnchoredAdamW, AnchoredOptimizer, Projection, convert_reference_lambda
+from asft_optim import (
+    AnchoredAdamW,
+    AnchoredOptimizer,
+    AnchorError,
+    Projection,
+    convert_reference_lambda,
+)
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
@@ -49,7 +55,7 @@ def _train(model, opt, steps, start=0, penalty=None):
 
 
 def _assert_models(a, b, exact=False, atol=1e-9):
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         if exact:
             assert torch.equal(p, q), n
         else:
@@ -112,7 +118,7 @@ def test_lambda_zero_does_not_create_gradients():
     opt.step()
     assert all(p.grad is None for p in _params(model)) and not opt.state
     _assert_models(model, model, exact=True)
-    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model), strict=True))
 
 
 def test_per_group_lambda():
@@ -276,7 +282,7 @@ def test_decoupled_mode_equals_its_formula():
         lm_loss(twin, t).backward()
         pen_grads = torch.autograd.grad(ref.oracle_penalty(twin, oracle, lam), _params(twin))
         with torch.no_grad():
-            for p, g in zip(_params(twin), pen_grads):
+            for p, g in zip(_params(twin), pen_grads, strict=True):
                 p.sub_(lr * g)
         inner.step()
     _assert_models(model, twin)
@@ -288,13 +294,13 @@ def test_lbfgs_closure_sees_the_penalty():
     opt = AnchoredOptimizer(torch.optim.LBFGS(_params(model), lr=0.5, max_iter=4), model, anchors, anchor_lambda=0.3)
     inner = torch.optim.LBFGS(_params(twin), lr=0.5, max_iter=4)
     for t in range(3):
-        def closure(m=model, o=opt):
+        def closure(m=model, o=opt, t=t):
             o.zero_grad()
             loss = lm_loss(m, t)
             loss.backward()
             return loss
 
-        def closure_ref():
+        def closure_ref(t=t):
             inner.zero_grad()
             loss = lm_loss(twin, t) + ref.oracle_penalty(twin, oracle, 0.3)
             loss.backward()
@@ -425,3 +431,19 @@ def test_bad_inputs_raise_naming_the_weight():
     opt.param_groups[0]["anchor_lambda"] = -0.5  # e.g. a buggy schedule
     with pytest.raises(ValueError, match="anchor_lambda"):
         opt.step()
+
+
+def test_tensors_swapped_after_construction_are_followed():
+    """accelerate/FSDP2 replace Parameters after the optimizer is built: look them up at step time."""
+    model, anchors, oracle = _setup()
+    opt = AnchoredOptimizer(torch.optim.SGD(_params(model), lr=0.0), model, anchors)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    old = layer.lora_B["default"].weight
+    new = torch.nn.Parameter(old.detach().clone() * 2)
+    layer.lora_B["default"].weight = new
+    group = opt.param_groups[0]
+    group["params"] = [new if p is old else p for p in group["params"]]
+    opt.step()
+    expected = torch.autograd.grad(ref.oracle_penalty(model, oracle), [new])[0]
+    assert old.grad is None
+    torch.testing.assert_close(new.grad, expected, atol=1e-10, rtol=1e-9)

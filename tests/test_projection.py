@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from asft_optim.projection import AnchorError, Projection, dense_terms, lora_terms, projection_from_delta
-
-import reference as ref
 from strategies import lora_shapes, matrix_shapes, modes, scalings, seeds, shape_and_rank
+
+from asft_optim.projection import (
+    AnchorError,
+    Projection,
+    dense_terms,
+    lora_terms,
+    projection_from_delta,
+)
 
 D = torch.float64
 

@@ -13,7 +13,7 @@ import torch
 from tiny_models import D, lora, make_anchors, tiny_convnet, tiny_gpt2, tiny_llama
 
 from asft_optim import AnchoredOptimizer, anchor_penalty
-from asft_optim.targets import find_targets
+from asft_optim.targets import find_targets, hf_name
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
@@ -100,10 +100,10 @@ def test_penalty_gradient_matches_oracle(case, mode):
 
     expected_loss = ref.oracle_penalty(model, oracle, lam, reference)
     expected = torch.autograd.grad(expected_loss, params, allow_unused=True)
-    expected = [torch.zeros_like(p) if g is None else g for g, p in zip(expected, params)]
+    expected = [torch.zeros_like(p) if g is None else g for g, p in zip(expected, params, strict=True)]
 
     got = _penalty_grads_from_optimizer(opt, params)
-    for p, g, e in zip(params, got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-9)
     assert any(e.abs().sum() > 0 for e in expected)  # the comparison is not vacuous
 
@@ -111,7 +111,7 @@ def test_penalty_gradient_matches_oracle(case, mode):
     twin = anchor_penalty(model, anchors, lam, reference=reference)
     torch.testing.assert_close(twin, expected_loss.detach(), atol=1e-10, rtol=1e-9)
     twin_grads = torch.autograd.grad(twin, params, allow_unused=True)
-    for p, g, e in zip(params, twin_grads, expected):
+    for p, g, e in zip(params, twin_grads, expected, strict=True):
         torch.testing.assert_close(torch.zeros_like(p) if g is None else g, e, atol=1e-10, rtol=1e-9)
 
     # Diagnostics after the step equal the oracle's, per weight.
@@ -150,7 +150,7 @@ def test_scaling_is_reread_every_step():
             if hasattr(m, "set_scale"):
                 m.set_scale("default", scale)
         expected = torch.autograd.grad(ref.oracle_penalty(model, oracle), params)
-        for g, e in zip(_penalty_grads_from_optimizer(opt, params), expected):
+        for g, e in zip(_penalty_grads_from_optimizer(opt, params), expected, strict=True):
             torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-9)
 
 
@@ -178,7 +178,7 @@ def test_only_active_adapter_is_penalised():
     assert all("second" in n for n, p in model.named_parameters() if p.requires_grad)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors)
     expected = torch.autograd.grad(ref.oracle_penalty(model, oracle), params)
-    for g, e in zip(_penalty_grads_from_optimizer(opt, params), expected):
+    for g, e in zip(_penalty_grads_from_optimizer(opt, params), expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-9)
 
 
@@ -188,3 +188,9 @@ def test_find_targets_strips_wrappers_and_reports_missing():
     targets, missing = find_targets(model, anchors)
     assert sorted(t.name for t in targets) == sorted(dims)
     assert missing == ["model.layers.9.q_proj.weight"]
+
+
+def test_hf_name_strips_wrappers():
+    assert hf_name("base_model.model.model.layers.0.self_attn.q_proj") == "model.layers.0.self_attn.q_proj"
+    assert hf_name("module._orig_mod.model.layers.0._fsdp_wrapped_module.mlp") == "model.layers.0.mlp"
+    assert hf_name("model.layers.1._checkpoint_wrapped_module.self_attn.v_proj") == "model.layers.1.self_attn.v_proj"
