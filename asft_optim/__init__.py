@@ -1,6 +1,7 @@
 """asft-optim: safety-anchored fine-tuning (AsFT) as a drop-in PyTorch optimizer."""
 
 from .anchors import Anchors, build_anchors
+from .conversion import convert_reference_lambda, lora_scaling
 from .optimizer import AnchoredAdamW, AnchoredOptimizer
 from .penalty import anchor_penalty
 from .projection import AnchorError, Projection, projection_from_delta
@@ -15,5 +16,7 @@ __all__ = [
     "Projection",
     "anchor_penalty",
     "build_anchors",
+    "convert_reference_lambda",
+    "lora_scaling",
     "projection_from_delta",
 ]

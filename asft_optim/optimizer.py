@@ -19,7 +19,10 @@ _FORMAT_VERSION = 1
 
 
 def _check_lambda(value: Any, where: str = "anchor_lambda") -> None:
-    v = float(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid {where}: {value!r} (must be a finite number >= 0)") from None
     if not v >= 0.0 or v == float("inf"):
         raise ValueError(f"Invalid {where}: {value!r} (must be finite and >= 0)")
 
@@ -31,12 +34,21 @@ class AnchoredOptimizer(Optimizer):
         \mathcal{L} = \mathcal{L}_\text{task} + \lambda \sum_{\text{weights}}
         \lVert R\,\Delta W \rVert_F^2, \qquad R = I - C \;(\text{or } C \text{ for "subspace"})
 
-    With ``coupling="coupled"`` (default) :math:`\lambda\nabla P` joins ``.grad`` before
-    the inner step, so a run equals the inner optimizer on ``task + anchor_penalty``.
-    With ``coupling="decoupled"`` the weights move by :math:`-\text{lr}\,\lambda\nabla P`
-    directly, like AdamW's decoupled weight decay: the anchor's pull then does not go
-    through Adam's per-coordinate normalisation, so its strength is ``lr·λ`` whatever
-    the scale of the task gradients.
+    **Coupled or decoupled.** With ``coupling="coupled"`` (default) :math:`\lambda\nabla P`
+    joins ``.grad`` before the inner step, so a run equals the inner optimizer on
+    ``task + anchor_penalty`` (the paper's Eq. 4 and the reference code, see
+    :func:`~asft_optim.convert_reference_lambda`). Prefer it to reproduce published
+    numbers, with SGD/momentum (where it is the only sensible choice), and with
+    closure-driven optimizers (LBFGS). With ``coupling="decoupled"`` the weights first move by
+    :math:`-\text{lr}\,\lambda\nabla P` and the inner step then sees only the task
+    gradient, like AdamW's decoupled weight decay. Under Adam-type optimizers the coupled
+    penalty is divided by :math:`\sqrt{v}` of the *summed* gradient, so its effective
+    strength depends on the task gradient's scale (and saturates at about ``lr`` per
+    coordinate once it dominates) and it lingers in the momentum; the decoupled pull is
+    exactly ``lr·λ·∇P`` (on a dense weight with a projector C: the off-anchor part of ΔW
+    shrinks by ``1 - 2·lr·λ`` per step), predictable across tasks, models and LR schedules.
+    Prefer it with AdamW when λ is tuned once and reused; keep ``2·lr·λ < 1``. It matches
+    no loss-level run.
 
     The wrapper shares the inner optimizer's ``param_groups``, ``state`` and
     ``defaults`` (live: schedulers, accelerate and ``load_state_dict`` see one object).
@@ -78,6 +90,10 @@ class AnchoredOptimizer(Optimizer):
         _check_lambda(anchor_lambda)
         if coupling not in ("coupled", "decoupled"):
             raise ValueError(f"Invalid coupling: {coupling!r} (expected 'coupled' or 'decoupled')")
+        if coupling == "decoupled" and isinstance(optimizer, torch.optim.LBFGS):
+            # LBFGS re-evaluates the closure inside its step; a decoupled move of the
+            # weights between evaluations has no meaning there.
+            raise ValueError("coupling='decoupled' does not support LBFGS; use coupling='coupled'")
         if any(g.get("fused") for g in optimizer.param_groups) or getattr(
             optimizer, "_step_supports_amp_scaling", False
         ):
@@ -94,9 +110,9 @@ class AnchoredOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self.defaults.setdefault("anchor_lambda", anchor_lambda)
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             group.setdefault("anchor_lambda", anchor_lambda)
-            _check_lambda(group["anchor_lambda"])
+            _check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
         self.coupling = coupling
         self.anchors = anchors
         self._setup_targets(model, anchors, reference, strict)
@@ -113,11 +129,18 @@ class AnchoredOptimizer(Optimizer):
             )
         check_shapes(targets, anchors)
         owned = self._param_ids()
-        tuned = [t for t in targets if any(id(p) in owned for p in t.params())]
+        tuned = [t for t in targets if any(id(p) in owned and p.requires_grad for p in t.all_params())]
         if not tuned:
             raise AnchorError(
                 "no anchored weight is trained by this optimizer: the anchors match "
-                f"{len(targets)} module(s) but none of their trainable tensors is in its param_groups"
+                f"{len(targets)} module(s) but none of their trainable tensors is in its param_groups "
+                f"(anchors: {list(anchors)[:5]})"
+            )
+        untrained = [t.name for t in targets if t not in tuned]
+        if untrained and strict:
+            raise AnchorError(
+                f"{len(untrained)} anchor(s) match a module whose tensors this optimizer does not train "
+                f"(first: {untrained[:5]}); anchor only the tuned weights or pass strict=False"
             )
         self._targets: list[Target] = tuned
         self._reference: dict[str, Tensor] = {}
@@ -164,13 +187,18 @@ class AnchoredOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
-        _check_lambda(param_group["anchor_lambda"])
+        _check_lambda(param_group["anchor_lambda"], "anchor_lambda of the new param group")
         self.optimizer.add_param_group(param_group)
 
     # -- the step --------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
-        """Add the penalty gradient, then run the inner step; returns the closure's loss."""
+        """Add the penalty gradient once, then run the inner step.
+
+        Returns what the inner step returns: with a closure and ``coupling="coupled"``
+        the closure is wrapped so that every evaluation (LBFGS evaluates several) adds
+        λ∇P and returns ``loss + λP``; with ``"decoupled"`` the closure's own loss.
+        """
         if closure is None:
             self._apply_penalty()
             return self.optimizer.step()
@@ -190,38 +218,56 @@ class AnchoredOptimizer(Optimizer):
         return self.optimizer.step(anchored_closure)
 
     def _apply_penalty(self) -> Tensor:
-        """Compute every target's terms once and add λ∇P to ``.grad`` (or to the weights)."""
+        """Compute every target's terms once and add λ∇P to ``.grad`` (or to the weights).
+
+        No host-device synchronisation: λ and lr are read from the param groups as they
+        are, penalties stay 0-d tensors (see :meth:`anchor_stats`).
+        """
         groups = self._param_ids()
+        default_lambda = self.defaults.get("anchor_lambda", 0.0)
         total: Tensor | None = None
-        stats: list[tuple[str, Tensor, Tensor]] = []
+        stats: list[tuple[str, Tensor, Tensor, Tensor]] = []
         any_trainable = False
         for t in self._targets:
-            params = t.params()
-            owned = [p for p in params if id(p) in groups and p.requires_grad]
+            if t.kind != "full" and getattr(t.module, "disable_adapters", False):
+                any_trainable = True  # PEFT froze the adapters for now: ΔW = 0, nothing to add
+                continue
+            if not any(id(p) in groups and p.requires_grad for p in t.all_params()):
+                continue
+            # Merged or disabled adapters: the target is trained but has no update now.
+            any_trainable = True
+            owned = [p for p in t.params() if id(p) in groups and p.requires_grad]
             if not owned:
                 continue
-            any_trainable = True
             group = groups[id(owned[0])]
-            lam = group["anchor_lambda"]
+            lam = group.get("anchor_lambda", default_lambda)
+            if isinstance(lam, (int, float)) and not lam >= 0.0:
+                raise ValueError(f"{t.name}: anchor_lambda of its param group is {lam!r} (must be >= 0)")
             res = t.terms(self.anchors[t.name], self._reference.get(t.name))
             if res is None:
                 continue
             terms, tensors = res
-            for p, g in zip(tensors, terms.grads):
-                if id(p) not in groups or not p.requires_grad:
+            # λ = 0 leaves every gradient and weight untouched (bit-identical to the inner
+            # optimizer); the diagnostics are still computed.
+            active = not (isinstance(lam, (int, float)) and lam == 0)
+            for p, g in zip(tensors, terms.grads, strict=True):
+                if not active or id(p) not in groups or not p.requires_grad:
                     continue
                 g = g.to(p.dtype)
+                pg = groups[id(p)]
                 if self.coupling == "coupled":
+                    # With maximize=True the inner optimizer ascends .grad: subtract, so the
+                    # penalty still restrains.
+                    alpha = -lam if pg.get("maximize", False) else lam
                     if p.grad is None:
-                        p.grad = g * lam
+                        p.grad = g * alpha
                     else:
-                        p.grad.add_(g, alpha=lam)
+                        p.grad.add_(g, alpha=alpha)
                 else:
-                    lr = groups[id(p)]["lr"]
-                    p.add_(g * (-lr * lam))
+                    p.add_(g * (-(pg["lr"] * lam)))
             value = terms.penalty * lam
             total = value if total is None else total + value
-            stats.append((t.name, value, terms.off_anchor_fraction()))
+            stats.append((t.name, value, terms.penalty, terms.off_anchor_fraction()))
         if not any_trainable:
             raise AnchorError(
                 "no anchored parameter is trainable: the anchored tensors were frozen or replaced "
@@ -233,11 +279,25 @@ class AnchoredOptimizer(Optimizer):
 
     # -- diagnostics -----------------------------------------------------------------
     def anchor_stats(self) -> dict[str, dict[str, float]]:
-        """Per weight, from the last step: ``{"penalty": λ‖RΔW‖², "off_anchor_fraction": ‖RΔW‖/‖ΔW‖}``."""
+        """Per weight, from the last step (one device sync, here, not in ``step()``).
+
+        ``{"penalty": λ‖RΔW‖², "raw_penalty": ‖RΔW‖², "off_anchor_fraction": ‖RΔW‖/‖ΔW‖}``,
+        with R = I - C (or C in mode ``"subspace"``), all at the weights the step started from.
+        """
         if not self._last:
             return {}
-        values = torch.stack([torch.stack([v.float().cpu(), f.float().cpu()]) for _, v, f in self._last]).tolist()
-        return {n: {"penalty": v[0], "off_anchor_fraction": v[1]} for (n, _, _), v in zip(self._last, values)}
+        values = torch.stack(
+            [torch.stack([v.detach().double().cpu(), r.detach().double().cpu(), f.detach().double().cpu()])
+             for _, v, r, f in self._last]
+        ).tolist()
+        return {
+            n: {"penalty": v[0], "raw_penalty": v[1], "off_anchor_fraction": v[2]}
+            for (n, *_), v in zip(self._last, values, strict=True)
+        }
+
+    def anchor_tensors(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Like :meth:`anchor_stats` but as 0-d device tensors (no sync): ``(penalty, raw, fraction)``."""
+        return {n: (v, r, f) for n, v, r, f in self._last}
 
     def anchor_summary(self) -> dict[str, float]:
         """``anchor/penalty`` (sum), ``anchor/off_anchor_mean`` and ``anchor/off_anchor_max``."""
@@ -286,11 +346,17 @@ class AnchoredOptimizer(Optimizer):
             for k, v in ref.items():
                 self._reference[k] = v.to(device=self._reference[k].device, dtype=self._reference[k].dtype)
         self.optimizer.load_state_dict(sd)
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
+            _check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # An LR scheduler patches ``step`` on the instance with a closure over a weakref to
+        # *this* optimizer: a copy must not keep it (it would step the original).
+        state.pop("step", None)
+        state.pop("_opt_called", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -64,6 +64,8 @@ def anchor_penalty(
 
         >>> loss = task_loss + anchor_penalty(peft_model, anchors, anchor_lambda=1.0)
     """
+    if isinstance(anchor_lambda, (int, float)) and not 0.0 <= anchor_lambda < float("inf"):
+        raise ValueError(f"Invalid anchor_lambda: {anchor_lambda!r} (must be finite and >= 0)")
     targets, missing = find_targets(model, anchors)
     if missing and strict:
         raise AnchorError(f"{len(missing)} anchor(s) match no module of the model (first: {missing[:5]})")
@@ -76,6 +78,10 @@ def anchor_penalty(
         p = target_penalty(t, anchors[t.name], ref)
         if p is not None:
             total = p if total is None else total + p
+    if not targets:
+        raise AnchorError(f"no anchor matches a module of the model (anchors: {list(anchors)[:5]})")
     if total is None:
-        raise AnchorError("no anchored weight has an active update (no LoRA adapter, no trainable weight)")
+        # Matched, but every adapter is merged/disabled or no weight is trainable: ΔW has no
+        # trainable part right now, so the penalty is a constant 0.
+        return torch.zeros((), dtype=torch.float32)
     return anchor_lambda * total

@@ -14,8 +14,9 @@ The penalty of one weight is ``‖R ΔW‖²_F`` with ``R = I - C`` (modes ``saf
 directions, AsFT_Alt). Its gradient is ``2 RᵀR ΔW``. C is never formed as a
 d×d matrix: every product goes through ``F`` as ``F (Fᵀ X)``, costing O(d·m·n)
 for an (d, n) operand. ``C`` is symmetric but a projector only in the
-``orthogonal``/``subspace`` modes, so ``RᵀR = I - 2C + C²`` in general and we
-apply R twice rather than assume ``RᵀR = R``.
+``orthogonal``/``subspace`` modes (and only up to rounding once a factor is stored in
+low precision), so ``RᵀR = I - 2C + C²`` in general: we always apply R twice
+rather than assume ``RᵀR = R``; the extra product costs O(d·m·n) like the first.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Projection:
 
     @property
     def is_projector(self) -> bool:
-        # Orthonormal factors (and the empty one) make C idempotent: RᵀR = R.
+        """Whether C is meant to be idempotent (orthonormal or empty factor)."""
         return self.mode != "safelora"
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -91,9 +92,13 @@ class Projection:
         return cx if self.mode == "subspace" else x - cx
 
     def metric(self, x: Tensor, rx: Tensor | None = None) -> Tensor:
-        """``RᵀR x`` (R is symmetric). Pass ``rx = R x`` when already computed."""
+        """``RᵀR x = R (R x)`` (R is symmetric). Pass ``rx = R x`` when already computed.
+
+        R is applied twice in every mode: ``RᵀR = R`` only holds for an exactly
+        orthonormal factor, and ``safelora``'s C is not a projector at all.
+        """
         rx = self.residual(x) if rx is None else rx
-        return rx if self.is_projector else self.residual(rx)
+        return self.residual(rx)
 
 
 # -- penalty values and gradients --------------------------------------------------------

@@ -9,7 +9,8 @@ Kinds:
 * ``lora``: PEFT LoRA (Linear, GPT-2 Conv1D, Embedding, Conv); closed-form gradients.
   Several active adapters on one module are penalised jointly: ΔW = Σ sᵢBᵢAᵢ is
   ``[s₁B₁, s₂B₂] @ [A₁; A₂]``.
-* ``autograd``: DoRA and other PEFT tuners; the effective ΔW is built with autograd.
+* ``autograd``: DoRA (Linear, GPT-2 Conv1D, conv) and other PEFT tuners exposing
+  ``get_delta_weight``; the effective ΔW is built and differentiated with autograd.
 * ``full``: the weight itself is trained; ΔW = W - W_ref.
 """
 
@@ -27,16 +28,20 @@ from .projection import AnchorError, PenaltyTerms, Projection, dense_terms, lora
 
 Kind = Literal["lora", "autograd", "full"]
 
-# Wrapper prefixes added by PEFT, DDP and torch.compile in front of the HF name.
+# Wrapper prefixes added by PEFT, DDP and torch.compile in front of the HF name, and
+# wrapper components FSDP1 / activation checkpointing insert anywhere inside it.
 _PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+_INNER_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def hf_name(module_name: str) -> str:
     """Strip wrapper prefixes: ``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj``."""
+    for w in _INNER_WRAPPERS:
+        module_name = module_name.replace("." + w, ".")
     changed = True
     while changed:
         changed = False
-        for p in _PREFIXES:
+        for p in _PREFIXES + _INNER_WRAPPERS:
             if module_name.startswith(p):
                 module_name, changed = module_name[len(p):], True
     return module_name
@@ -94,6 +99,12 @@ class Target:
             return [t for f in self.lora_factors() for t in (f[3], f[4])]
         return [p for p in self._adapter_params() if p.requires_grad]
 
+    def all_params(self) -> list[Tensor]:
+        """Every tensor this target can train, active or not (adapters of all names)."""
+        if self.kind == "full":
+            return [self.base_weight()]
+        return [p for n, p in self.module.named_parameters() if "base_layer" not in n]
+
     def _adapter_params(self) -> list[Tensor]:
         names = set(self._adapters())
         return [
@@ -123,7 +134,7 @@ class Target:
             t = lora_terms(self._proj(proj, factors[0][3]), torch.cat(bs, 1), torch.cat(as_, 0), 1.0)
             gb, ga = t.grads
             grads, params, col = [], [], 0
-            for (b2, a2, s, bp, ap) in factors:
+            for (b2, _a2, s, bp, ap) in factors:
                 r = b2.shape[1]
                 grads += [(gb[:, col:col + r] * s).reshape(bp.shape), ga[col:col + r].reshape(ap.shape)]
                 params += [bp, ap]
@@ -137,7 +148,7 @@ class Target:
         delta = None
         for a in self._adapters():
             if getattr(m, "use_dora", {}).get(a, False):
-                d = _dora_delta(m, a)
+                d = _dora_delta(m, a, self.layout)
             elif hasattr(m, "get_delta_weight"):
                 d = to_out_in(m.get_delta_weight(a), self.layout)
             else:
@@ -155,7 +166,7 @@ class Target:
             r = self._proj(proj, delta).residual(delta)
             penalty = r.pow(2).sum()
             grads = torch.autograd.grad(penalty, params, allow_unused=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True))
         return PenaltyTerms(penalty.detach(), delta.detach().pow(2).sum(), grads), params
 
     def _proj(self, proj: Projection, like: Tensor) -> Projection:
@@ -172,16 +183,21 @@ def _math_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _dora_delta(m: nn.Module, adapter: str) -> Tensor:
-    """Effective DoRA update ``m ⊙ (W + sBA)/‖W + sBA‖_row - W`` (Linear layers)."""
+def _dora_delta(m: nn.Module, adapter: str, layout: str) -> Tensor:
+    """Effective DoRA update ``mag ⊙ (W + sBA)/‖W + sBA‖_row - W`` in (out, in) layout.
+
+    Linear, GPT-2 ``Conv1D`` (``fan_in_fan_out``) and conv layers (kernels flattened).
+    PEFT detaches the row norm in its forward pass (DoRA §4.3) to save memory; the
+    penalty is a function of the effective ΔW, so here the norm is differentiated too.
+    """
     base = m.get_base_layer()
-    if not isinstance(base, nn.Linear):
-        raise AnchorError(f"DoRA is supported on Linear layers only, got {type(base).__name__}")
-    w = base.weight.detach()
+    if isinstance(base, nn.Embedding) or not hasattr(m, "lora_A") or adapter not in m.lora_A:
+        raise AnchorError(f"DoRA is supported on Linear, Conv1D and conv layers, got {type(base).__name__}")
+    w = to_out_in(base.weight.detach(), layout)
     w = w.to(_math_dtype(w))
-    lora = m.lora_B[adapter].weight @ m.lora_A[adapter].weight
+    lora = m.lora_B[adapter].weight.flatten(1) @ m.lora_A[adapter].weight.flatten(1)
     combined = w + m.scaling[adapter] * lora.to(w.dtype)
-    mag = m.lora_magnitude_vector[adapter].weight.to(w.dtype)
+    mag = m.lora_magnitude_vector[adapter].weight.reshape(-1).to(w.dtype)
     norm = torch.linalg.vector_norm(combined, dim=1)
     return (mag / norm).unsqueeze(1) * combined - w
 
@@ -211,13 +227,25 @@ def find_targets(model: nn.Module, anchors: Mapping[str, Projection]) -> tuple[l
 
 
 def check_shapes(targets: list[Target], anchors: Mapping[str, Projection]) -> None:
+    """Raise :class:`AnchorError` naming every anchor that cannot act on its weight.
+
+    Checks the output dimension, finiteness of the factor, and (for the projector
+    modes) that the factor has no more columns than the weight has outputs.
+    Runs once at construction (it synchronises with the device).
+    """
     problems = []
     for t in targets:
         w = t.base_weight()
+        proj = anchors[t.name]
         d_out = to_out_in(w, t.layout).shape[0] if w.dim() >= 2 else -1
-        if d_out != anchors[t.name].d_out:
+        if d_out != proj.d_out:
             problems.append(
-                f"{t.name}: anchor acts on {anchors[t.name].d_out} outputs, weight {tuple(w.shape)} has {d_out}"
+                f"{t.name}: anchor acts on {proj.d_out} outputs, weight {tuple(w.shape)} has {d_out}"
             )
+            continue
+        if proj.is_projector and proj.rank > d_out:
+            problems.append(f"{t.name}: anchor rank {proj.rank} exceeds the {d_out} outputs of the weight")
+        if proj.factor.numel() and not bool(torch.isfinite(proj.factor).all()):
+            problems.append(f"{t.name}: anchor factor has non-finite values")
     if problems:
         raise AnchorError("anchors do not fit the model:\n  " + "\n  ".join(problems))

@@ -1,0 +1,171 @@
+"""Properties of the operator C and the closed-form penalty math, against the dense oracle."""
+
+from __future__ import annotations
+
+import pytest
+import reference as ref
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import lora_shapes, matrix_shapes, modes, scalings, seeds, shape_and_rank
+
+from asft_optim.projection import (
+    AnchorError,
+    Projection,
+    dense_terms,
+    lora_terms,
+    projection_from_delta,
+)
+
+D = torch.float64
+
+
+def _rand(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def _dense_c_of(proj: Projection) -> torch.Tensor:
+    f = proj.factor
+    return f @ f.T
+
+
+def _rank_for(mode, d_out, d_in, k):
+    return None if mode in ("safelora", "l2") else k
+
+
+@given(shape_and_rank(), seeds)
+def test_orthogonal_is_symmetric_idempotent_and_complement_is_perpendicular(shape, seed):
+    d_out, d_in, k = shape
+    v = _rand(seed, d_out, d_in)
+    proj = projection_from_delta(v, "orthogonal", rank=k)
+    c = _dense_c_of(proj)
+    torch.testing.assert_close(c, c.T)
+    torch.testing.assert_close(c @ c, c, atol=1e-10, rtol=0)
+    u = torch.linalg.svd(v, full_matrices=False)[0][:, :k]
+    x = _rand(seed + 1, d_out, 3)
+    # (I - C) x is orthogonal to every kept singular vector, and C x lies in their span.
+    torch.testing.assert_close(u.T @ proj.residual(x), torch.zeros(k, 3, dtype=D), atol=1e-10, rtol=0)
+    torch.testing.assert_close(u @ (u.T @ proj.apply_c(x)), proj.apply_c(x), atol=1e-10, rtol=0)
+    torch.testing.assert_close(c, ref.dense_c(v, "orthogonal", k), atol=1e-10, rtol=0)
+
+
+@given(matrix_shapes(), seeds)
+def test_safelora_exact_equals_dense_formula(shape, seed):
+    v = _rand(seed, *shape)
+    proj = projection_from_delta(v, "safelora")
+    dense = v @ v.T / torch.linalg.matrix_norm(v)
+    torch.testing.assert_close(_dense_c_of(proj), dense, atol=1e-12, rtol=1e-12)
+    assert not proj.is_projector
+
+
+@given(shape_and_rank(), seeds)
+def test_safelora_low_rank_equals_dense_truncation(shape, seed):
+    d_out, d_in, k = shape
+    v = _rand(seed, d_out, d_in)
+    proj = projection_from_delta(v, "safelora", rank=k)
+    torch.testing.assert_close(_dense_c_of(proj), ref.dense_c(v, "safelora", k), atol=1e-10, rtol=1e-10)
+    if k == min(d_out, d_in):  # full rank cut: back to the exact operator
+        torch.testing.assert_close(_dense_c_of(proj), v @ v.T / torch.linalg.matrix_norm(v), atol=1e-10, rtol=1e-10)
+
+
+@given(modes, shape_and_rank(), seeds)
+def test_metric_is_r_transpose_r(mode, shape, seed):
+    """``metric`` is RᵀR = I - 2C + C² (not I - C: safelora's C is no projector)."""
+    d_out, d_in, k = shape
+    v = _rand(seed, d_out, d_in)
+    proj = projection_from_delta(v, mode, rank=_rank_for(mode, d_out, d_in, k))
+    r = ref.dense_r(v, mode, _rank_for(mode, d_out, d_in, k))
+    x = _rand(seed + 7, d_out, 2)
+    torch.testing.assert_close(proj.metric(x), r.T @ r @ x, atol=1e-10, rtol=1e-10)
+    if mode == "safelora":
+        c = ref.dense_c(v, mode)
+        torch.testing.assert_close(r.T @ r, torch.eye(d_out, dtype=D) - 2 * c + c @ c, atol=1e-10, rtol=1e-10)
+
+
+@given(modes, shape_and_rank(), seeds)
+def test_dense_terms_match_autograd(mode, shape, seed):
+    d_out, d_in, k = shape
+    rank = _rank_for(mode, d_out, d_in, k)
+    v = _rand(seed, d_out, d_in)
+    delta = _rand(seed + 1, d_out, d_in).requires_grad_()
+    terms = dense_terms(projection_from_delta(v, mode, rank=rank), delta.detach())
+    loss = ref.penalty_of(delta, v, mode, rank)
+    (grad,) = torch.autograd.grad(loss, delta)
+    torch.testing.assert_close(terms.penalty, loss.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(terms.grads[0], grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(terms.delta_sq, delta.detach().pow(2).sum())
+
+
+@given(modes, lora_shapes(), scalings, seeds)
+def test_lora_terms_match_autograd_of_dense_delta(mode, shape, s, seed):
+    d_out, d_in, r = shape
+    k = max(1, min(d_out, d_in) // 2)
+    rank = _rank_for(mode, d_out, d_in, k)
+    v = _rand(seed, d_out, d_in)
+    b = _rand(seed + 1, d_out, r).requires_grad_()
+    a = _rand(seed + 2, r, d_in).requires_grad_()
+    proj = projection_from_delta(v, mode, rank=rank)
+    terms = lora_terms(proj, b.detach(), a.detach(), s)
+    loss = ref.penalty_of(s * b @ a, v, mode, rank)
+    gb, ga = torch.autograd.grad(loss, (b, a))
+    torch.testing.assert_close(terms.penalty, loss.detach(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(terms.grads[0], gb, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(terms.grads[1], ga, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(
+        terms.off_anchor_fraction(), ref.off_anchor_fraction((s * b @ a).detach(), v, mode, rank), atol=1e-9, rtol=1e-9
+    )
+
+
+def test_energy_cut_keeps_fewest_directions():
+    u = torch.linalg.qr(_rand(0, 6, 6))[0]
+    v = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.1, 0.0, 0.0], dtype=D)) @ torch.linalg.qr(_rand(1, 6, 6))[0]
+    total = 9 + 4 + 1 + 0.01
+    p = projection_from_delta(v, "orthogonal", energy=13 / total - 1e-9)
+    assert p.rank == 2 and abs(p.energy - 13 / total) < 1e-9
+    assert projection_from_delta(v, "orthogonal", energy=13 / total + 1e-6).rank == 3
+    assert projection_from_delta(v, "orthogonal", energy=1.0).rank >= 4
+
+
+def test_low_precision_factor_still_gives_exact_metric():
+    """A projector factor stored in float32 is not exactly orthonormal: R is applied twice."""
+    v = _rand(3, 6, 4)
+    p = projection_from_delta(v, "orthogonal", rank=2)
+    p32 = Projection(p.factor.float().double(), "orthogonal")
+    r = torch.eye(6, dtype=D) - p32.factor @ p32.factor.T
+    x = _rand(4, 6, 3)
+    torch.testing.assert_close(p32.metric(x), r @ r @ x, atol=1e-14, rtol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="orthogonal"), "needs rank"),
+        (dict(mode="orthogonal", rank=5), "rank 5"),
+        (dict(mode="orthogonal", rank=0), "rank 0"),
+        (dict(mode="safelora", rank=2, energy=0.5), "not both"),
+        (dict(mode="orthogonal", energy=1.5), "energy"),
+        (dict(mode="nope"), "unknown anchor mode"),
+    ],
+)
+def test_bad_arguments_name_the_weight(kwargs, match):
+    with pytest.raises(AnchorError, match=match) as info:
+        projection_from_delta(_rand(0, 4, 3), name="layers.0.q_proj.weight", **kwargs)
+    assert "layers.0.q_proj.weight" in str(info.value)
+
+
+def test_non_finite_and_zero_deltas_rejected():
+    v = _rand(0, 4, 3)
+    v[1, 2] = float("nan")
+    with pytest.raises(AnchorError, match="q.weight: .*non-finite"):
+        projection_from_delta(v, name="q.weight")
+    with pytest.raises(AnchorError, match="q.weight: .*zero"):
+        projection_from_delta(torch.zeros(4, 3, dtype=D), name="q.weight")
+    assert projection_from_delta(torch.zeros(4, 3, dtype=D), "l2").rank == 0
+
+
+@given(st.integers(1, 6), seeds)
+def test_l2_mode_penalises_everything(d, seed):
+    x = _rand(seed, d, 3)
+    p = projection_from_delta(_rand(seed + 1, d, 2), "l2")
+    torch.testing.assert_close(p.residual(x), x)
+    torch.testing.assert_close(dense_terms(p, x).grads[0], 2 * x)
