@@ -208,6 +208,11 @@ def _build_metadata(mode, rank, energy, dtype, **extra) -> dict[str, str]:
     return meta
 
 
+def _natural(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
 def _match(base: WeightSource, aligned: WeightSource, target_modules) -> list[str]:
     """Targeted ≥2-D weights, checked by name and shape; all problems reported at once."""
     matches = module_name_matcher(target_modules)
@@ -218,7 +223,7 @@ def _match(base: WeightSource, aligned: WeightSource, target_modules) -> list[st
             if k.endswith(".weight") and len(src.shape(k)) >= 2 and matches(k[: -len(".weight")])
         ]
 
-    names = targeted(base)
+    names = sorted(targeted(base), key=_natural)  # same order whatever the source
     problems = []
     for k in names:
         if not aligned.has(k):
