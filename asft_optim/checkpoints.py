@@ -187,7 +187,8 @@ class TensorSource(WeightSource):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             flat = t.reshape(-1)
             if flat.numel():
-                idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).long()
+                k = min(_SAMPLE, flat.numel())
+                idx = torch.arange(k, dtype=torch.long) * (flat.numel() - 1) // max(k - 1, 1)
                 h.update(flat[idx.to(flat.device)].to("cpu", torch.float64).numpy().tobytes())
         return h.hexdigest()
 

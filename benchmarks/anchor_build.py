@@ -74,6 +74,17 @@ def generate(root: Path, *, hidden: int, intermediate: int, heads: int, layers: 
     return dirs
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM: reset by execve, unlike ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args: argparse.Namespace) -> None:
     """Runs in a fresh process; prints one JSON line."""
     t0 = time.perf_counter()
@@ -102,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
         "strategy": args.worker,
         "seconds": round(t2 - t1, 3),
         "import_seconds": round(t1 - t0, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "anchors": 0 if anchors is None else len(anchors),
         "anchor_mb": 0 if anchors is None else round(anchors.nbytes / 2**20, 1),
         "threads": torch.get_num_threads(),
@@ -113,7 +124,9 @@ def run(strategy: str, base: Path, aligned: Path, a: argparse.Namespace) -> dict
     cmd = [sys.executable, __file__, "--worker", strategy, "--base", str(base), "--aligned", str(aligned),
            "--targets", a.targets, "--mode", a.mode] + (["--rank", str(a.rank)] if a.rank else [])
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{strategy} worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -221,3 +221,33 @@ def test_fuzz_tensor_dtype_and_shape(tmp_path, good_bytes, data):
     else:
         header[data.draw(st.text(min_size=1, max_size=6))] = header.pop(name)
     expect_anchor_error_or_valid(tmp_path, join(header, body))
+
+
+def test_loaded_bf16_anchors_drive_the_penalty(pair, tmp_path):
+    """A saved/loaded bf16 file gives the formula's penalty; factors stay bf16 on the CPU."""
+    peft = pytest.importorskip("peft")
+    from asft_optim import AnchoredAdamW, anchor_penalty
+
+    base, aligned = pair
+    build_anchors(base, aligned, ["q_proj", "v_proj"], dtype=torch.bfloat16).save(tmp_path / "a.safetensors")
+    loaded = Anchors.load(tmp_path / "a.safetensors")
+    torch.manual_seed(1)
+    import copy
+
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert loaded.bind(model, warn=False).unanchored == []
+    # Oracle: dense C = V Vᵀ/‖V‖_F in float64 from the two models, ΔW = s·B·A.
+    expected = 0.0
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            key = name.removeprefix("base_model.model.") + ".weight"
+            v = (aligned.state_dict()[key] - base.state_dict()[key]).double()
+            c = v @ v.T / torch.linalg.matrix_norm(v)
+            dw = module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight).double()
+            expected += float(((torch.eye(c.shape[0], dtype=c.dtype) - c) @ dw).pow(2).sum())
+    got = float(anchor_penalty(model, loaded))
+    assert expected > 0 and got == pytest.approx(expected, rel=2e-2)  # bf16 storage
+    opt = AnchoredAdamW(model, loaded, anchor_lambda=1.0, lr=1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    assert all(p.factor.dtype == torch.bfloat16 and p.factor.device.type == "cpu" for p in loaded.values())
