@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import struct
@@ -232,8 +233,6 @@ def test_loaded_bf16_anchors_drive_the_penalty(pair, tmp_path):
     build_anchors(base, aligned, ["q_proj", "v_proj"], dtype=torch.bfloat16).save(tmp_path / "a.safetensors")
     loaded = Anchors.load(tmp_path / "a.safetensors")
     torch.manual_seed(1)
-    import copy
-
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     assert loaded.bind(model, warn=False).unanchored == []
     # Oracle: dense C = V Vᵀ/‖V‖_F in float64 from the two models, ΔW = s·B·A.
@@ -243,7 +242,8 @@ def test_loaded_bf16_anchors_drive_the_penalty(pair, tmp_path):
             key = name.removeprefix("base_model.model.") + ".weight"
             v = (aligned.state_dict()[key] - base.state_dict()[key]).double()
             c = v @ v.T / torch.linalg.matrix_norm(v)
-            dw = module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight).double()
+            with torch.no_grad():
+                dw = module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight).double()
             expected += float(((torch.eye(c.shape[0], dtype=c.dtype) - c) @ dw).pow(2).sum())
     got = float(anchor_penalty(model, loaded))
     assert expected > 0 and got == pytest.approx(expected, rel=2e-2)  # bf16 storage
