@@ -12,7 +12,9 @@ import importlib
 from collections.abc import Sequence
 
 # sub-command name -> module providing ``add_parser(subparsers)``
-_COMMANDS: dict[str, str] = {}
+_COMMANDS: dict[str, str] = {
+    "anchors": "asft_optim.anchors_cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
