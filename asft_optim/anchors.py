@@ -185,13 +185,7 @@ def module_name_matcher(target_modules: str | Iterable[str]):
 def _projection(v: Tensor, mode: Mode, rank, energy, dtype: torch.dtype, name: str) -> Projection:
     """The operator of one weight, in compact form, stored in ``dtype``."""
     p = projection_from_delta(v, mode, rank=rank, energy=energy, name=name)
-    f = p.factor
-    if f.shape[1] > f.shape[0]:
-        # Exact safelora keeps F = V/√‖V‖_F of shape (d_out, d_in). For wide weights
-        # (d_in > d_out) store instead Rᵀ from Fᵀ = QR: F Fᵀ = Rᵀ R, so C is unchanged
-        # and the factor shrinks to (d_out, d_out).
-        f = torch.linalg.qr(f.t(), mode="r")[1].t()
-    return Projection(f.to(dtype).contiguous(), p.mode, p.energy)
+    return Projection(p.factor.to(dtype).contiguous(), p.mode, p.energy)
 
 
 def _build_metadata(mode, rank, energy, dtype, **extra) -> dict[str, str]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .checkpoints import to_out_in
 from .projection import AnchorError
-from .targets import _is_tuner, find_targets, hf_name
+from .targets import find_targets, hf_name, is_tuner
 
 if TYPE_CHECKING:
     from .anchors import Anchors, BindingReport
@@ -45,7 +45,7 @@ def bind(anchors: Anchors, model: nn.Module, *, warn: bool = True) -> BindingRep
 
 def tuned_weights(model: nn.Module) -> list[str]:
     """HF names of the 2-D weights being tuned: trainable LoRA/tuner modules or weights."""
-    tuners = [n for n, m in model.named_modules() if _is_tuner(m)]
+    tuners = [n for n, m in model.named_modules() if is_tuner(m)]
     out: list[str] = []
     for name, module in model.named_modules():
         if name in tuners:
