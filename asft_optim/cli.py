@@ -12,7 +12,9 @@ import importlib
 from collections.abc import Sequence
 
 # sub-command name -> module providing ``add_parser(subparsers)``
-_COMMANDS: dict[str, str] = {}
+_COMMANDS: dict[str, str] = {
+    "safe-lora": "asft_optim.baselines_cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
