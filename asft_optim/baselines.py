@@ -328,7 +328,7 @@ def _summed_gradients(model, batches, params, loss_fn) -> list[Tensor]:
 
 
 def _sgd_deltas(model, batches, params, loss_fn, lr, epochs) -> list[Tensor]:
-    start = [p.detach().to(_math_dtype(p)) for p in params]
+    start = [p.detach().to(_math_dtype(p), copy=True) for p in params]
     master = [s.clone() for s in start]  # full-precision copies the SGD steps act on
     for _ in range(epochs):
         for batch in batches:
