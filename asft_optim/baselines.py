@@ -249,10 +249,12 @@ def harmful_anchors(
       float32 or wider so low-precision rounding cannot erase the update.
 
     The targeted weights are the *dense* weights, also in a PEFT model: a LoRA model's
-    frozen base weights get ``requires_grad`` for the duration (the gradient w.r.t. W is
-    what a full fine-tune would follow, and a LoRA update ``B·A`` only moves inside its
-    column space, which is exactly what ``C_harm`` acts on). Gradients are taken with
-    ``torch.autograd.grad``, so no ``.grad`` is written. Afterwards the model is restored
+    frozen base weights get ``requires_grad`` for the duration. The gradient w.r.t. W is
+    the direction a harmful fine-tune of W would follow, and its left singular vectors
+    live on the output side where ``C_harm`` acts, so the same anchors constrain a LoRA
+    update ``s·B·A`` (through B) and a full update alike. The LoRA factors' own
+    gradients would only see the directions the current random ``A`` lets through.
+    Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` is written. Afterwards the model is restored
     exactly: weights (bit for bit), ``requires_grad`` flags and train/eval modes.
 
     Use the result with the penalty ``λ‖C_harm ΔW‖²`` (e.g. ``AnchoredAdamW(model,

@@ -103,6 +103,25 @@ def test_report_cosines_equal_dense_oracle(mode, rank):
         assert r.cosine == pytest.approx(dense_cos(dense_kept(vs[r.name], mode, rank), delta), abs=1e-10)
 
 
+def test_one_row_per_active_adapter():
+    from peft import LoraConfig
+
+    model, anchors, vs = _llama_setup()
+    torch.manual_seed(5)
+    model.add_adapter("second", LoraConfig(r=3, lora_alpha=5, init_lora_weights=False, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    model.to(D)
+    module = _module(model, Q)
+    before = {a: (module.lora_B[a].weight.detach().clone(), module.lora_A[a].weight.detach()) for a in ("default", "second")}
+    rows = safe_lora_project(model, anchors, threshold=1.0)
+    assert [(r.name, r.adapter) for r in rows] == [(Q, "default"), (Q, "second"), (V, "default")]
+    k = dense_kept(vs[Q], "safelora", None)
+    for r in rows[:2]:  # each adapter scored and projected on its own
+        b, a = before[r.adapter]
+        assert r.cosine == pytest.approx(dense_cos(k, b @ a), abs=1e-10) and r.projected
+        torch.testing.assert_close(module.lora_B[r.adapter].weight.detach(), k @ b, rtol=0, atol=1e-12)
+
+
 def test_gpt2_conv1d_cosine_and_projection():
     model = lora(tiny_gpt2(), ["c_attn"], fan_in_fan_out=True)
     v = torch.randn(24, 8, generator=torch.Generator().manual_seed(3), dtype=D)
