@@ -70,3 +70,30 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons (mixed precision, ...): start each test clean."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def trainer_args(tmp_path, **kw):
+    """Small, deterministic CPU TrainingArguments (no reporting, no saving unless asked)."""
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+        lr_scheduler_type="linear", warmup_steps=0, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, weight_decay=0.0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
