@@ -6,10 +6,16 @@ Oracle: plain AdamW on ``task + anchor_penalty`` (the loss-level twin) in a plai
 import pytest
 import torch
 from accelerate import Accelerator
+from integration_models import (
+    TokenDataset,
+    reset_accelerate_state,
+    tiny_anchors,
+    tiny_lora_llama,
+    trainable_state,
+)
 
 from asft_optim import AnchoredAdamW, anchor_penalty
 from asft_optim.integrations import anchor_summary, unwrap_optimizer
-from integration_models import TokenDataset, reset_accelerate_state, tiny_anchors, tiny_lora_llama, trainable_state
 
 LAM, LR, STEPS = 0.5, 1e-2, 3
 

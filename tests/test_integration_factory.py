@@ -2,10 +2,6 @@
 
 import pytest
 import torch
-from transformers import Trainer
-
-from asft_optim import AnchoredAdamW, AnchoredAdamWFactory
-from asft_optim.integrations import unwrap_optimizer
 from integration_models import (
     TokenDataset,
     reset_accelerate_state,
@@ -15,6 +11,10 @@ from integration_models import (
     trainable_state,
     trainer_args,
 )
+from transformers import Trainer
+
+from asft_optim import AnchoredAdamW, AnchoredAdamWFactory
+from asft_optim.integrations import unwrap_optimizer
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +62,14 @@ def test_factory_requires_lr_and_anchors():
         AnchoredAdamWFactory()(model, anchors=tiny_anchors(model))
     with pytest.raises(TypeError, match="anchors="):
         AnchoredAdamWFactory()(model, lr=1e-3)
+
+
+def test_import_asft_optim_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, asft_optim; assert 'transformers' not in sys.modules, 'eager'; "
+            "asft_optim.AnchoredAdamWFactory; asft_optim.AnchorLoggingCallback; "
+            "assert 'transformers.trainer' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -10,10 +10,6 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback
-
-from asft_optim import AnchoredAdamW, AnchoredOptimizer, AnchorLoggingCallback, add_anchor_logging
-from asft_optim.integrations import unwrap_optimizer
 from integration_models import (
     TokenDataset,
     anchor_deltas,
@@ -24,6 +20,10 @@ from integration_models import (
     trainer_args,
 )
 from reference import oracle_penalty
+from transformers import Trainer, TrainerCallback
+
+from asft_optim import AnchoredAdamW, AnchoredOptimizer, AnchorLoggingCallback, add_anchor_logging
+from asft_optim.integrations import unwrap_optimizer
 
 KEYS = ("anchor/penalty", "anchor/off_anchor_mean", "anchor/off_anchor_max")
 

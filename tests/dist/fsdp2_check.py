@@ -16,11 +16,11 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from integration_models import anchor_deltas, tiny_llama, tiny_lora_llama, token_batches  # noqa: E402
+from reference import oracle_penalty  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from asft_optim import AnchoredAdamW, AnchorError, Anchors  # noqa: E402
-from integration_models import anchor_deltas, tiny_llama, tiny_lora_llama, token_batches  # noqa: E402
-from reference import oracle_penalty  # noqa: E402
 
 D = torch.float64
 LAM = 0.7
