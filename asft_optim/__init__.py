@@ -9,13 +9,33 @@ from .projection import AnchorError, Projection, projection_from_delta
 
 __version__ = "0.1.0"
 
+# Integrations import transformers: resolved on first use, so `import asft_optim` stays light.
+_LAZY = {
+    "AnchorLoggingCallback": "asft_optim.integrations.hf",
+    "AnchoredAdamWFactory": "asft_optim.integrations.hf",
+    "add_anchor_logging": "asft_optim.integrations.hf",
+    "unwrap_optimizer": "asft_optim.integrations",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AnchorError",
+    "AnchorLoggingCallback",
+    "AnchoredAdamWFactory",
     "AnchoredAdamW",
     "AnchoredOptimizer",
     "Anchors",
     "Projection",
     "SafeLoRALayer",
+    "add_anchor_logging",
     "anchor_penalty",
     "build_anchors",
     "convert_reference_lambda",
@@ -24,4 +44,5 @@ __all__ = [
     "lora_scaling",
     "projection_from_delta",
     "safe_lora_project",
+    "unwrap_optimizer",
 ]

@@ -272,7 +272,8 @@ class AnchoredOptimizer(Optimizer):
             raise AnchorError(
                 "no anchored parameter is trainable: the anchored tensors were frozen or replaced "
                 "after the optimizer was built (e.g. PEFT wrapped the model afterwards); build the "
-                "optimizer on the final model"
+                "optimizer on the final model (with TRL's peft_config=, pass "
+                "optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {...}) instead of optimizers=)"
             )
         self._last = stats
         return total if total is not None else torch.zeros(())

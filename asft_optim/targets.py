@@ -117,26 +117,30 @@ class Target:
         """Raw penalty terms and the tensors their gradients belong to (None: no update)."""
         if self.kind == "full":
             w = self.base_weight()
-            dtype = math_dtype(w)
-            delta = to_out_in(w.detach().to(dtype) - reference.to(w.device, dtype), self.layout)
-            t = dense_terms(self._proj(proj, w), delta)
+            wf, ref = _full(w.detach()), _full(reference)
+            dtype = math_dtype(wf)
+            delta = to_out_in(wf.to(dtype) - ref.to(wf.device, dtype), self.layout)
+            t = dense_terms(self._proj(proj, wf), delta)
             g = t.grads[0]
             g = g.t() if self.layout == "in_out" else g
-            return PenaltyTerms(t.penalty, t.delta_sq, (g.reshape(w.shape).contiguous(),)), [w]
+            return PenaltyTerms(t.penalty, t.delta_sq, (_like(g.reshape(w.shape).contiguous(), w),)), [w]
         if self.kind == "lora":
             factors = self.lora_factors()
             if not factors:
                 return None
             dtype = math_dtype(factors[0][3])
-            bs = [f[0].detach().to(dtype) * f[2] for f in factors]
-            as_ = [f[1].detach().to(dtype) for f in factors]
+            bs = [_full(f[0].detach()).to(dtype) * f[2] for f in factors]
+            as_ = [_full(f[1].detach()).to(dtype) for f in factors]
             # Joint update of all active adapters, folded into one (B, A) pair with s = 1.
-            t = lora_terms(self._proj(proj, factors[0][3]), torch.cat(bs, 1), torch.cat(as_, 0), 1.0)
+            t = lora_terms(self._proj(proj, bs[0]), torch.cat(bs, 1), torch.cat(as_, 0), 1.0)
             gb, ga = t.grads
             grads, params, col = [], [], 0
             for (b2, _a2, s, bp, ap) in factors:
                 r = b2.shape[1]
-                grads += [(gb[:, col:col + r] * s).reshape(bp.shape), ga[col:col + r].reshape(ap.shape)]
+                grads += [
+                    _like((gb[:, col:col + r] * s).reshape(bp.shape), bp),
+                    _like(ga[col:col + r].reshape(ap.shape), ap),
+                ]
                 params += [bp, ap]
                 col += r
             return PenaltyTerms(t.penalty, t.delta_sq, tuple(grads)), params
@@ -160,6 +164,11 @@ class Target:
         params = self.params()
         if not params:
             return None
+        if any(_is_dtensor(p) for p in params) or _is_dtensor(self.base_weight()):
+            raise AnchorError(
+                f"{self.name}: DoRA and other non-LoRA adapters are not supported on sharded (FSDP2 "
+                "DTensor) parameters; use plain LoRA or full fine-tuning, or do not shard this module"
+            )
         with torch.enable_grad():
             delta = self.effective_delta()
             delta = delta.to(math_dtype(delta))
@@ -176,6 +185,31 @@ class Target:
         if cached is None or cached[0] != key or cached[1] is not proj:
             self._cache["proj"] = (key, proj, proj.to(device=key[0], dtype=key[1]))
         return self._cache["proj"][2]
+
+
+# -- FSDP2: sharded (DTensor) parameters ----------------------------------------------
+# The math runs on full tensors and each gradient is cut back to the parameter's own
+# sharding. ``full_tensor()`` is a collective: every rank calls it for the same tensors in
+# the same order (targets and adapters are visited in module order on every rank);
+# ``distribute_tensor(..., src_data_rank=None)`` only slices locally (no communication).
+
+
+def _is_dtensor(t: object) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "full_tensor")
+
+
+def _full(t: Tensor | None) -> Tensor | None:
+    """The global value of a DTensor (a collective), or ``t`` itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _like(g: Tensor, param: Tensor) -> Tensor:
+    """``g`` (global shape) distributed like ``param`` when it is a DTensor."""
+    if not _is_dtensor(param):
+        return g
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(g, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def math_dtype(t: Tensor) -> torch.dtype:

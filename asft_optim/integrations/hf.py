@@ -1,0 +1,154 @@
+"""Hugging Face Trainer / TRL glue: a logging callback and a model-aware optimizer factory.
+
+Both routes of the Trainer are covered:
+
+* ``Trainer(..., optimizers=(AnchoredAdamW(model, anchors, lr=...), None))``, with
+  ``callbacks=[AnchorLoggingCallback()]`` for the statistics;
+* ``Trainer(..., optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {"anchors": anchors,
+  "lr": 5e-4}))``, which also works with TRL's ``SFTTrainer(peft_config=...)`` because
+  the optimizer is built on the model the Trainer finally trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from ..optimizer import AnchoredAdamW, Coupling
+from ..projection import Projection
+from . import unwrap_optimizer
+
+__all__ = ["AnchorLoggingCallback", "AnchoredAdamWFactory", "add_anchor_logging"]
+
+# The Trainer's own rule for parameters that get no weight decay (transformers 5.x
+# ``Trainer.get_decay_parameter_names``): biases, LayerNorm modules and *norm* names.
+_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+class AnchorLoggingCallback(TrainerCallback):
+    """Adds ``opt.anchor_summary()`` to the Trainer's logs at every logging step.
+
+    The keys ``anchor/penalty`` (Σ λ‖RΔW‖²), ``anchor/off_anchor_mean`` and
+    ``anchor/off_anchor_max`` (‖RΔW‖/‖ΔW‖) are the values of the *last* optimizer step
+    before the log, not averages over ``logging_steps``. They go into
+    ``trainer.state.log_history`` and into the ``logs`` every later callback receives.
+    The Trainer runs its ``report_to`` callbacks (TensorBoard, W&B, ...) before the
+    ones passed in ``callbacks=``; use :func:`add_anchor_logging` so that they see the
+    anchor keys too.
+
+    Args:
+        prefix: replaces the ``"anchor/"`` prefix of the keys (default: None, keep it).
+        strict: raise if the Trainer's optimizer is not anchored (default: True);
+            with False such logs are left unchanged.
+    """
+
+    def __init__(self, prefix: str | None = None, strict: bool = True) -> None:
+        self.prefix = prefix
+        self.strict = strict
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs and "train_loss" not in logs:
+            return  # evaluation / end-of-training summaries: nothing new to add
+        opt = unwrap_optimizer(kwargs.get("optimizer"))
+        if opt is None:
+            if self.strict:
+                raise TypeError(
+                    "AnchorLoggingCallback: the Trainer's optimizer "
+                    f"({type(kwargs.get('optimizer')).__name__}) is not an AnchoredOptimizer"
+                )
+            return
+        summary = opt.anchor_summary()
+        if self.prefix is not None:
+            summary = {self.prefix + k.split("/", 1)[1]: v for k, v in summary.items()}
+        logs.update(summary)
+        # Trainer.log() appends a *copy* of ``logs`` to the history before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(summary)
+
+
+def add_anchor_logging(trainer, **kwargs: Any) -> AnchorLoggingCallback:
+    """Register an :class:`AnchorLoggingCallback` *first* among ``trainer``'s callbacks.
+
+    Then the ``report_to`` integrations (TensorBoard, W&B, MLflow, ...) log the anchor
+    statistics too. Returns the callback.
+    """
+    cb = AnchorLoggingCallback(**kwargs)
+    trainer.callback_handler.callbacks.insert(0, cb)
+    return cb
+
+
+def _decay_parameter_names(model: nn.Module) -> set[str]:
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return set(get_parameter_names(model, [nn.LayerNorm], _NO_DECAY_PATTERNS))
+
+
+class AnchoredAdamWFactory:
+    r"""Model-aware factory for ``Trainer(optimizer_cls_and_kwargs=(AnchoredAdamWFactory, kw))``.
+
+    transformers treats a class that is not a ``torch.optim.Optimizer`` subclass as a
+    factory: it calls ``AnchoredAdamWFactory()(model, **kw)`` with the model it trains
+    (after TRL's ``peft_config=`` wrapping), so the optimizer sees the final parameters.
+    The parameter groups follow the Trainer's own rule: ``weight_decay`` for weights,
+    none for biases and norms.
+
+    The Trainer passes no ``TrainingArguments`` to a factory: ``lr`` (required) and
+    ``weight_decay`` must be given in ``kw``; the Trainer's LR scheduler still drives the
+    LR from there. Do not put ``model`` in ``kw``.
+
+    Args (of the call):
+        model: the model being trained (passed by the Trainer).
+        anchors: ``{HF weight name: Projection}``, e.g. from :func:`~asft_optim.build_anchors`.
+        anchor_lambda: λ (default: 1.0).
+        lr: peak learning rate (required).
+        weight_decay: AdamW weight decay of weight matrices (default: 0.0, the Trainer's).
+        coupling, reference, strict: see :class:`~asft_optim.AnchoredOptimizer`.
+        **adamw_kwargs: ``betas``, ``eps``, ``amsgrad``, ``foreach``, ... as
+            :class:`torch.optim.AdamW`.
+
+    Example::
+
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
+        ...     optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {"anchors": anchors, "lr": 5e-4}))
+    """
+
+    def __call__(
+        self,
+        model: nn.Module,
+        anchors: Mapping[str, Projection] | None = None,
+        anchor_lambda: float = 1.0,
+        *,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        coupling: Coupling = "coupled",
+        reference: Mapping[str, Tensor] | None = None,
+        strict: bool = True,
+        **adamw_kwargs: Any,
+    ) -> AnchoredAdamW:
+        if anchors is None:
+            raise TypeError("AnchoredAdamWFactory needs anchors=... in optimizer_cls_and_kwargs")
+        if lr is None:
+            raise TypeError(
+                "AnchoredAdamWFactory needs lr=... in optimizer_cls_and_kwargs: the Trainer does not "
+                "pass args.learning_rate to optimizer factories"
+            )
+        if "params" in adamw_kwargs:
+            raise TypeError("AnchoredAdamWFactory builds the param groups itself; do not pass params=")
+        decay = _decay_parameter_names(model)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in trainable if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return AnchoredAdamW(
+            model, anchors, anchor_lambda, lr=lr, weight_decay=weight_decay, params=groups,
+            coupling=coupling, reference=reference, strict=strict, **adamw_kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return "AnchoredAdamWFactory()"
+
