@@ -1,6 +1,7 @@
 """asft-optim: safety-anchored fine-tuning (AsFT) as a drop-in PyTorch optimizer."""
 
 from .anchors import Anchors, build_anchors
+from .baselines import SafeLoRALayer, harmful_anchors, l2_anchors, safe_lora_project
 from .conversion import convert_reference_lambda, lora_scaling
 from .optimizer import AnchoredAdamW, AnchoredOptimizer
 from .penalty import anchor_penalty
@@ -14,9 +15,13 @@ __all__ = [
     "AnchoredOptimizer",
     "Anchors",
     "Projection",
+    "SafeLoRALayer",
     "anchor_penalty",
     "build_anchors",
     "convert_reference_lambda",
+    "harmful_anchors",
+    "l2_anchors",
     "lora_scaling",
     "projection_from_delta",
+    "safe_lora_project",
 ]

@@ -4,47 +4,85 @@ Every operator acts on the *output* side of the weight in (out, in) layout. Weig
 that are stored transposed (GPT-2 ``Conv1D``: (in, out); ``nn.Embedding``:
 (vocab, dim) whose output is ``dim``) are transposed before ``V`` is formed, and
 convolution kernels are flattened to (out, in·kh·kw), matching PEFT's ``B @ A``.
+
+Factors stay on the CPU in their storage dtype; the optimizer moves and casts each
+one lazily, once, to the device and math dtype of the weight it anchors.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoints import WeightSource, open_source, out_in_shape, to_out_in, weight_layout
 from .projection import AnchorError, Mode, Projection, projection_from_delta
 
+__all__ = [
+    "Anchors",
+    "BindingReport",
+    "WeightInfo",
+    "build_anchors",
+    "module_name_matcher",
+    "to_out_in",
+    "weight_layout",
+]
 
-def weight_layout(module: nn.Module) -> str:
-    """``"in_out"`` for modules storing W as (in, out), else ``"out_in"``."""
-    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return "in_out"
-    return "out_in"
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """How an anchored weight is stored in the model: ``shape`` and ``layout``."""
+
+    shape: tuple[int, ...]
+    layout: str = "out_in"
+
+    @property
+    def out_in_shape(self) -> tuple[int, int]:
+        return out_in_shape(self.shape, self.layout)
 
 
-def to_out_in(weight: Tensor, layout: str) -> Tensor:
-    """View a stored weight in (out, in) layout (flattening conv kernels)."""
-    w = weight.t() if layout == "in_out" else weight
-    return w.flatten(1) if w.dim() > 2 else w
+@dataclass
+class BindingReport:
+    """Result of :meth:`Anchors.bind`: anchored weights found and tuned weights left unanchored."""
+
+    found: list[str]
+    unanchored: list[str]
 
 
 class Anchors(Mapping[str, Projection]):
-    """Read-only mapping ``weight name -> Projection`` plus free-form string metadata.
+    """Read-only mapping ``weight name -> Projection`` plus string metadata.
 
     Example::
 
         >>> anchors = build_anchors(base, aligned, target_modules=["q_proj", "v_proj"])
+        >>> anchors.save("qv.anchors.safetensors"); anchors = Anchors.load("qv.anchors.safetensors")
         >>> anchors["model.layers.0.self_attn.q_proj.weight"].factor.shape
     """
 
-    def __init__(self, projections: Mapping[str, Projection], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        projections: Mapping[str, Projection],
+        metadata: Mapping[str, str] | None = None,
+        weights: Mapping[str, WeightInfo] | None = None,
+    ):
         if not projections:
             raise AnchorError("anchors are empty: no weight matched")
         self._projections = dict(projections)
-        self.metadata: dict[str, str] = dict(metadata or {})
+        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
+        weights = dict(weights or {})
+        for name, p in self._projections.items():
+            if name not in weights:  # input size unknown (-1): bind() checks outputs only
+                weights[name] = WeightInfo((p.d_out, -1))
+            elif weights[name].out_in_shape[0] != p.d_out:
+                raise AnchorError(f"{name}: factor has {p.d_out} rows, weight {weights[name].shape} has {weights[name].out_in_shape[0]} outputs")
+        #: ``{weight name: WeightInfo}``: stored shape and layout of every anchored weight.
+        self.weights: dict[str, WeightInfo] = {n: weights[n] for n in self._projections}
 
     def __getitem__(self, name: str) -> Projection:
         return self._projections[name]
@@ -57,8 +95,17 @@ class Anchors(Mapping[str, Projection]):
 
     def __repr__(self) -> str:
         modes = sorted({p.mode for p in self._projections.values()})
-        return f"Anchors({len(self)} weights, mode={'/'.join(modes)})"
+        return f"Anchors({len(self)} weights, mode={'/'.join(modes)}, {self.nbytes / 2**20:.1f} MiB)"
 
+    @property
+    def nbytes(self) -> int:
+        return sum(p.factor.numel() * p.factor.element_size() for p in self.values())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Anchors:
+        """A copy with every factor moved/cast (the optimizer does this lazily by itself)."""
+        return Anchors({n: p.to(device, dtype) for n, p in self.items()}, self.metadata, self.weights)
+
+    # -- construction and files -----------------------------------------------------------
     @classmethod
     def from_deltas(
         cls,
@@ -70,17 +117,62 @@ class Anchors(Mapping[str, Projection]):
         dtype: torch.dtype = torch.float32,
     ) -> Anchors:
         """Anchors from ``{name: V}`` already in (out, in) layout."""
-        projections = {}
-        for name, v in deltas.items():
-            p = projection_from_delta(v, mode, rank=rank, energy=energy, name=name)
-            projections[name] = Projection(p.factor.to(dtype), p.mode, p.energy)
-        return cls(projections, {"mode": mode})
+        projections = {
+            name: _projection(v, mode, rank, energy, dtype, name) for name, v in deltas.items()
+        }
+        weights = {name: WeightInfo(tuple(v.shape)) for name, v in deltas.items()}
+        return cls(projections, _build_metadata(mode, rank, energy, dtype), weights)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors anchor file (see :mod:`asft_optim.anchor_io`)."""
+        from .anchor_io import save_anchors
+
+        save_anchors(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Anchors:
+        """Read and validate an anchor file; any defect raises :class:`AnchorError`."""
+        from .anchor_io import load_anchors
+
+        return load_anchors(path)
+
+    # -- use --------------------------------------------------------------------------
+    def bind(self, model: nn.Module, *, warn: bool = True) -> BindingReport:
+        """Check these anchors fit ``model`` (plain, PEFT-wrapped or compiled).
+
+        Raises :class:`AnchorError` listing every anchored weight that is missing from the
+        model or has another shape. Returns the anchored weights found and the 2-D weights
+        being tuned (trainable LoRA modules or trainable weights) that carry no anchor;
+        those are also reported with a warning when ``warn`` is true.
+        """
+        from .binding import bind
+
+        return bind(self, model, warn=warn)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per weight: name, shape, mode, rank kept, energy kept, bytes."""
+        return [
+            {
+                "weight": n,
+                "shape": self.weights[n].shape,
+                "layout": self.weights[n].layout,
+                "mode": p.mode,
+                "rank": p.rank,
+                "energy": p.energy,
+                "dtype": str(p.factor.dtype).removeprefix("torch."),
+                "bytes": p.factor.numel() * p.factor.element_size(),
+            }
+            for n, p in self.items()
+        ]
 
 
 def module_name_matcher(target_modules: str | Iterable[str]):
     """PEFT-style matcher on module names: a regex (full match) or a list of suffixes."""
     if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise AnchorError(f"target_modules {target_modules!r} is not a valid regex: {exc}") from exc
         return lambda module_name: pattern.fullmatch(module_name) is not None
     suffixes = list(target_modules)
     if not suffixes:
@@ -90,15 +182,60 @@ def module_name_matcher(target_modules: str | Iterable[str]):
     )
 
 
-def _state_and_layouts(source: Any) -> tuple[Mapping[str, Tensor], dict[str, str]]:
-    if isinstance(source, nn.Module):
-        layouts = {f"{n}.weight": weight_layout(m) for n, m in source.named_modules()}
-        return source.state_dict(), layouts
-    if isinstance(source, Mapping):
-        return source, {}
-    raise AnchorError(
-        f"cannot read weights from {type(source).__name__}; pass an nn.Module or a state dict"
-    )
+def _projection(v: Tensor, mode: Mode, rank, energy, dtype: torch.dtype, name: str) -> Projection:
+    """The operator of one weight, in compact form, stored in ``dtype``."""
+    p = projection_from_delta(v, mode, rank=rank, energy=energy, name=name)
+    return Projection(p.factor.to(dtype).contiguous(), p.mode, p.energy)
+
+
+def _build_metadata(mode, rank, energy, dtype, **extra) -> dict[str, str]:
+    from . import __version__
+
+    meta = {
+        "mode": mode,
+        "rank": "" if rank is None else str(rank),
+        "energy": "" if energy is None else str(energy),
+        "storage_dtype": str(dtype).removeprefix("torch."),
+        "library": f"asft-optim {__version__}",
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
+
+
+def _natural(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def _match(base: WeightSource, aligned: WeightSource, target_modules) -> list[str]:
+    """Targeted ≥2-D weights, checked by name and shape; all problems reported at once."""
+    matches = module_name_matcher(target_modules)
+
+    def targeted(src: WeightSource) -> list[str]:
+        return [
+            k for k in src.names()
+            if k.endswith(".weight") and len(src.shape(k)) >= 2 and matches(k[: -len(".weight")])
+        ]
+
+    names = sorted(targeted(base), key=_natural)  # same order whatever the source
+    problems = []
+    for k in names:
+        if not aligned.has(k):
+            problems.append(f"{k}: missing from the aligned model")
+        elif aligned.shape(k) != base.shape(k):
+            problems.append(f"{k}: shape {base.shape(k)} in the base model, {aligned.shape(k)} in the aligned one")
+    problems += [f"{k}: missing from the base model" for k in targeted(aligned) if not base.has(k)]
+    if problems:
+        raise AnchorError(
+            f"base and aligned weights do not match ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
+    if not names:
+        seen = sorted({k.rsplit(".", 2)[-2] for k in base.names() if k.count(".") >= 1 and len(base.shape(k)) >= 2})
+        raise AnchorError(
+            f"no 2-D weight of the base model matches target_modules={target_modules!r} "
+            f"(module names end in: {seen[:20]})"
+        )
+    return names
 
 
 def build_anchors(
@@ -111,39 +248,53 @@ def build_anchors(
     energy: float | None = None,
     dtype: torch.dtype = torch.float32,
     layouts: Mapping[str, str] | None = None,
+    progress: bool | None = None,
 ) -> Anchors:
-    """Build anchors from a base model and its aligned twin, matching weights by name.
+    """Build anchors from a base model and its aligned twin, matching weights by name and shape.
+
+    Weights are read one matching pair at a time; from checkpoint directories nothing
+    else is loaded, so peak memory is about one pair of tensors plus the anchors.
 
     Args:
-        base, aligned: ``nn.Module`` or state dict.
-        target_modules: module-name suffixes, or a regex matched in full (default: q/v).
+        base, aligned: ``nn.Module``, state dict, or HF checkpoint directory
+            (``model.safetensors``, sharded ``model.safetensors.index.json``, or
+            ``pytorch_model.bin`` read with ``weights_only=True``).
+        target_modules: module-name suffixes, or a regex matched in full as in PEFT
+            (default: ``("q_proj", "v_proj")``). 1-D tensors are skipped.
         mode: operator kind (default: ``"safelora"``); see :class:`~asft_optim.Projection`.
-        rank / energy: rank cut (required for ``"orthogonal"``).
-        dtype: storage dtype of the factors (default: float32); the math runs in float32.
-        layouts: ``{weight name: "in_out"}`` for transposed weights in plain state dicts
-            (detected automatically from modules).
+        rank: keep the top ``rank`` directions (default: None, exact for ``"safelora"``).
+        energy: keep the fewest directions holding this fraction of ``‖V‖²_F``
+            (``"orthogonal"`` needs ``rank`` or ``energy``).
+        dtype: storage dtype of the factors (default: float32; bfloat16 halves memory).
+            The math runs in float32.
+        layouts: ``{weight name: "in_out"}`` overrides for transposed weights (detected
+            from modules, or from ``config.json`` for directories).
+        progress: show a tqdm bar (default: None, only on a terminal).
     """
-    base_sd, base_layouts = _state_and_layouts(base)
-    aligned_sd, aligned_layouts = _state_and_layouts(aligned)
-    layout_of = {**base_layouts, **aligned_layouts, **(layouts or {})}
-    matches = module_name_matcher(target_modules)
-    names = [
-        k for k, t in base_sd.items()
-        if k.endswith(".weight") and t.dim() >= 2 and matches(k[: -len(".weight")])
-    ]
-    if not names:
-        raise AnchorError(f"no 2-D weight of the base model matches target_modules={target_modules!r}")
-    problems = []
-    for k in names:
-        if k not in aligned_sd:
-            problems.append(f"{k}: missing from the aligned model")
-        elif aligned_sd[k].shape != base_sd[k].shape:
-            problems.append(f"{k}: shape {tuple(base_sd[k].shape)} vs {tuple(aligned_sd[k].shape)}")
-    if problems:
-        raise AnchorError("base and aligned weights do not match:\n  " + "\n  ".join(problems))
-    deltas = {}
-    for k in names:
-        layout = layout_of.get(k, "out_in")
-        deltas[k] = to_out_in(aligned_sd[k].float() - base_sd[k].float(), layout)
-    anchors = Anchors.from_deltas(deltas, mode, rank=rank, energy=energy, dtype=dtype)
-    return anchors
+    from tqdm.auto import tqdm
+
+    from .anchor_io import dtype_name
+
+    dtype_name(dtype)  # reject unsupported storage dtypes before any work
+    base_src, aligned_src = open_source(base), open_source(aligned)
+    names = _match(base_src, aligned_src, target_modules)
+    projections, weights = {}, {}
+    for name in tqdm(names, desc="anchors", unit="weight", disable=None if progress is None else not progress):
+        layout = (layouts or {}).get(name) or base_src.layout(name) or aligned_src.layout(name) or "out_in"
+        # One pair at a time; the fp32 copy is the only full-size allocation.
+        a = aligned_src.read(name)
+        v = a.to(torch.promote_types(a.dtype, torch.float32), copy=True)
+        del a
+        v.sub_(base_src.read(name))
+        projections[name] = _projection(to_out_in(v, layout), mode, rank, energy, dtype, name)
+        weights[name] = WeightInfo(tuple(base_src.shape(name)), layout)
+        del v
+    metadata = _build_metadata(
+        mode, rank, energy, dtype,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        base_fingerprint=base_src.fingerprint(),
+        aligned_fingerprint=aligned_src.fingerprint(),
+        base_source=base_src.description,
+        aligned_source=aligned_src.description,
+    )
+    return Anchors(projections, metadata, weights)

@@ -12,7 +12,10 @@ import importlib
 from collections.abc import Sequence
 
 # sub-command name -> module providing ``add_parser(subparsers)``
-_COMMANDS: dict[str, str] = {}
+_COMMANDS: dict[str, str] = {
+    "anchors": "asft_optim.anchors_cli",
+    "safe-lora": "asft_optim.baselines_cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

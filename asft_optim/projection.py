@@ -220,7 +220,12 @@ def projection_from_delta(
         if rank is None and energy is None:
             # Exact: C = V Vᵀ/‖V‖_F = F Fᵀ with F = V/√‖V‖_F (Frobenius norm, not squared,
             # as in the reference code and Safe LoRA).
-            return Projection(v / math.sqrt(norm), "safelora")
+            f = v / math.sqrt(norm)
+            if d_in > d_out:
+                # Wide weight: store Rᵀ from Fᵀ = QR instead, F Fᵀ = Rᵀ R, so C is unchanged
+                # and the factor shrinks to (d_out, d_out).
+                f = torch.linalg.qr(f.t(), mode="r")[1].t().contiguous()
+            return Projection(f, "safelora")
         u, s, kept = _top_left_singular(v, rank, energy)
         return Projection(u * (s / math.sqrt(norm)), "safelora", kept)
     if rank is None and energy is None:

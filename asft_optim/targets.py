@@ -47,7 +47,7 @@ def hf_name(module_name: str) -> str:
     return module_name
 
 
-def _is_tuner(module: nn.Module) -> bool:
+def is_tuner(module: nn.Module) -> bool:
     return hasattr(module, "get_base_layer") and hasattr(module, "active_adapters")
 
 
@@ -63,7 +63,7 @@ class Target:
 
     # -- tensors, looked up now -------------------------------------------------------
     def base_weight(self) -> Tensor:
-        m = self.module.get_base_layer() if _is_tuner(self.module) else self.module
+        m = self.module.get_base_layer() if is_tuner(self.module) else self.module
         return m.weight
 
     def _adapters(self) -> list[str]:
@@ -212,7 +212,7 @@ def find_targets(model: nn.Module, anchors: Mapping[str, Projection]) -> tuple[l
         name = hf_name(mod_name) + ".weight"
         if name not in anchors or name in targets:
             continue
-        if _is_tuner(module):
+        if is_tuner(module):
             base = module.get_base_layer()
             uses_dora = any(getattr(module, "use_dora", {}).values())
             plain_lora = hasattr(module, "lora_A") and not uses_dora

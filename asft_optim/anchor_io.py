@@ -1,0 +1,192 @@
+"""Anchor files: safetensors with validated metadata; nothing is ever unpickled.
+
+Layout of a file (format version 1)::
+
+    tensors   {weight name: factor F (d_out, m)}  all in one storage dtype
+    metadata  format          "asft-anchors"
+              format_version  "1"
+              dtype           "float32" | "bfloat16" | "float16" | "float64"
+              weights         JSON {name: {"shape", "layout", "mode", "rank", "energy"}}
+              checksum        sha256 of every tensor's name, dtype, shape and bytes
+              ...             build metadata (mode, rank, energy, target_modules,
+                              base_fingerprint, aligned_fingerprint, library)
+
+``shape`` is the weight's shape as stored in the model and ``layout`` tells how to view
+it as (out, in); ``rank`` is the number of columns of F and ``energy`` the fraction of
+``‖V‖²_F`` it keeps. Every way a file can be wrong (truncated, edited, another format)
+raises :class:`~asft_optim.AnchorError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .checkpoints import out_in_shape, read_safetensors_header
+from .projection import MODES, AnchorError, Projection
+
+if TYPE_CHECKING:
+    from .anchors import Anchors
+
+FORMAT = "asft-anchors"
+FORMAT_VERSION = "1"
+_RESERVED = ("format", "format_version", "dtype", "weights", "checksum")
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_LAYOUTS = ("out_in", "in_out")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in STORAGE_DTYPES.items():
+        if d == dtype:
+            return name
+    raise AnchorError(f"unsupported anchor storage dtype {dtype}; use one of {list(STORAGE_DTYPES)}")
+
+
+def checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256(FORMAT.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def save_anchors(anchors: Anchors, path: str | os.PathLike) -> None:
+    """Write ``anchors`` to ``path`` (atomically: a temporary file is renamed)."""
+    from safetensors.torch import save_file
+
+    dtypes = {p.factor.dtype for p in anchors.values()}
+    if len(dtypes) != 1:
+        raise AnchorError(f"anchors mix storage dtypes {sorted(map(str, dtypes))}; cast them with .to(dtype=...)")
+    tensors = {n: p.factor.detach().to("cpu").contiguous() for n, p in anchors.items()}
+    weights = {
+        n: {
+            "shape": list(anchors.weights[n].shape),
+            "layout": anchors.weights[n].layout,
+            "mode": p.mode,
+            "rank": p.rank,
+            "energy": float(p.energy),
+        }
+        for n, p in anchors.items()
+    }
+    meta = {k: str(v) for k, v in anchors.metadata.items() if k not in _RESERVED}
+    meta.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        dtype=dtype_name(dtypes.pop()),
+        weights=json.dumps(weights, sort_keys=True),
+        checksum=checksum(tensors),
+    )
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _fail(path: Any, msg: str) -> AnchorError:
+    return AnchorError(f"{path}: {msg}")
+
+
+def _check_entry(path: Any, name: str, entry: Any) -> tuple[tuple[int, ...], str, str, int, float]:
+    if not isinstance(entry, dict):
+        raise _fail(path, f"{name}: weight entry is not an object")
+    shape, layout, mode = entry.get("shape"), entry.get("layout"), entry.get("mode")
+    rank, energy = entry.get("rank"), entry.get("energy")
+    if (
+        not isinstance(shape, list)
+        or len(shape) < 2
+        or not all(type(s) is int and 0 < s < 2**40 for s in shape[:1] + shape[2:])
+        or not (type(shape[1]) is int and (0 < shape[1] < 2**40 or shape[1] == -1))  # -1: unknown
+    ):
+        raise _fail(path, f"{name}: bad weight shape {shape!r}")
+    if layout not in _LAYOUTS or (layout == "in_out" and len(shape) != 2):
+        raise _fail(path, f"{name}: bad layout {layout!r}")
+    if mode not in MODES:
+        raise _fail(path, f"{name}: unknown mode {mode!r}")
+    if type(rank) is not int or rank < 0:
+        raise _fail(path, f"{name}: bad rank {rank!r}")
+    if type(energy) not in (int, float) or not math.isfinite(energy) or not 0.0 <= energy <= 1.0 + 1e-6:
+        raise _fail(path, f"{name}: bad energy {energy!r}")
+    return tuple(shape), layout, mode, rank, float(energy)
+
+
+def load_anchors(path: str | os.PathLike) -> Anchors:
+    """Read and validate an anchor file written by :func:`save_anchors`."""
+    from .anchors import Anchors, WeightInfo
+
+    header, _ = read_safetensors_header(path)  # cheap structural check before mapping
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _fail(path, "not an anchor file (no 'format: asft-anchors' metadata)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"unsupported anchor format version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+    storage = meta.get("dtype")
+    if storage not in STORAGE_DTYPES:
+        raise _fail(path, f"bad storage dtype {storage!r}")
+    try:
+        weights = json.loads(meta.get("weights", ""))
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, f"unreadable 'weights' metadata: {exc}") from exc
+    if not isinstance(weights, dict) or not weights:
+        raise _fail(path, "the 'weights' metadata lists no weight")
+    tensor_names = {k for k in header if k != "__metadata__"}
+    if tensor_names != set(weights):
+        extra, lost = sorted(tensor_names - set(weights)), sorted(set(weights) - tensor_names)
+        raise _fail(path, f"tensors and metadata disagree (unlisted tensors {extra[:5]}, missing tensors {lost[:5]})")
+    # Check every tensor's declared dtype and shape before reading any data.
+    for name, entry in weights.items():
+        shape, layout, _, rank, _ = _check_entry(path, name, entry)
+        d_out, d_in = out_in_shape(shape, layout)
+        info = header[name]
+        if not isinstance(info, dict) or _ST_DTYPES.get(info.get("dtype")) != storage:
+            raise _fail(path, f"{name}: tensor dtype {info.get('dtype') if isinstance(info, dict) else info!r} is not {storage}")
+        if info.get("shape") != [d_out, rank] or rank > (min(d_out, d_in) if d_in > 0 else d_out):
+            raise _fail(path, f"{name}: factor shape {info.get('shape')!r} does not fit a weight {shape} (rank {rank})")
+    tensors = _read_tensors(path, sorted(weights))
+    if meta.get("checksum") != checksum(tensors):
+        raise _fail(path, "checksum mismatch: the file was modified or corrupted")
+    projections, infos = {}, {}
+    for name in sorted(weights):
+        shape, layout, mode, _, energy = _check_entry(path, name, weights[name])
+        t = tensors[name]
+        if not torch.isfinite(t).all():
+            raise _fail(path, f"{name}: factor has non-finite values")
+        try:
+            projections[name] = Projection(t, mode, energy)
+        except AnchorError as exc:
+            raise _fail(path, str(exc)) from exc
+        infos[name] = WeightInfo(shape, layout)
+    extra = {k: v for k, v in meta.items() if k not in _RESERVED}
+    return Anchors(projections, extra, infos)
+
+
+def _read_tensors(path: Any, names: list[str]) -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            for name in names:
+                # Copy out of the memory map: a later edit of the file must not reach us.
+                out[name] = f.get_tensor(name).clone()
+    except AnchorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise _fail(path, f"unreadable tensor data: {exc}") from exc
+    return out

@@ -1,0 +1,253 @@
+"""Anchor files: exact round trips, and every defect raises AnchorError (hypothesis fuzzing)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import struct
+
+import pytest
+import torch
+from anchor_fixtures import llama_config, model_pair
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asft_optim import AnchorError, Anchors, build_anchors
+from asft_optim.anchor_io import checksum
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return model_pair(llama_config())
+
+
+@pytest.fixture(scope="module")
+def good_bytes(pair, tmp_path_factory):
+    path = tmp_path_factory.mktemp("anchors") / "good.safetensors"
+    build_anchors(*pair, ["q_proj", "v_proj"], mode="orthogonal", rank=3).save(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mode="safelora"),
+        dict(mode="safelora", rank=3),
+        dict(mode="orthogonal", energy=0.9),
+        dict(mode="l2"),
+        dict(mode="safelora", dtype=torch.bfloat16),
+        dict(mode="orthogonal", rank=2, dtype=torch.float16),
+    ],
+)
+def test_round_trip_is_exact(pair, tmp_path, kw):
+    anchors = build_anchors(*pair, ["q_proj", "v_proj", "down_proj"], **kw)
+    anchors.save(tmp_path / "a.safetensors")
+    loaded = Anchors.load(tmp_path / "a.safetensors")
+    assert list(loaded) == list(anchors)
+    for k in anchors:
+        assert loaded[k].factor.dtype == anchors[k].factor.dtype
+        assert torch.equal(loaded[k].factor, anchors[k].factor)
+        assert (loaded[k].mode, loaded[k].energy) == (anchors[k].mode, anchors[k].energy)
+        assert loaded[k].factor.device.type == "cpu"
+    assert loaded.weights == anchors.weights
+    assert loaded.metadata == anchors.metadata
+
+
+def test_from_deltas_round_trip(tmp_path):
+    anchors = Anchors.from_deltas({"w.weight": torch.randn(6, 4)}, "orthogonal", rank=2)
+    anchors.save(tmp_path / "d.safetensors")
+    assert torch.equal(Anchors.load(tmp_path / "d.safetensors")["w.weight"].factor, anchors["w.weight"].factor)
+
+
+def test_bf16_halves_size(pair):
+    f32 = build_anchors(*pair, ["q_proj"])
+    assert build_anchors(*pair, ["q_proj"], dtype=torch.bfloat16).nbytes * 2 == f32.nbytes
+
+
+def test_unsupported_dtype(pair):
+    with pytest.raises(AnchorError, match="dtype"):
+        build_anchors(*pair, ["q_proj"], dtype=torch.int8)
+
+
+# -- helpers to edit a file's header ------------------------------------------------------
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def join(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def load_bytes(tmp_path, data: bytes) -> Anchors:
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(data)
+    return Anchors.load(path)
+
+
+def tensor_names(header: dict) -> list[str]:
+    return sorted(k for k in header if k != "__metadata__")
+
+
+# -- targeted defects -----------------------------------------------------------------------
+
+
+def test_not_an_anchor_file(tmp_path, pair):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2, 2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(AnchorError, match="not an anchor file"):
+        Anchors.load(tmp_path / "plain.safetensors")
+    torch.save(pair[0].state_dict(), tmp_path / "pickle.bin")
+    with pytest.raises(AnchorError):
+        Anchors.load(tmp_path / "pickle.bin")
+    with pytest.raises(AnchorError):
+        Anchors.load(tmp_path / "missing.safetensors")
+
+
+def test_nan_with_valid_checksum_is_rejected(tmp_path, good_bytes):
+    header, body = split(good_bytes)
+    name = tensor_names(header)[0]
+    begin = header[name]["data_offsets"][0]
+    body = body[:begin] + struct.pack("<f", math.nan) + body[begin + 4:]
+    # Re-sign the data so only the finiteness check can catch it.
+    path = tmp_path / "nan.safetensors"
+    path.write_bytes(join(header, body))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header["__metadata__"]["checksum"] = checksum(tensors)
+    with pytest.raises(AnchorError, match="non-finite"):
+        load_bytes(tmp_path, join(header, body))
+
+
+def test_tampered_data_is_rejected(tmp_path, good_bytes):
+    header, body = split(good_bytes)
+    body = bytes([body[0] ^ 0x01]) + body[1:]
+    with pytest.raises(AnchorError, match="checksum"):
+        load_bytes(tmp_path, join(header, body))
+
+
+def test_version_and_dtype_checks(tmp_path, good_bytes):
+    header, body = split(good_bytes)
+    header["__metadata__"]["format_version"] = "99"
+    with pytest.raises(AnchorError, match="version"):
+        load_bytes(tmp_path, join(header, body))
+    header, body = split(good_bytes)
+    header["__metadata__"]["dtype"] = "bfloat16"
+    with pytest.raises(AnchorError, match="dtype"):
+        load_bytes(tmp_path, join(header, body))
+
+
+# -- fuzzing: whatever happens, it is an AnchorError ----------------------------------------
+
+
+def expect_anchor_error_or_valid(tmp_path, data: bytes) -> None:
+    try:
+        anchors = load_bytes(tmp_path, data)
+    except AnchorError:
+        return
+    for p in anchors.values():  # a benign edit (e.g. whitespace) must still load cleanly
+        assert torch.isfinite(p.factor).all()
+
+
+@FUZZ
+@given(cut=st.integers(min_value=0, max_value=10**9))
+def test_fuzz_truncation(tmp_path, good_bytes, cut):
+    cut %= len(good_bytes)
+    with pytest.raises(AnchorError):
+        load_bytes(tmp_path, good_bytes[:cut])
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 255)), min_size=1, max_size=4))
+def test_fuzz_byte_flips(tmp_path, good_bytes, flips):
+    data = bytearray(good_bytes)
+    for pos, mask in flips:
+        data[pos % len(data)] ^= mask
+    expect_anchor_error_or_valid(tmp_path, bytes(data))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_metadata_edits(tmp_path, good_bytes, data):
+    header, body = split(good_bytes)
+    meta = header["__metadata__"]
+    key = data.draw(st.sampled_from(sorted(meta) + ["weights/entry"]))
+    if key == "weights/entry":
+        weights = json.loads(meta["weights"])
+        name = data.draw(st.sampled_from(sorted(weights)))
+        field = data.draw(st.sampled_from(["shape", "layout", "mode", "rank", "energy", "extra"]))
+        weights[name][field] = data.draw(json_values)
+        if data.draw(st.booleans()):
+            weights[data.draw(st.text(max_size=5))] = weights.pop(name)
+        meta["weights"] = json.dumps(weights)
+    elif data.draw(st.booleans()):
+        meta[key] = data.draw(st.text(max_size=20) | json_values.map(json.dumps))
+    else:
+        del meta[key]
+    expect_anchor_error_or_valid(tmp_path, join(header, body))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_tensor_dtype_and_shape(tmp_path, good_bytes, data):
+    header, body = split(good_bytes)
+    name = data.draw(st.sampled_from(tensor_names(header)))
+    entry = header[name]
+    what = data.draw(st.sampled_from(["dtype", "shape", "offsets", "drop", "rename"]))
+    if what == "dtype":
+        entry["dtype"] = data.draw(st.sampled_from(["F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3", "X"]))
+    elif what == "shape":
+        entry["shape"] = data.draw(st.lists(st.integers(0, 64), max_size=4))
+    elif what == "offsets":
+        entry["data_offsets"] = data.draw(st.lists(st.integers(-5, len(body) + 5), min_size=0, max_size=3))
+    elif what == "drop":
+        del header[name]
+    else:
+        header[data.draw(st.text(min_size=1, max_size=6))] = header.pop(name)
+    expect_anchor_error_or_valid(tmp_path, join(header, body))
+
+
+def test_loaded_bf16_anchors_drive_the_penalty(pair, tmp_path):
+    """A saved/loaded bf16 file gives the formula's penalty; factors stay bf16 on the CPU."""
+    peft = pytest.importorskip("peft")
+    from asft_optim import AnchoredAdamW, anchor_penalty
+
+    base, aligned = pair
+    build_anchors(base, aligned, ["q_proj", "v_proj"], dtype=torch.bfloat16).save(tmp_path / "a.safetensors")
+    loaded = Anchors.load(tmp_path / "a.safetensors")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert loaded.bind(model, warn=False).unanchored == []
+    # Oracle: dense C = V Vᵀ/‖V‖_F in float64 from the two models, ΔW = s·B·A.
+    expected = 0.0
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            key = name.removeprefix("base_model.model.") + ".weight"
+            v = (aligned.state_dict()[key] - base.state_dict()[key]).double()
+            c = v @ v.T / torch.linalg.matrix_norm(v)
+            with torch.no_grad():
+                dw = module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight).double()
+            expected += float(((torch.eye(c.shape[0], dtype=c.dtype) - c) @ dw).pow(2).sum())
+    got = float(anchor_penalty(model, loaded))
+    assert expected > 0 and got == pytest.approx(expected, rel=2e-2)  # bf16 storage
+    opt = AnchoredAdamW(model, loaded, anchor_lambda=1.0, lr=1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    assert all(p.factor.dtype == torch.bfloat16 and p.factor.device.type == "cpu" for p in loaded.values())
