@@ -2,7 +2,8 @@
 
 The reference AsFT code keeps one dense d_out×d_out fp32 ``C`` per LoRA target.
 asft-optim keeps a factor ``F`` (C = F Fᵀ): exact ``safelora`` stores F = V/√‖V‖_F
-(d_out×d_in), a rank-k anchor stores d_out×k (fp32 or bf16).
+(d_out×d_in), compacted to d_out×d_out by a QR when the weight is wide (d_in > d_out);
+a rank-k anchor stores d_out×k (fp32 or bf16).
 
 Totals are computed from the weight shapes, then checked by building real ``Anchors``
 for one sample weight of every distinct shape and measuring the bytes of the storages
@@ -48,7 +49,7 @@ def computed_bytes(kind: str, rank: int | None, dtype: torch.dtype, d_out: int, 
     if kind == "dense":
         return d_out * d_out * size
     if rank is None:
-        return d_out * d_in * size  # F = V/√‖V‖_F, same shape as V
+        return d_out * min(d_in, d_out) * size  # F = V/√‖V‖_F, QR-compacted when wide
     return d_out * min(rank, d_out, d_in) * size
 
 
