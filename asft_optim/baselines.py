@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .anchors import Anchors, module_name_matcher, to_out_in, weight_layout
 from .projection import AnchorError, Projection, projection_from_delta
-from .targets import _is_tuner, _math_dtype, check_shapes, find_targets, hf_name
+from .targets import check_shapes, find_targets, hf_name, is_tuner, math_dtype
 
 HarmfulMethod = Literal["gradient", "delta"]
 
@@ -148,8 +148,8 @@ def safe_lora_project(
     for t in targets:
         if t.kind != "lora":
             continue  # anchored weight without a LoRA adapter: nothing to project
-        for adapter, (b2, a2, _s, b_param, _a) in zip(t._adapters(), t.lora_factors(), strict=True):
-            dtype = _math_dtype(b2)
+        for adapter, (b2, a2, _s, b_param, _a) in zip(t.adapters(), t.lora_factors(), strict=True):
+            dtype = math_dtype(b2)
             proj = anchors[t.name].to(b2.device, dtype)
             b, a = b2.detach().to(dtype), a2.detach().to(dtype)
             rows.append((t.name, adapter, lora_cosine(proj, b, a), kept(proj, b), b_param))
@@ -181,7 +181,7 @@ def targeted_weights(model: nn.Module, target_modules: str | Iterable[str]) -> d
         if any(mod_name.startswith(p) for p in inside):
             continue
         base = module
-        if _is_tuner(module):
+        if is_tuner(module):
             inside.append(mod_name + ".")
             base = module.get_base_layer()
         w = getattr(base, "weight", None)
@@ -322,7 +322,7 @@ def _grads(model, batch, params, loss_fn) -> list[Tensor]:
 
 
 def _summed_gradients(model, batches, params, loss_fn) -> list[Tensor]:
-    totals = [torch.zeros_like(p, dtype=_math_dtype(p)) for p in params]
+    totals = [torch.zeros_like(p, dtype=math_dtype(p)) for p in params]
     for batch in batches:
         for total, g in zip(totals, _grads(model, batch, params, loss_fn), strict=True):
             total.add_(g.to(total.dtype))
@@ -330,7 +330,7 @@ def _summed_gradients(model, batches, params, loss_fn) -> list[Tensor]:
 
 
 def _sgd_deltas(model, batches, params, loss_fn, lr, epochs) -> list[Tensor]:
-    start = [p.detach().to(_math_dtype(p), copy=True) for p in params]
+    start = [p.detach().to(math_dtype(p), copy=True) for p in params]
     master = [s.clone() for s in start]  # full-precision copies the SGD steps act on
     for _ in range(epochs):
         for batch in batches:

@@ -66,7 +66,7 @@ class Target:
         m = self.module.get_base_layer() if is_tuner(self.module) else self.module
         return m.weight
 
-    def _adapters(self) -> list[str]:
+    def adapters(self) -> list[str]:
         m = self.module
         if getattr(m, "disable_adapters", False):
             return []
@@ -81,7 +81,7 @@ class Target:
     def lora_factors(self) -> list[tuple[Tensor, Tensor, float, Tensor, Tensor]]:
         """``(B, A, s, B_param, A_param)`` per active adapter, B/A as 2-D (out, r)/(r, in)."""
         m, out = self.module, []
-        for a in self._adapters():
+        for a in self.adapters():
             if a in getattr(m, "lora_A", {}):
                 bp, ap = m.lora_B[a].weight, m.lora_A[a].weight
                 b2, a2 = bp.flatten(1), ap.flatten(1)
@@ -106,7 +106,7 @@ class Target:
         return [p for n, p in self.module.named_parameters() if "base_layer" not in n]
 
     def _adapter_params(self) -> list[Tensor]:
-        names = set(self._adapters())
+        names = set(self.adapters())
         return [
             p for n, p in self.module.named_parameters()
             if "base_layer" not in n and names.intersection(n.split("."))
@@ -117,7 +117,7 @@ class Target:
         """Raw penalty terms and the tensors their gradients belong to (None: no update)."""
         if self.kind == "full":
             w = self.base_weight()
-            dtype = _math_dtype(w)
+            dtype = math_dtype(w)
             delta = to_out_in(w.detach().to(dtype) - reference.to(w.device, dtype), self.layout)
             t = dense_terms(self._proj(proj, w), delta)
             g = t.grads[0]
@@ -127,7 +127,7 @@ class Target:
             factors = self.lora_factors()
             if not factors:
                 return None
-            dtype = _math_dtype(factors[0][3])
+            dtype = math_dtype(factors[0][3])
             bs = [f[0].detach().to(dtype) * f[2] for f in factors]
             as_ = [f[1].detach().to(dtype) for f in factors]
             # Joint update of all active adapters, folded into one (B, A) pair with s = 1.
@@ -146,7 +146,7 @@ class Target:
         """ΔW of the adapter(s) in (out, in) layout, differentiable (autograd kind)."""
         m = self.module
         delta = None
-        for a in self._adapters():
+        for a in self.adapters():
             if getattr(m, "use_dora", {}).get(a, False):
                 d = _dora_delta(m, a, self.layout)
             elif hasattr(m, "get_delta_weight"):
@@ -162,7 +162,7 @@ class Target:
             return None
         with torch.enable_grad():
             delta = self.effective_delta()
-            delta = delta.to(_math_dtype(delta))
+            delta = delta.to(math_dtype(delta))
             r = self._proj(proj, delta).residual(delta)
             penalty = r.pow(2).sum()
             grads = torch.autograd.grad(penalty, params, allow_unused=True)
@@ -171,14 +171,14 @@ class Target:
 
     def _proj(self, proj: Projection, like: Tensor) -> Projection:
         # Anchors move lazily, once, to the device and math dtype of what they anchor.
-        key = (like.device, _math_dtype(like))
+        key = (like.device, math_dtype(like))
         cached = self._cache.get("proj")
         if cached is None or cached[0] != key or cached[1] is not proj:
             self._cache["proj"] = (key, proj, proj.to(device=key[0], dtype=key[1]))
         return self._cache["proj"][2]
 
 
-def _math_dtype(t: Tensor) -> torch.dtype:
+def math_dtype(t: Tensor) -> torch.dtype:
     # bf16/fp16 weights: the penalty math runs in float32; float64 stays float64.
     return torch.promote_types(t.dtype, torch.float32)
 
@@ -194,7 +194,7 @@ def _dora_delta(m: nn.Module, adapter: str, layout: str) -> Tensor:
     if isinstance(base, nn.Embedding) or not hasattr(m, "lora_A") or adapter not in m.lora_A:
         raise AnchorError(f"DoRA is supported on Linear, Conv1D and conv layers, got {type(base).__name__}")
     w = to_out_in(base.weight.detach(), layout)
-    w = w.to(_math_dtype(w))
+    w = w.to(math_dtype(w))
     lora = m.lora_B[adapter].weight.flatten(1) @ m.lora_A[adapter].weight.flatten(1)
     combined = w + m.scaling[adapter] * lora.to(w.dtype)
     mag = m.lora_magnitude_vector[adapter].weight.reshape(-1).to(w.dtype)
