@@ -6,7 +6,9 @@ every step, ``delta = B @ A`` (no α/r scaling), ``loss = λ·‖(I − C) @ del
 autograd through it. Against it: what ``AnchoredAdamW.step()`` adds to the inner
 step, i.e. ``AnchoredOptimizer._apply_penalty()`` on a PEFT LoRA weight (r=8, α=32),
 for exact ``safelora`` anchors (F = V/√‖V‖_F, O(d²r)), rank-256 ``orthogonal`` anchors
-(O(d·256·r)) and exact anchors with ``coupling="decoupled"``.
+(O(d·256·r)) and exact anchors with ``coupling="decoupled"``. ``floor_2_passes_exact``
+is not the library: two skinny products that read the exact F twice, the least memory
+traffic an exact anchor can cost (the library reads it four times, see the README).
 
 The variants are interleaved round-robin; ratio = median(reference) / median(ours).
 A sanity check compares the two penalty values (ours = s²·reference, s = α/r).
@@ -93,6 +95,15 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device) -> dict:
         ("safelora_exact_decoupled", exact, "decoupled"),
     ):
         opts[key], variants[key] = ours(d, proj.to(device), coupling, b0, a0, device)
+    # Not the library: the least memory traffic any exact-anchor implementation needs,
+    # one pass over F for Fᵀ B and one for F [X, Y] (what a fused R, RᵀR would cost).
+    f_dev, b_dev = exact.factor.to(device), b0.to(device)
+
+    def floor_two_passes():
+        x = f_dev.T @ b_dev
+        return f_dev @ torch.cat([x, x], 1)
+
+    variants["floor_2_passes_exact"] = floor_two_passes
     # Sanity: both compute the same penalty (ours penalises s·B·A, the reference B·A),
     # against a float64 closed form ‖(I−C)B A‖² = tr((RB)ᵀ(RB) AAᵀ).
     f64, b64, a64 = exact.factor.double(), b0.double(), a0.double()
@@ -115,6 +126,7 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device) -> dict:
         "safelora_exact": 8 * d * d * R,  # R applied twice to B through F (d×d): 4 products
         f"orthogonal_r{rank}": 8 * d * rank * R,
         "safelora_exact_decoupled": 8 * d * d * R,
+        "floor_2_passes_exact": 6 * d * d * R,
     }
     return {
         "d": d, "lora_r": R, "lora_alpha": ALPHA, "rank": rank,
@@ -150,9 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"environment": environment(device), "results": results}
     write(args.out, "penalty_cost", payload, table, cmd)
     for r in results:
-        # fp32 throughout; the dense reference accumulates d-long sums of a cancelling C.
+        # Both fp32. Only ours is checked: the dense reference's error grows with d
+        # (about 1 % at d = 8192, recorded in penalty_check.rel_err_reference).
         assert r["penalty_check"]["rel_err_ours"] < 1e-4, r["penalty_check"]
-        assert r["penalty_check"]["rel_err_reference"] < 1e-2, r["penalty_check"]
     return payload
 
 

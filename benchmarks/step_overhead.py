@@ -32,9 +32,9 @@ from asft_optim import AnchoredAdamW, Anchors
 
 MODELS = {
     "lab (h256, 4 layers)": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                 num_attention_heads=4, vocab_size=2000, batch=8, seq=64, reps=60),
+                                 num_attention_heads=4, vocab_size=2000, batch=8, seq=64, reps=40),
     "one block (h4096)": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
-                              num_attention_heads=32, vocab_size=2000, batch=4, seq=64, reps=8, rank=256),
+                              num_attention_heads=32, vocab_size=2000, batch=4, seq=64, reps=5, rank=256),
 }
 TINY = {
     "tiny lab": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -38,7 +38,8 @@ def _run(module: str, tmp_path: Path, *extra: str) -> dict:
 def test_penalty_cost_smoke(tmp_path):
     out = _run("penalty_cost", tmp_path)
     (r,) = out["results"]
-    assert set(r["stats"]) == {"reference", "safelora_exact", "orthogonal_r16", "safelora_exact_decoupled"}
+    assert set(r["stats"]) == {"reference", "safelora_exact", "orthogonal_r16", "safelora_exact_decoupled",
+                             "floor_2_passes_exact"}
     for s in r["stats"].values():
         assert s["median_s"] > 0 and s["ratio_vs_reference"] > 0
     assert r["penalty_check"]["rel_err_ours"] < 1e-4  # ours == s² · the formula, in float64
