@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def run(args) -> int:
     # The lab draws its own bars; HF's per-checkpoint loading bars would bury them.
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # PEFT calls a transformers API deprecated in 5.x on every adapter load: noise, not news.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg = _config(args)
     data = _data(args, cfg)
     out = args.out or Path("lab-runs") / ("real" if (args.data or args.train) else "default")

@@ -55,9 +55,12 @@ def tiny_config(base: LabConfig | None = None) -> LabConfig:
         vocab_size=min(cfg.vocab_size, 512),
         model=ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, max_length=min(cfg.model.max_length, 96)),
-        base=TrainConfig(epochs=1, lr=3e-3, batch_size=32),
-        align=TrainConfig(epochs=1, lr=1e-3, batch_size=32),
-        attack=replace(cfg.attack, train=TrainConfig(epochs=1, lr=1e-3, batch_size=16), orthogonal_rank=2, alt_rank=2),
+        # No warm-up: with a handful of steps, a warm-up step at LR 0 could leave a model
+        # unchanged (V = 0 makes the anchors undefined).
+        base=TrainConfig(epochs=1, lr=3e-3, batch_size=32, warmup_ratio=0.0),
+        align=TrainConfig(epochs=1, lr=1e-3, batch_size=32, warmup_ratio=0.0),
+        attack=replace(cfg.attack, train=TrainConfig(epochs=1, lr=1e-3, batch_size=16, warmup_ratio=0.0),
+                       orthogonal_rank=2, alt_rank=2),
         world=WorldConfig(base_task=200, align_task=60, attack_task=60, test_task=40, benign_base=20,
                           benign_align=10, pool_sizes=(8, 6, 6, 6), eval_prompts=12),
     )
