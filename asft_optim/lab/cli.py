@@ -111,10 +111,10 @@ def _data(args, cfg):
 
 
 def run(args) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .report import write_report
     from .runner import Lab
-
-    from transformers.utils import logging as hf_logging
 
     # The lab draws its own bars; HF's per-checkpoint loading bars would bury them.
     hf_logging.disable_progress_bar()

@@ -82,11 +82,11 @@ def geometry_table(records: Sequence[dict]) -> str:
             rows[(r["method"], r["poison_ratio"])].append(g)
     lines = ["| Method | p | cos(ΔW, V) | |cos(ΔW, V)| | off-span fraction | ‖ΔW‖_F |", "|---|---|---|---|---|---|"]
     for (m, p), gs in rows.items():
-        def avg(f):
-            return sum(f(g) for g in gs) / len(gs)
-
-        lines.append(f"| {m} | {p:g} | {avg(lambda g: g['cos_delta_v']):+.3f} | {avg(lambda g: abs(g['cos_delta_v'])):.3f} "
-                     f"| {avg(lambda g: g['off_span_fraction']):.3f} | {avg(lambda g: g['delta_norm']):.3f} |")
+        cos = sum(g["cos_delta_v"] for g in gs) / len(gs)
+        abs_cos = sum(abs(g["cos_delta_v"]) for g in gs) / len(gs)
+        off = sum(g["off_span_fraction"] for g in gs) / len(gs)
+        norm = sum(g["delta_norm"] for g in gs) / len(gs)
+        lines.append(f"| {m} | {p:g} | {cos:+.3f} | {abs_cos:.3f} | {off:.3f} | {norm:.3f} |")
     return "\n".join(lines) + "\n"
 
 
