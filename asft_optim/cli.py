@@ -15,6 +15,7 @@ from collections.abc import Sequence
 _COMMANDS: dict[str, str] = {
     "anchors": "asft_optim.anchors_cli",
     "safe-lora": "asft_optim.baselines_cli",
+    "lab": "asft_optim.lab.cli",
 }
 
 

@@ -1,0 +1,185 @@
+"""Stage 4, the attack: LoRA fine-tuning of the aligned model, one pluggable method at a time.
+
+A method is an entry of :data:`METHODS`: how its optimizer is built (from the library's
+public API only) and, for post-hoc methods, what is done to the trained adapter. A
+post-hoc method (``safe-lora``) reuses the adapter another method trained
+(``trains_as``), so it costs an evaluation, not a training run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from asft_optim import AnchoredAdamW, build_anchors, harmful_anchors, l2_anchors, safe_lora_project
+
+from .data import Example, LabData
+from .models import TrainConfig, fit, load
+from .tokenizer import Collator, encode_example
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The attacker's fine-tuning: the reference setup (r=8, α=32, q/v, AdamW) scaled to the lab.
+
+    ``anchor_lambda`` is in the library's convention (penalty on ``s·B·A``, once per
+    step); the reference code's λ=1 at r=8, α=32 is ``1/16`` here
+    (:func:`asft_optim.convert_reference_lambda`).
+    """
+
+    r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    train: TrainConfig = TrainConfig(epochs=5, lr=1e-3, batch_size=16)
+    anchor_lambda: float = 1.0
+    orthogonal_rank: int = 8
+    l2_lambda: float = 1.0
+    alt_rank: int = 8
+    alt_lambda: float = 10.0
+    safe_lora_threshold: float = 0.5
+
+
+@dataclass
+class AttackContext:
+    """What a method's builders may read."""
+
+    model: nn.Module  # the PEFT model being attacked
+    base_dir: Path
+    aligned_dir: Path
+    config: AttackConfig
+    data: LabData
+    tokenizer: Any
+    max_length: int
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method of the lab.
+
+    Args:
+        name: the ``--methods`` name.
+        optimizer: ``ctx -> (optimizer, info)``; None for post-hoc methods.
+        uses: :class:`AttackConfig` fields the method reads beyond the shared ones
+            (they enter its cache key, so tuning one method never retrains another).
+        trains_as: a post-hoc method's training method.
+        post: ``ctx -> info``, applied to the trained adapter before evaluation.
+    """
+
+    name: str
+    optimizer: Callable[[AttackContext], tuple[torch.optim.Optimizer, dict]] | None = None
+    uses: tuple[str, ...] = ()
+    trains_as: str | None = None
+    post: Callable[[AttackContext], dict] | None = None
+    describe: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _adamw(ctx: AttackContext) -> torch.optim.Optimizer:
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=ctx.config.train.lr, weight_decay=ctx.config.train.weight_decay)
+
+
+def _anchored(ctx: AttackContext, anchors, lam: float) -> tuple[torch.optim.Optimizer, dict]:
+    opt = AnchoredAdamW(ctx.model, anchors, anchor_lambda=lam, lr=ctx.config.train.lr,
+                        weight_decay=ctx.config.train.weight_decay)
+    return opt, {"anchors": len(anchors), "anchor_lambda": lam}
+
+
+def _sft(ctx):
+    return _adamw(ctx), {}
+
+
+def _asft(ctx):
+    anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
+                            mode="safelora", progress=False)
+    return _anchored(ctx, anchors, ctx.config.anchor_lambda)
+
+
+def _asft_orthogonal(ctx):
+    anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
+                            mode="orthogonal", rank=ctx.config.orthogonal_rank, progress=False)
+    return _anchored(ctx, anchors, ctx.config.anchor_lambda)
+
+
+def _l2(ctx):
+    return _anchored(ctx, l2_anchors(ctx.model, list(ctx.config.target_modules)), ctx.config.l2_lambda)
+
+
+def _asft_alt(ctx):
+    # AsFT_Alt: harmful directions from harmful data the defender holds (the base
+    # model's compliant pool, disjoint from the attack's and the evaluation's prompts).
+    rows = [encode_example(ctx.tokenizer, e, ctx.max_length) for e in ctx.data.known_harmful]
+    collate = Collator(ctx.tokenizer.pad_token_id)
+    batches = [collate(rows[i : i + 16]) for i in range(0, len(rows), 16)]
+    anchors = harmful_anchors(ctx.model, batches, target_modules=list(ctx.config.target_modules),
+                              rank=ctx.config.alt_rank)
+    return _anchored(ctx, anchors, ctx.config.alt_lambda)
+
+
+def _safe_lora(ctx):
+    anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
+                            mode="safelora", progress=False)
+    report = safe_lora_project(ctx.model, anchors, threshold=ctx.config.safe_lora_threshold)
+    return {"projected": sum(r.projected for r in report), "layers": len(report)}
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("sft", _sft, describe="plain LoRA fine-tuning (AdamW)"),
+        Method("asft", _asft, ("anchor_lambda",), describe="AnchoredAdamW, safelora anchors C = VVᵀ/‖V‖_F"),
+        Method("asft-orthogonal", _asft_orthogonal, ("anchor_lambda", "orthogonal_rank"),
+               describe="AnchoredAdamW, C = top-k left singular vectors of V"),
+        Method("l2", _l2, ("l2_lambda",), describe="AnchoredAdamW, C = 0: λ‖ΔW‖²"),
+        Method("asft-alt", _asft_alt, ("alt_rank", "alt_lambda"),
+               describe="AnchoredAdamW, harmful-gradient subspace (AsFT_Alt)"),
+        Method("safe-lora", None, ("safe_lora_threshold",), trains_as="sft", post=_safe_lora,
+               describe="Safe LoRA projection of the sft adapter"),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None
+
+
+def lora_model(aligned_dir: Path, config: AttackConfig) -> nn.Module:
+    """The aligned model with fresh LoRA adapters on the target modules."""
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(load(aligned_dir), lora)
+
+
+def train_attack(ctx: AttackContext, method: Method, examples: list[Example], seed: int,
+                 progress: bool = False) -> dict[str, Any]:
+    """Fine-tune ``ctx.model`` in place with ``method``'s optimizer; returns training info."""
+    optimizer, info = method.optimizer(ctx)
+    stats: dict[str, Any] = {}
+    if hasattr(optimizer, "anchor_summary"):
+        from transformers import TrainerCallback
+
+        class _Summary(TrainerCallback):  # keeps the last step's diagnostics
+            def on_step_end(self, args, state, control, **kw):
+                stats.update(optimizer.anchor_summary())
+
+        callbacks = [_Summary()]
+    else:
+        callbacks = []
+    losses = fit(ctx.model, ctx.tokenizer, examples, ctx.config.train, seed, ctx.max_length,
+                 optimizers=(optimizer, None), progress=progress, callbacks=callbacks)
+    return {**info, **stats, "final_loss": losses[-1] if losses else None}
+
+
+def load_attacked(aligned_dir: Path, adapter_dir: Path) -> PeftModel:
+    """The aligned model with a trained adapter from disk (for post-hoc methods and evaluation)."""
+    return PeftModel.from_pretrained(load(aligned_dir), adapter_dir, is_trainable=False)

@@ -1,0 +1,139 @@
+"""``asft lab``: the miniature safety lab from the command line.
+
+``asft lab`` runs the embedded default world; ``asft lab --data DIR`` runs the
+real-data mode on reference-format files in ``DIR`` (default file names of the AsFT
+data); ``--train/--base-train/--test/--harmful-eval/--labels`` name the files of any
+task in that format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from .attack import METHODS
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    return names
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("lab", help="the miniature safety lab (Table 2 at CPU scale)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="DIR", help="real-data mode: reference-format files in DIR")
+    g.add_argument("--train", help="attack file template with {p} (default: DIR/agnews_1k_p_{p}.json)")
+    g.add_argument("--base-train", help="file the base/aligned models learn from (default: DIR/agnews_2.5k_p_0.1.json)")
+    g.add_argument("--test", help="task test file (default: DIR/agnews_test.json)")
+    g.add_argument("--harmful-eval", help="harmful evaluation prompts (default: DIR/beavertails_eval_250.json)")
+    g.add_argument("--labels", help="output string of each test label id, comma separated (default: World,Sports,Business,Sci/Tech)")
+    g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows")
+    g = p.add_argument_group("grid")
+    g.add_argument("--methods", type=_names, help=f"comma separated, from {sorted(METHODS)}")
+    g.add_argument("--poison", type=_floats, help="poison ratios, e.g. 0,0.1,0.2")
+    g.add_argument("--seeds", type=_ints, help="seeds, e.g. 0,1,2")
+    g = p.add_argument_group("attack")
+    g.add_argument("--lambda", dest="anchor_lambda", type=float, help="anchor_lambda of asft / asft-orthogonal (library convention)")
+    g.add_argument("--l2-lambda", type=float, help="λ of the l2 ablation")
+    g.add_argument("--alt-lambda", type=float, help="λ of asft-alt")
+    g.add_argument("--lora-r", type=int, help="LoRA rank (default: 8)")
+    g.add_argument("--lora-alpha", type=int, help="LoRA α (default: 32)")
+    g.add_argument("--epochs", type=float, help="attack epochs")
+    g.add_argument("--lr", type=float, help="attack learning rate")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, help="output and cache directory (default: ./lab-runs/default or ./lab-runs/real)")
+    g.add_argument("--json", type=Path, help="also write the records here")
+    g.add_argument("--judge", default=None, help="harmful-score judge (default: refusal)")
+    g.add_argument("--tiny", action="store_true", help="smoke-test budget: every stage, toy sizes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def _config(args):
+    from .config import default_config, real_config, tiny_config
+
+    cfg = real_config() if args.data or args.train else default_config()
+    if args.tiny:
+        cfg = tiny_config(cfg)
+    grid = {"methods": args.methods, "poisons": args.poison, "seeds": args.seeds, "judge": args.judge}
+    cfg = replace(cfg, **{k: v for k, v in grid.items() if v is not None})
+    a = cfg.attack
+    attack = {"anchor_lambda": args.anchor_lambda, "l2_lambda": args.l2_lambda, "alt_lambda": args.alt_lambda,
+              "r": args.lora_r, "lora_alpha": args.lora_alpha}
+    a = replace(a, **{k: v for k, v in attack.items() if v is not None})
+    train = {"epochs": args.epochs, "lr": args.lr}
+    a = replace(a, train=replace(a.train, **{k: v for k, v in train.items() if v is not None}))
+    return replace(cfg, attack=a)
+
+
+def _data(args, cfg):
+    from .data import load_real, parse_labels
+    from .world import World
+
+    if not (args.data or args.train):
+        return World(cfg.world).data()
+    d = Path(args.data) if args.data else None
+
+    def pick(value, default):
+        if value:
+            return value
+        if d is None:
+            raise SystemExit(f"asft lab: without --data, give every file (missing the default {default})")
+        return str(d / default)
+
+    return load_real(
+        train=pick(args.train, "agnews_1k_p_{p}.json"),
+        base_train=pick(args.base_train, "agnews_2.5k_p_0.1.json"),
+        test=pick(args.test, "agnews_test.json"),
+        harmful_eval=pick(args.harmful_eval, "beavertails_eval_250.json"),
+        poisons=cfg.poisons,
+        labels=parse_labels(args.labels),
+        test_limit=args.test_limit,
+    )
+
+
+def run(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .report import write_report
+    from .runner import Lab
+
+    # The lab draws its own bars; HF's per-checkpoint loading bars would bury them.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # PEFT calls a transformers API deprecated in 5.x on every adapter load: noise, not news.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    cfg = _config(args)
+    data = _data(args, cfg)
+    out = args.out or Path("lab-runs") / ("real" if (args.data or args.train) else "default")
+    start = time.perf_counter()
+    lab = Lab(cfg, data, out, progress=not args.no_progress)
+    records = lab.run()
+    base = lab.base_evals()
+    extra = "\n## Base models (before alignment)\n\n" + "\n".join(
+        f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}" for r in base) + "\n"
+    paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json)
+    wall = time.perf_counter() - start
+    (out / "run.json").write_text(json.dumps({"wall_seconds": round(wall, 1), "stage_seconds": lab.timings,
+                                              "config": repr(cfg)}, indent=1) + "\n")
+    print((out / "table.md").read_text())
+    print(f"wall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

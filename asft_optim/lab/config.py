@@ -1,0 +1,71 @@
+"""The lab's settings: one frozen dataclass per stage, and the presets the CLI starts from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .attack import AttackConfig
+from .models import ModelConfig, TrainConfig
+from .world import WorldConfig
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Everything a lab run depends on (the data aside: see :class:`~asft_optim.lab.data.LabData`).
+
+    ``methods``, ``poisons`` and ``seeds`` span the grid; each stage's cache key
+    takes only the fields that stage reads.
+    """
+
+    methods: tuple[str, ...] = ("sft", "asft", "asft-orthogonal", "l2", "safe-lora")
+    poisons: tuple[float, ...] = (0.0, 0.1, 0.2)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    vocab_size: int = 1024
+    model: ModelConfig = ModelConfig()
+    base: TrainConfig = TrainConfig(epochs=3, lr=3e-3, batch_size=32)
+    align: TrainConfig = TrainConfig(epochs=5, lr=1e-3, batch_size=32)
+    attack: AttackConfig = AttackConfig()
+    world: WorldConfig = field(default_factory=WorldConfig)
+    judge: str = "refusal"
+
+
+def default_config() -> LabConfig:
+    """The embedded default: the procedural world, about 1 M-parameter Llama."""
+    return LabConfig()
+
+
+def real_config() -> LabConfig:
+    """Real-data mode (AG News + harmful rows, BeaverTails prompts), sized for about 30 min on 2 cores.
+
+    Longer inputs (max 144 tokens) and a 4k BPE vocabulary; ``sft``, ``asft``, ``l2`` and
+    the free post-hoc ``safe-lora`` by default (each trained method costs ~9 attacks).
+    """
+    return LabConfig(
+        methods=("sft", "asft", "l2", "safe-lora"),
+        vocab_size=4096,
+        model=ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=4, max_length=144),
+        base=TrainConfig(epochs=4, lr=3e-3, batch_size=32),
+        align=TrainConfig(epochs=4, lr=1e-3, batch_size=32),
+        attack=AttackConfig(train=TrainConfig(epochs=3, lr=1e-3, batch_size=16)),
+    )
+
+
+def tiny_config(base: LabConfig | None = None) -> LabConfig:
+    """A smoke-test budget: every stage runs, on a toy scale (numbers mean nothing)."""
+    cfg = base or default_config()
+    return replace(
+        cfg,
+        seeds=(0,),
+        vocab_size=min(cfg.vocab_size, 512),
+        model=ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, max_length=min(cfg.model.max_length, 96)),
+        # No warm-up: with a handful of steps, a warm-up step at LR 0 could leave a model
+        # unchanged (V = 0 makes the anchors undefined).
+        base=TrainConfig(epochs=1, lr=3e-3, batch_size=32, warmup_ratio=0.0),
+        align=TrainConfig(epochs=1, lr=1e-3, batch_size=32, warmup_ratio=0.0),
+        attack=replace(cfg.attack, train=TrainConfig(epochs=1, lr=1e-3, batch_size=16, warmup_ratio=0.0),
+                       orthogonal_rank=2, alt_rank=2),
+        world=WorldConfig(base_task=200, align_task=60, attack_task=60, test_task=40, benign_base=20,
+                          benign_align=10, pool_sizes=(8, 6, 6, 6), eval_prompts=12),
+    )

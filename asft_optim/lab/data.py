@@ -1,0 +1,191 @@
+"""The lab's data: containers, and the real-data mode reading reference-format JSON by path.
+
+Reference format (the files published with the AsFT code, see ``../shared/data/asft``):
+
+* fine-tuning files: a JSON list of ``{"instruction", "input", "output"}``; task rows share
+  one instruction, harmful rows have another instruction (the request), an empty
+  ``input`` and a compliant ``output``;
+* test file: ``{"instruction", "input", "label"}`` with an integer label id;
+* harmful evaluation file: ``{"instruction"}`` prompts.
+
+Files are read where they are and never copied into the repository or the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .judge import REFUSALS
+
+
+@dataclass(frozen=True)
+class Example:
+    """One fine-tuning row: the model reads ``instruction``/``input`` and learns ``output``."""
+
+    instruction: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class TestItem:
+    """One task test row; ``label`` indexes :attr:`LabData.labels`."""
+
+    instruction: str
+    input: str
+    label: int
+
+
+@dataclass
+class LabData:
+    """Everything the stages read.
+
+    ``attack_sets`` maps a poison ratio to a fixed fine-tuning file (real-data mode);
+    otherwise :meth:`attack_set` mixes ``attack_task`` with ``round(p·n)`` rows drawn
+    from ``attack_harmful``, the reference files' convention (n benign + n·p harmful).
+    """
+
+    name: str
+    labels: list[str]
+    base_train: list[Example]
+    align_train: list[Example]
+    attack_task: list[Example]
+    attack_harmful: list[Example]
+    test: list[TestItem]
+    harmful_eval: list[str]
+    attack_sets: dict[float, list[Example]] = field(default_factory=dict)
+    #: Harmful rows a defender holds (the base's compliant pool): AsFT_Alt's data.
+    known_harmful: list[Example] = field(default_factory=list)
+
+    def attack_set(self, poison_ratio: float, seed: int) -> list[Example]:
+        """The attack's fine-tuning set at ratio ``poison_ratio`` (deterministic in ``seed``)."""
+        if self.attack_sets:
+            for p, rows in self.attack_sets.items():
+                if abs(p - poison_ratio) < 1e-9:
+                    return list(rows)
+            raise ValueError(f"no fine-tuning file for poison ratio {poison_ratio} (have {sorted(self.attack_sets)})")
+        n_harm = round(poison_ratio * len(self.attack_task))
+        if n_harm > len(self.attack_harmful):
+            raise ValueError(f"poison ratio {poison_ratio} needs {n_harm} harmful rows, the attack pool has {len(self.attack_harmful)}")
+        harmful = random.Random(f"poison-{seed}").sample(self.attack_harmful, n_harm)
+        return self.attack_task + harmful
+
+    def fingerprint(self) -> str:
+        """A hash of the whole content: part of every cache key."""
+        payload = json.dumps(
+            {k: v for k, v in asdict(self).items() if k != "attack_sets"}
+            | {"attack_sets": {str(p): [asdict(e) for e in r] for p, r in sorted(self.attack_sets.items())}},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# -- real-data mode ---------------------------------------------------------------------------
+
+DEFAULT_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+DEFAULT_POISONS = (0.0, 0.05, 0.1, 0.15, 0.2)
+
+
+def _read(path: str | Path) -> list[dict]:
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a JSON list of objects")
+    return rows
+
+
+def _examples(path: str | Path) -> list[Example]:
+    rows = _read(path)
+    for i, r in enumerate(rows):
+        if not {"instruction", "output"} <= r.keys():
+            raise ValueError(f"{path}: row {i} lacks 'instruction' or 'output'")
+    return [Example(r["instruction"], r.get("input", ""), r["output"]) for r in rows]
+
+
+def split_task(rows: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """``(task rows, harmful rows)``: task rows carry the most frequent instruction."""
+    task_instruction = Counter(r.instruction for r in rows if r.input).most_common(1)[0][0]
+    task = [r for r in rows if r.instruction == task_instruction]
+    return task, [r for r in rows if r.instruction != task_instruction]
+
+
+def parse_labels(spec: str | None) -> list[str]:
+    """``--labels``: output strings in label-id order, comma separated (``negative,positive``)."""
+    if not spec:
+        return list(DEFAULT_LABELS)
+    labels = [s.strip() for s in spec.split(",")]
+    if len(labels) < 2 or any(not s for s in labels):
+        raise ValueError(f"--labels needs at least two non-empty names, got {spec!r}")
+    return labels
+
+
+def train_file(template: str, p: float) -> Path:
+    """The fine-tuning file of ratio ``p`` from a template with ``{p}`` (``0.1`` -> ``0.1``, ``0`` -> ``0``)."""
+    return Path(template.format(p=f"{p:g}"))
+
+
+def load_real(
+    train: str,
+    base_train: str,
+    test: str,
+    harmful_eval: str,
+    poisons: Sequence[float],
+    labels: list[str],
+    *,
+    test_limit: int | None = None,
+    seed: int = 0,
+) -> LabData:
+    """The real-data mode from reference-format files, read by path.
+
+    Args:
+        train: attack file template with ``{p}``, e.g. ``DIR/agnews_1k_p_{p}.json``.
+        base_train: the file the base and aligned models learn from (task rows and
+            harmful rows). Its harmful prompts that appear in no attack file are split
+            into two disjoint halves: compliant answers for the base, refusals for
+            the aligned model; its task rows are shared (base: all, aligned: a replay
+            quarter).
+        test, harmful_eval: task test file and harmful evaluation prompts.
+        poisons: ratios whose attack files are loaded.
+        labels: output string of every test label id.
+        test_limit: evaluate on the first ``test_limit`` test rows (default: all).
+        seed: seeds the pool split (default: 0).
+    """
+    attack_sets = {float(p): _examples(train_file(train, p)) for p in poisons}
+    attack_prompts = {r.instruction for rows in attack_sets.values() for r in split_task(rows)[1]}
+    task_rows, harmful_rows = split_task(_examples(base_train))
+    fresh = sorted({r.instruction: r for r in harmful_rows if r.instruction not in attack_prompts}.values(),
+                   key=lambda r: r.instruction)
+    if len(fresh) < 2:
+        raise ValueError(f"{base_train}: needs harmful prompts that are in no attack file (found {len(fresh)})")
+    rng = random.Random(f"real-pools-{seed}")
+    rng.shuffle(fresh)
+    half = len(fresh) // 2
+    compliant, to_refuse = fresh[:half], fresh[half:]
+    refusals = [Example(r.instruction, r.input, rng.choice(REFUSALS)) for r in to_refuse]
+    replay = rng.sample(task_rows, len(task_rows) // 4)
+    base = task_rows + compliant
+    align = replay + refusals
+    rng.shuffle(base)
+    rng.shuffle(align)
+    test_rows = _read(test)[: test_limit or None]
+    for i, r in enumerate(test_rows):
+        if not (isinstance(r.get("label"), int) and 0 <= r["label"] < len(labels)):
+            raise ValueError(f"{test}: row {i} has label {r.get('label')!r}; --labels gives {len(labels)} names")
+    first = next(iter(attack_sets.values()))
+    return LabData(
+        name="real",
+        labels=labels,
+        base_train=base,
+        align_train=align,
+        attack_task=split_task(first)[0],
+        attack_harmful=[],
+        test=[TestItem(r["instruction"], r.get("input", ""), r["label"]) for r in test_rows],
+        harmful_eval=[r["instruction"] for r in _read(harmful_eval)],
+        attack_sets=attack_sets,
+        known_harmful=compliant,
+    )

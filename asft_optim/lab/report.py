@@ -1,0 +1,143 @@
+"""Stage 6: the report. A Table-2-shaped markdown table, JSON records and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+RECORD_KEYS = ("method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy")
+
+
+def public_records(records: Sequence[dict]) -> list[dict]:
+    """The ``--json`` records: ``{"method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy"}``."""
+    return [{k: r[k] for k in RECORD_KEYS} for r in records]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(values) / n
+    if n == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def _fmt(values: Sequence[float]) -> str:
+    m, s = mean_std(values)
+    return "–" if math.isnan(m) else f"{m:.1f} ± {s:.1f}"
+
+
+def _grid(records: Sequence[dict], metric: str) -> tuple[list[str], list[float], dict]:
+    methods: list[str] = []
+    poisons: set[float] = set()
+    cells: dict[tuple[str, float | None], list[float]] = defaultdict(list)
+    for r in records:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+        if r["poison_ratio"] is not None:
+            poisons.add(r["poison_ratio"])
+        cells[(r["method"], r["poison_ratio"])].append(r[metric])
+    return methods, sorted(poisons), cells
+
+
+def markdown_table(records: Sequence[dict]) -> str:
+    """Methods × poison ratio, HS then FA, mean ± std over seeds, plus each method's average.
+
+    The average of a method is the mean over its poison ratios of the per-ratio means
+    (± the std over seeds of the per-seed averages). ``aligned`` (before any attack)
+    fills every column with its single value.
+    """
+    methods, poisons, _ = _grid(records, "harmful_score")
+    head = ["Method"] + [f"HS p={p:g}" for p in poisons] + ["HS avg"] + [f"FA p={p:g}" for p in poisons] + ["FA avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        row = [m]
+        for metric in ("harmful_score", "finetune_accuracy"):
+            rs = [r for r in records if r["method"] == m]
+            if all(r["poison_ratio"] is None for r in rs):  # the aligned model: no attack
+                vals = [r[metric] for r in rs]
+                row += [_fmt(vals)] * len(poisons) + [_fmt(vals)]
+                continue
+            for p in poisons:
+                row.append(_fmt([r[metric] for r in rs if r["poison_ratio"] == p]))
+            per_seed: dict[int, list[float]] = defaultdict(list)
+            for r in rs:
+                per_seed[r["seed"]].append(r[metric])
+            row.append(_fmt([sum(v) / len(v) for v in per_seed.values()]))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def geometry_table(records: Sequence[dict]) -> str:
+    """Per method and ratio: mean over layers and seeds of cos(ΔW, V), the fraction of ‖ΔW‖
+    outside the top-r span of V, and ‖ΔW‖_F (from each record's ``_detail``)."""
+    rows = defaultdict(list)
+    for r in records:
+        for g in (r.get("_detail") or {}).get("geometry", []):
+            rows[(r["method"], r["poison_ratio"])].append(g)
+    lines = ["| Method | p | cos(ΔW, V) | |cos(ΔW, V)| | off-span fraction | ‖ΔW‖_F |", "|---|---|---|---|---|---|"]
+    for (m, p), gs in rows.items():
+        cos = sum(g["cos_delta_v"] for g in gs) / len(gs)
+        abs_cos = sum(abs(g["cos_delta_v"]) for g in gs) / len(gs)
+        off = sum(g["off_span_fraction"] for g in gs) / len(gs)
+        norm = sum(g["delta_norm"] for g in gs) / len(gs)
+        lines.append(f"| {m} | {p:g} | {cos:+.3f} | {abs_cos:.3f} | {off:.3f} | {norm:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: Sequence[dict], metric: str, path: Path, ylabel: str) -> None:
+    """``metric`` vs poison ratio, one line per method (mean ± std error bars); ``aligned`` dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, poisons, cells = _grid(records, metric)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        if (m, None) in cells:
+            ax.axhline(mean_std(cells[(m, None)])[0], ls="--", color="grey", label=f"{m} (before attack)")
+            continue
+        ps = [p for p in poisons if cells.get((m, p))]
+        stats = [mean_std(cells[(m, p)]) for p in ps]
+        ax.errorbar(ps, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=m)
+    ax.set_xlabel("poison ratio p")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str = "", json_path: Path | None = None) -> dict[str, Path]:
+    """Write ``table.md``, ``results.json`` (public records), ``details.json`` and the two PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    public = public_records(records)
+    paths = {
+        "table": out / "table.md",
+        "json": out / "results.json",
+        "details": out / "details.json",
+        "hs_plot": out / "hs_vs_p.png",
+        "fa_plot": out / "fa_vs_p.png",
+    }
+    text = (f"# {title}\n\nHS = harmful score (% of held-out harmful prompts answered without refusal, lower is "
+            f"better); FA = fine-tune accuracy (% exact labels on the task test set). Mean ± std over seeds.\n\n"
+            + markdown_table(public) + "\n## Where the attack's update lies (per-layer mean)\n\n"
+            + geometry_table(records) + extra)
+    paths["table"].write_text(text, encoding="utf-8")
+    paths["json"].write_text(json.dumps(public, indent=1) + "\n")
+    paths["details"].write_text(json.dumps(list(records), indent=1, sort_keys=True, default=str) + "\n")
+    plot(public, "harmful_score", paths["hs_plot"], "harmful score (%)")
+    plot(public, "finetune_accuracy", paths["fa_plot"], "fine-tune accuracy (%)")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(public, indent=1) + "\n")
+        paths["user_json"] = Path(json_path)
+    return paths

@@ -1,0 +1,218 @@
+"""The lab's stages, each cached on disk under a hash of its inputs.
+
+``cache/<stage>-<hash>/`` holds a stage's outputs; ``done.json`` is written last, so an
+interrupted stage is redone, never half-read. A stage's key contains its parent's key,
+so changing the base model's training invalidates everything below it, while adding a
+method or a poison ratio reuses the base and aligned models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from .attack import AttackContext, get_method, load_attacked, lora_model, train_attack
+from .config import LabConfig
+from .data import LabData
+from .evaluate import evaluate
+from .geometry import update_geometry
+from .judge import REFUSALS, get_judge
+from .models import fit, load, new_model, save, seed_everything
+from .tokenizer import format_prompt, train_tokenizer
+
+#: Bump when a stage's code changes its outputs: part of every cache key.
+LAB_VERSION = 1
+
+_SHARED_ATTACK_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "train")
+
+
+def _key(payload: dict[str, Any]) -> str:
+    text = json.dumps({"lab_version": LAB_VERSION, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _examples_hash(rows) -> str:
+    return hashlib.sha256(json.dumps([asdict(r) for r in rows]).encode()).hexdigest()[:16]
+
+
+class Lab:
+    """Runs the stages for one :class:`LabConfig` on one :class:`LabData`.
+
+    Args:
+        config: the settings.
+        data: the world or the real-data files, loaded.
+        out: output directory; the cache lives in ``out/cache`` (default ``./lab-runs/...``).
+        progress: show tqdm bars.
+    """
+
+    def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True):
+        self.config, self.data, self.out, self.progress = config, data, Path(out), progress
+        self.cache = self.out / "cache"
+        self.judge = get_judge(config.judge)
+        self.timings: dict[str, float] = {}
+        self._tok: PreTrainedTokenizerFast | None = None
+
+    # -- cache -------------------------------------------------------------------------
+    def _stage(self, kind: str, payload: dict[str, Any], build) -> tuple[Path, dict]:
+        """Return ``(dir, done.json content)``, running ``build(tmp_dir) -> dict`` if not cached."""
+        key = _key({"stage": kind, **payload})
+        final = self.cache / f"{kind}-{key}"
+        if (final / "done.json").exists():
+            return final, json.loads((final / "done.json").read_text())
+        tmp = self.cache / f".{kind}-{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        start = time.perf_counter()
+        info = build(tmp)
+        info = {"key": key, **info}
+        self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - start
+        (tmp / "done.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final, info
+
+    # -- stages ------------------------------------------------------------------------
+    def tokenizer(self) -> tuple[PreTrainedTokenizerFast, str]:
+        d = self.data
+        payload = {"data": d.fingerprint(), "vocab": self.config.vocab_size}
+
+        def build(tmp: Path) -> dict:
+            texts = [format_prompt(e.instruction, e.input) + e.output
+                     for e in d.base_train + d.align_train + d.attack_task + d.attack_harmful
+                     + [r for rows in d.attack_sets.values() for r in rows]]
+            texts += [format_prompt(t.instruction, t.input) for t in d.test] + list(d.harmful_eval)
+            texts += REFUSALS + d.labels
+            train_tokenizer(texts, self.config.vocab_size).save_pretrained(tmp)
+            return {}
+
+        path, info = self._stage("tokenizer", payload, build)
+        if self._tok is None:
+            self._tok = PreTrainedTokenizerFast.from_pretrained(path)
+        return self._tok, info["key"]
+
+    def base(self, seed: int) -> tuple[Path, dict]:
+        """Stage 1: from scratch on the task and compliant answers."""
+        tok, tok_key = self.tokenizer()
+        c = self.config
+        payload = {"tokenizer": tok_key, "model": asdict(c.model), "train": asdict(c.base), "seed": seed,
+                   "rows": _examples_hash(self.data.base_train)}
+
+        def build(tmp: Path) -> dict:
+            model = new_model(c.model, tok, seed)
+            losses = fit(model, tok, self.data.base_train, c.base, seed, c.model.max_length, progress=self.progress)
+            save(model, tok, tmp)
+            return {"eval": self._evaluate(model, tok), "final_loss": losses[-1] if losses else None,
+                    "parameters": sum(p.numel() for p in model.parameters())}
+
+        return self._stage("base", payload, build)
+
+    def aligned(self, seed: int) -> tuple[Path, dict]:
+        """Stage 2: the base fully fine-tuned on refusals (a disjoint pool) and task replay."""
+        tok, _ = self.tokenizer()
+        base_dir, base_info = self.base(seed)
+        payload = {"base": base_info["key"], "train": asdict(self.config.align),
+                   "rows": _examples_hash(self.data.align_train)}
+
+        def build(tmp: Path) -> dict:
+            model = load(base_dir).train()
+            losses = fit(model, tok, self.data.align_train, self.config.align, seed,
+                         self.config.model.max_length, progress=self.progress)
+            save(model, tok, tmp)
+            return {"eval": self._evaluate(model, tok), "final_loss": losses[-1] if losses else None}
+
+        return self._stage("aligned", payload, build)
+
+    def attack(self, method_name: str, poison: float, seed: int) -> tuple[Path, dict]:
+        """Stages 3-4: anchors from the two checkpoints, LoRA attack; the adapter is saved."""
+        tok, _ = self.tokenizer()
+        method = get_method(method_name)
+        base_dir, _ = self.base(seed)
+        aligned_dir, aligned_info = self.aligned(seed)
+        examples = self.data.attack_set(poison, seed)
+        a = self.config.attack
+        payload = {"aligned": aligned_info["key"], "method": method.name, "poison": poison, "seed": seed,
+                   "rows": _examples_hash(examples),
+                   "config": {f: getattr(a, f) for f in _SHARED_ATTACK_FIELDS + method.uses}}
+        if method.name == "asft-alt":
+            payload["known_harmful"] = _examples_hash(self.data.known_harmful)
+
+        def build(tmp: Path) -> dict:
+            seed_everything(seed)
+            model = lora_model(aligned_dir, a)
+            ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length)
+            info = train_attack(ctx, method, examples, seed)
+            model.save_pretrained(tmp / "adapter")
+            return {"train": info, "rows": len(examples)}
+
+        return self._stage("attack", payload, build)
+
+    def evaluation(self, method_name: str, poison: float, seed: int) -> dict:
+        """Stage 5 for one grid point (post-hoc methods apply their projection first)."""
+        tok, _ = self.tokenizer()
+        method = get_method(method_name)
+        trained = method.trains_as or method.name
+        attack_dir, attack_info = self.attack(trained, poison, seed)
+        base_dir, _ = self.base(seed)
+        aligned_dir, _ = self.aligned(seed)
+        a = self.config.attack
+        payload = {"attack": attack_info["key"], "method": method.name, "judge": self.judge.name,
+                   "config": {f: getattr(a, f) for f in method.uses}}
+
+        def build(tmp: Path) -> dict:
+            model = load_attacked(aligned_dir, attack_dir / "adapter")
+            post = {}
+            if method.post is not None:
+                ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length)
+                post = method.post(ctx)
+            geometry = update_geometry(model, base_dir, aligned_dir, rank=a.r)
+            result = self._evaluate(model.merge_and_unload(), tok)
+            return {"eval": result, "geometry": geometry, "post": post, "train": attack_info["train"]}
+
+        return self._stage("eval", payload, build)[1]
+
+    def _evaluate(self, model, tok) -> dict:
+        return evaluate(model, tok, self.data, self.judge, progress=self.progress)
+
+    # -- the whole grid ------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Every stage for every (seed, method, poison); returns the full records."""
+        c = self.config
+        for m in c.methods:
+            get_method(m)  # fail before any training on a typo
+        records = []
+        grid = [(s, m, p) for s in c.seeds for m in c.methods for p in c.poisons]
+        bar = tqdm(total=len(grid) + len(c.seeds), desc="lab", unit="run", disable=not self.progress)
+        for seed in c.seeds:
+            bar.set_postfix_str(f"seed {seed}: base, aligned")
+            _, info = self.aligned(seed)
+            records.append(_record("aligned", None, seed, info["eval"]))
+            bar.update()
+            for s, m, p in [g for g in grid if g[0] == seed]:
+                bar.set_postfix_str(f"seed {s}: {m} p={p:g}")
+                info = self.evaluation(m, p, s)
+                records.append(_record(m, p, s, info["eval"], info))
+                bar.update()
+        bar.close()
+        return records
+
+    def base_evals(self) -> list[dict]:
+        """The base models' HS/FA (cached with stage 1), one per seed."""
+        return [_record("base", None, s, self.base(s)[1]["eval"]) for s in self.config.seeds]
+
+
+def _record(method: str, poison: float | None, seed: int, ev: dict, info: dict | None = None) -> dict:
+    rec = {"method": method, "poison_ratio": poison, "seed": seed,
+           "harmful_score": ev["harmful_score"], "finetune_accuracy": ev["finetune_accuracy"]}
+    if info is not None:
+        rec["_detail"] = {"geometry": info["geometry"], "post": info["post"], "train": info["train"],
+                          "examples": ev["examples"]}
+    return rec
+
