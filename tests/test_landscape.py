@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -273,3 +274,52 @@ def test_epl_edge_cases():
         epl([-1.0, 1.0], [0, 0], 0.1)
     with pytest.raises(ValueError):
         grid("1:2")
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def q_weight_score(aligned_dir):
+    """``--score`` factory for the CLI test: a harmful score that grows with ‖q_proj − q_proj(θ)‖."""
+    from safetensors.torch import load_file
+
+    w0 = load_file(f"{aligned_dir}/model.safetensors")["model.layers.0.self_attn.q_proj.weight"].double()
+
+    def score(model) -> float:
+        w = model.model.layers[0].self_attn.q_proj.weight.detach().double()
+        return 100.0 * float((w - w0).norm() / w0.norm())
+    return score
+
+
+def test_cli_writes_cosines_landscapes_epl_and_plots(tmp_path, capsys):
+    from asft_optim.cli import main
+
+    base, aligned = tiny_llama(0), tiny_llama(1)
+    finetuned = copy.deepcopy(aligned)
+    with torch.no_grad():
+        finetuned.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    for name, m in [("base", base), ("aligned", aligned), ("ft", finetuned)]:
+        m.to(torch.float32).save_pretrained(tmp_path / name)
+    adapter_model = lora(copy.deepcopy(aligned), QV)
+    adapter_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    rc = main(["landscape", "--base", str(tmp_path / "base"), "--aligned", str(tmp_path / "aligned"),
+               "--finetuned", f"harm={tmp_path / 'ft'}", "--adapter", str(tmp_path / "adapter"),
+               "--random", "1", "--grid=-1:1:5", "--2d", "--grid-2d=-1:1:3",
+               "--score", "test_landscape:q_weight_score", "--threshold", "60", "-o", str(out), "--no-progress"])
+    assert rc == 0
+    for f in ["cosines.json", "cosines.md", "landscape_1d.json", "landscape_1d.png", "epl.md",
+              "landscape_2d.json", "landscape_2d.png"]:
+        assert (out / f).stat().st_size > 0, f
+    cos = json.loads((out / "cosines.json").read_text())
+    assert set(cos) == {"harm", "adapter", "random-0"}
+    d_aligned = direction_from_models(base, aligned, QV)
+    assert cos["harm"]["overall"] == pytest.approx(
+        cosine(d_aligned, direction_from_models(aligned, finetuned, QV)).overall, abs=1e-6)
+    res = json.loads((out / "landscape_1d.json").read_text())
+    assert res["score_at_origin"] == 0.0 and res["threshold"] == 60
+    # layer-normalised directions: α moves q_proj by |α|·‖W‖, so this score is 100·|α| for every direction
+    for c in res["curves"]:
+        assert c["values"] == pytest.approx([100 * abs(a) for a in c["alphas"]], abs=1e-3)
+        assert res["epl"][c["label"]]["epl"] == 0.5  # 100·0.5 ≤ 60 < 100·1
+    assert "random-0" in capsys.readouterr().out
