@@ -37,6 +37,7 @@ __all__ = [
     "layer_norms",
     "model_weights",
     "normalize",
+    "off_anchor_fraction",
     "orthogonalize",
     "random_direction",
     "weight_key",
@@ -284,3 +285,31 @@ def cosine(d1: Mapping[str, Tensor], d2: Mapping[str, Tensor], per_layer: bool =
             layers[n] = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
     overall = dot / math.sqrt(n1 * n2) if n1 > 0 and n2 > 0 else 0.0
     return CosineResult(overall, layers, len(shared))
+
+
+def off_anchor_fraction(direction: Mapping[str, Tensor], anchors: Mapping[str, Any]) -> dict[str, float]:
+    """``‖R·d‖_F / ‖d‖_F`` per anchored weight: the share of an update the AsFT penalty sees.
+
+    ``R = I − C`` (``C`` for ``subspace`` anchors), applied on the output side of ``d`` in
+    (out, in) layout, as the optimizer does. Anchor files hold ``C``, not ``V``, so this is
+    the anchors' view of an update; cosines with ``d_aligned`` need the checkpoints.
+    For an orthogonal (projector) anchor the value lies in [0, 1]; 1 means the update is
+    entirely off the alignment subspace. Weights without an anchor are skipped.
+    """
+    from .checkpoints import to_out_in
+
+    layouts = getattr(anchors, "weights", {})
+    out = {}
+    for name, t in direction.items():
+        if name not in anchors:
+            continue
+        layout = layouts[name].layout if name in layouts else "out_in"
+        proj = anchors[name]
+        x = to_out_in(t.detach(), layout).to(torch.promote_types(proj.factor.dtype, torch.float32))
+        x = x.to(torch.promote_types(x.dtype, t.dtype))
+        r = proj.to(x.device, x.dtype).residual(x)
+        norm = float(x.double().norm())
+        out[name] = float(r.double().norm()) / norm if norm > 0 else 0.0
+    if not out:
+        raise AnchorError("the direction touches no anchored weight")
+    return out

@@ -40,6 +40,7 @@ def add_parser(subparsers) -> None:
                    help="PEFT adapter trained on the aligned model; repeatable")
     p.add_argument("--targets", default="q_proj,v_proj",
                    help="comma-separated module suffixes, or a regex if it starts with '^' (default: q_proj,v_proj)")
+    p.add_argument("--anchors", help="anchor file: also report the off-anchor fraction ‖(I−C)d‖/‖d‖ of each direction")
     p.add_argument("--random", type=int, default=2, help="number of random directions (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first random direction (default: 0)")
     p.add_argument("--grid", default="-1:1:21", help="1-D grid LO:HI:N, must contain 0; write --grid=-1:1:21 (default: -1:1:21)")
@@ -111,6 +112,11 @@ def _run(args: argparse.Namespace) -> int:
             del with_adapter
         for k in range(args.random):
             raw[f"random-{k}"] = L.random_direction(model, args.seed + k, targets)
+        anchors = None
+        if args.anchors:
+            from .anchors import Anchors
+
+            anchors = Anchors.load(args.anchors)
         score = None if args.skip_landscapes else _load_score(args.score, args.aligned)
     except (AnchorError, ValueError, OSError) as exc:
         print(f"asft landscape: error: {exc}", file=sys.stderr)
@@ -118,11 +124,22 @@ def _run(args: argparse.Namespace) -> int:
 
     cos = {label: L.cosine(raw["aligned"], d) for label, d in raw.items() if label != "aligned"}
     cos_json = {k: {"overall": c.overall, "per_layer": c.per_layer, "n_weights": c.n_weights} for k, c in cos.items()}
+    off = {}
+    if anchors is not None:
+        for k, d in raw.items():
+            frac, norms = L.off_anchor_fraction(d, anchors), L.layer_norms(d)
+            total = sum(norms[n] ** 2 for n in frac)
+            off[k] = (sum((f * norms[n]) ** 2 for n, f in frac.items()) / total) ** 0.5 if total > 0 else 0.0
+            cos_json.setdefault(k, {})["off_anchor_fraction"] = {"overall": off[k], "per_layer": frac}
     (out / "cosines.json").write_text(json.dumps(cos_json, indent=2) + "\n")
-    lines = ["| direction | cos(d_aligned, d) overall | per-layer min | per-layer max | weights |", "|---|---|---|---|---|"]
-    for k, c in cos.items():
-        vals = list(c.per_layer.values())
-        lines.append(f"| {k} | {c.overall:.3e} | {min(vals):.3e} | {max(vals):.3e} | {c.n_weights} |")
+    extra = " ‖(I−C)d‖/‖d‖ |" if off else ""
+    lines = ["| direction | cos(d_aligned, d) overall | per-layer min | per-layer max | weights |" + extra,
+             "|---|---|---|---|---|" + ("---|" if off else "")]
+    for k, d in raw.items():
+        c = cos.get(k)
+        row = (f"| {k} | {c.overall:.3e} | {min(c.per_layer.values()):.3e} | {max(c.per_layer.values()):.3e} | {c.n_weights} |"
+               if c else f"| {k} | 1 (itself) | | | {len(d)} |")
+        lines.append(row + (f" {off[k]:.4f} |" if off else ""))
     (out / "cosines.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if score is None:

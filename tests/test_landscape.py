@@ -22,6 +22,7 @@ from asft_optim.landscape import (
     landscape_2d,
     model_weights,
     normalize,
+    off_anchor_fraction,
     orthogonalize,
     perturbed,
     random_direction,
@@ -302,17 +303,24 @@ def test_cli_writes_cosines_landscapes_epl_and_plots(tmp_path, capsys):
         m.to(torch.float32).save_pretrained(tmp_path / name)
     adapter_model = lora(copy.deepcopy(aligned), QV)
     adapter_model.save_pretrained(tmp_path / "adapter")
+    from asft_optim import build_anchors
+
+    anchors = build_anchors(base, aligned, QV, mode="orthogonal", rank=2)
+    anchors.save(tmp_path / "qv.anchors")
     out = tmp_path / "out"
     rc = main(["landscape", "--base", str(tmp_path / "base"), "--aligned", str(tmp_path / "aligned"),
                "--finetuned", f"harm={tmp_path / 'ft'}", "--adapter", str(tmp_path / "adapter"),
                "--random", "1", "--grid=-1:1:5", "--2d", "--grid-2d=-1:1:3",
-               "--score", "test_landscape:q_weight_score", "--threshold", "60", "-o", str(out), "--no-progress"])
+               "--score", "test_landscape:q_weight_score", "--threshold", "60", "--anchors", str(tmp_path / "qv.anchors"), "-o", str(out), "--no-progress"])
     assert rc == 0
     for f in ["cosines.json", "cosines.md", "landscape_1d.json", "landscape_1d.png", "epl.md",
               "landscape_2d.json", "landscape_2d.png"]:
         assert (out / f).stat().st_size > 0, f
     cos = json.loads((out / "cosines.json").read_text())
-    assert set(cos) == {"harm", "adapter", "random-0"}
+    assert set(cos) == {"aligned", "harm", "adapter", "random-0"}
+    for n, frac in cos["aligned"]["off_anchor_fraction"]["per_layer"].items():  # rank-2 cut of V keeps energy e
+        assert frac == pytest.approx(math.sqrt(1 - anchors[n].energy), abs=1e-4)
+    assert "‖(I−C)d‖/‖d‖" in (out / "cosines.md").read_text()
     d_aligned = direction_from_models(base, aligned, QV)
     assert cos["harm"]["overall"] == pytest.approx(
         cosine(d_aligned, direction_from_models(aligned, finetuned, QV)).overall, abs=1e-6)
@@ -323,3 +331,19 @@ def test_cli_writes_cosines_landscapes_epl_and_plots(tmp_path, capsys):
         assert c["values"] == pytest.approx([100 * abs(a) for a in c["alphas"]], abs=1e-3)
         assert res["epl"][c["label"]]["epl"] == 0.5  # 100·0.5 ≤ 60 < 100·1
     assert "random-0" in capsys.readouterr().out
+
+
+def test_off_anchor_fraction_matches_dense_projector():
+    from asft_optim import build_anchors
+
+    base, aligned = tiny_gpt2(0), tiny_gpt2(1)  # Conv1D: stored (in, out)
+    anchors = build_anchors(base, aligned, ["c_attn"], mode="orthogonal", rank=2, dtype=D)
+    name = "transformer.h.0.attn.c_attn.weight"
+    v = (aligned.state_dict()[name] - base.state_dict()[name]).T  # (out, in)
+    u = torch.linalg.svd(v, full_matrices=False).U[:, :2]
+    update = random_direction(base, 3, ["c_attn"], dtype=D)
+    x = update[name].T
+    expected = float((x - u @ (u.T @ x)).norm() / x.norm())
+    assert off_anchor_fraction(update, anchors)[name] == pytest.approx(expected, rel=1e-9)
+    inside = {name: (u @ torch.randn(2, x.shape[1], dtype=D)).T}
+    assert off_anchor_fraction(inside, anchors)[name] == pytest.approx(0.0, abs=1e-9)
