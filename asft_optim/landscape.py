@@ -109,7 +109,7 @@ def perturbed(model: nn.Module, directions: Sequence[Mapping[str, Tensor]]) -> I
                 raise AnchorError(f"{n}: direction shape {tuple(t.shape)} vs weight {tuple(p.shape)}")
             entry = names.setdefault(id(p), (p, [None] * len(directions)))
             if entry[1][i] is None:  # a tied alias names the same tensor again: count it once
-                entry[1][i] = t
+                entry[1][i] = t.detach().to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
     if missing:
         raise AnchorError(f"direction weights missing from the model: {sorted(set(missing))[:5]}")
     originals = {k: p.detach().clone() for k, (p, _) in names.items()}
@@ -124,7 +124,7 @@ def perturbed(model: nn.Module, directions: Sequence[Mapping[str, Tensor]]) -> I
             w = w0.to(math_dtype, copy=True)
             for c, d in zip(coefficients, ds):
                 if d is not None and c != 0:
-                    w.add_(d.to(device=w.device, dtype=math_dtype), alpha=float(c))
+                    w.add_(d.to(math_dtype), alpha=float(c))
             p.copy_(w)
 
     try:
