@@ -109,6 +109,7 @@ def direction_from_models(
     end: Any,
     target_modules: str | Iterable[str] | None = None,
     *,
+    include_1d: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> Direction:
     """``end − start`` over the ≥2-D weights both hold (e.g. ``d_aligned = aligned − base``).
@@ -118,6 +119,8 @@ def direction_from_models(
             HF checkpoint directory.
         target_modules: module-name suffixes or a full-match regex, as in PEFT
             (default: None, every ≥2-D weight).
+        include_1d: also take 1-D tensors (norm weights, biases), so that with
+            ``target_modules=None`` ``start + 1·d`` is ``end`` exactly (default: False).
         dtype: dtype of the difference (default: float32).
 
     Raises :class:`AnchorError` if a selected weight is missing from ``end`` or changes shape.
@@ -132,7 +135,7 @@ def direction_from_models(
         if matches is not None and not (name.endswith(".weight") and matches(name[: -len(".weight")])):
             continue
         a = read_a(name)
-        if a.dim() < 2:
+        if a.dim() < 2 and not include_1d:
             continue
         if name not in in_b:
             problems.append(f"{name}: missing from the second model")

@@ -66,7 +66,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]DIR",
                    help="PEFT adapter trained on the aligned model; repeatable")
     p.add_argument("--targets", default="q_proj,v_proj",
-                   help="comma-separated module suffixes, or a regex if it starts with '^' (default: q_proj,v_proj)")
+                   help="comma-separated module suffixes, a regex if it starts with '^', or 'all' (default: q_proj,v_proj)")
+    p.add_argument("--include-1d", action="store_true",
+                   help="d_aligned and fine-tuned updates also over 1-D tensors (norms, biases); "
+                        "with --targets all and --normalize none, α = -1 is the base model")
     p.add_argument("--anchors", help="anchor file: also report the off-anchor fraction ‖(I−C)d‖/‖d‖ of each direction")
     p.add_argument("--random", type=int, default=2, help="number of random directions (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first random direction (default: 0)")
@@ -101,6 +104,8 @@ def _load_score(spec: str | None, aligned_dir: str):
 
 
 def _targets(text: str):
+    if text == "all":
+        return None
     return text if text.startswith("^") else [t for t in text.split(",") if t]
 
 
@@ -121,10 +126,10 @@ def _run(args: argparse.Namespace) -> int:
         if 0.0 not in alphas:
             raise ValueError(f"--grid {args.grid} must contain 0 (the model itself)")
         model = load(args.aligned)
-        raw = {"aligned": L.direction_from_models(args.base, model, targets)}
+        raw = {"aligned": L.direction_from_models(args.base, model, targets, include_1d=args.include_1d)}
         for spec in args.finetuned:
             label, path = _labelled(spec)
-            raw[label] = L.direction_from_models(model, path, targets)
+            raw[label] = L.direction_from_models(model, path, targets, include_1d=args.include_1d)
         for spec in args.adapter:
             from peft import PeftModel
 

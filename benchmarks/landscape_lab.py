@@ -14,8 +14,10 @@ Then, through ``asft landscape`` (the command each step prints):
    plus the off-anchor fraction under rank-8 orthogonal anchors;
 2. ``landscape/``: 1-D landscapes and EPL along d_aligned, harm, benign and random
    directions (layer-normalised), and the 2-D landscape d_aligned × harm;
-3. ``interpolation/``: the raw d_aligned (no normalisation), where α = -1 is the base
-   model: a check of the harness (HS there must be the base model's).
+3. ``zoom/``: the same 1-D landscapes on [-0.2, 0.2] (step 0.02), to resolve the EPLs
+   that are below the first step of the main grid;
+4. ``interpolation/``: the raw d_aligned over every tensor (no normalisation), where
+   α = -1 is the base model: a check of the harness (HS there must be the base model's).
 
 Usage: ``python benchmarks/landscape_lab.py [--out benchmarks/results/landscape]``.
 """
@@ -60,10 +62,11 @@ def main(argv=None) -> int:
     parser.add_argument("--random", type=int, default=5, help="random directions for the cosine table (default: 5)")
     args = parser.parse_args(argv)
 
-    from asft_optim import build_anchors
-    from asft_optim.cli import main as asft
     from asft_optim.lab import Lab, default_config
     from asft_optim.lab.world import World
+
+    from asft_optim import build_anchors
+    from asft_optim.cli import main as asft
 
     start = time.perf_counter()
     cfg = replace(default_config(), seeds=(0,))
@@ -95,8 +98,12 @@ def main(argv=None) -> int:
                                "--adapter", f"sft-p0.1={adapters['sft-p0.1']}",
                                "--random", "2", f"--grid={args.grid}", "--2d", f"--grid-2d={args.grid_2d}",
                                "-o", str(args.out / "landscape")],
-        "interpolation": common + ["--random", "0", "--normalize", "none", "--grid=-1:1:11",
-                                   "-o", str(args.out / "interpolation")],
+        "zoom": common + ["--adapter", f"harm-{big}={adapters[f'harm-{big}']}",
+                          "--adapter", f"benign-{big}={adapters[f'benign-{big}']}",
+                          "--adapter", f"sft-p0.1={adapters['sft-p0.1']}",
+                          "--random", "2", "--grid=-0.2:0.2:21", "-o", str(args.out / "zoom")],
+        "interpolation": common + ["--targets", "all", "--include-1d", "--random", "0", "--normalize", "none",
+                                   "--grid=-1:1:11", "-o", str(args.out / "interpolation")],
     }
     commands = {}
     for name, argv_ in runs.items():

@@ -347,3 +347,14 @@ def test_off_anchor_fraction_matches_dense_projector():
     assert off_anchor_fraction(update, anchors)[name] == pytest.approx(expected, rel=1e-9)
     inside = {name: (u @ torch.randn(2, x.shape[1], dtype=D)).T}
     assert off_anchor_fraction(inside, anchors)[name] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_include_1d_direction_interpolates_exactly_between_checkpoints():
+    base, aligned = tiny_llama(0), tiny_llama(1)
+    d = direction_from_models(base, aligned, include_1d=True, dtype=D)
+    assert "model.norm.weight" in d and "model.norm.weight" not in direction_from_models(base, aligned)
+    target = aligned.state_dict()
+    with perturbed(base, [d]) as set_point:
+        set_point(1.0)
+        for k, v in base.state_dict().items():
+            torch.testing.assert_close(v, target[k], rtol=0, atol=1e-12)
