@@ -176,22 +176,25 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     dirs = {k: L.normalize(d, args.normalize, model) for k, d in raw.items()}
+    # where the update itself sits on its normalised axis: θ + α_self·d̂ has ‖α_self·d̂‖ = ‖d‖
+    alpha_self = {k: L.direction_norm(raw[k]) / L.direction_norm(d) for k, d in dirs.items()}
     curves = [L.landscape_1d(model, d, alphas, score, label=k, progress=progress) for k, d in dirs.items()]
     own = curves[0].at_origin()
     tau = args.threshold if args.threshold is not None else own + args.margin
     epls = {c.label: L.epl(c.alphas, c.values, tau, interpolate=args.interpolate) for c in curves}
     (out / "landscape_1d.json").write_text(json.dumps(
         {"normalize": args.normalize, "score_at_origin": own, "threshold": tau,
-         "curves": [c.to_dict() for c in curves], "epl": {k: e.to_dict() for k, e in epls.items()}}, indent=2) + "\n")
-    rows = ["| direction | EPL | reach α<0 | reach α>0 | sup safe |α| (Eq. 5 literal) | lower bound only |",
-            "|---|---|---|---|---|---|"]
-    rows += [f"| {k} | {e.epl:.3g} | {e.negative:.3g} | {e.positive:.3g} | {e.sup_safe:.3g} | {'yes' if e.censored else 'no'} |"
-             for k, e in epls.items()]
+         "curves": [c.to_dict() for c in curves], "epl": {k: e.to_dict() for k, e in epls.items()},
+         "alpha_of_update": alpha_self}, indent=2) + "\n")
+    rows = ["| direction | EPL | reach α<0 | reach α>0 | sup safe |α| (Eq. 5 literal) | lower bound only | α of the update itself |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| {k} | {e.epl:.3g} | {e.negative:.3g} | {e.positive:.3g} | {e.sup_safe:.3g} | "
+             f"{'yes' if e.censored else 'no'} | {alpha_self[k]:.3g} |" for k, e in epls.items()]
     (out / "epl.md").write_text(f"threshold τ = {tau:g} (score at θ: {own:g}); normalisation: {args.normalize}\n\n"
                                 + "\n".join(rows) + "\n")
     print("\n".join(rows))
     L.plot_1d(curves, out / "landscape_1d.png", threshold=tau,
-              title=f"1-D safety landscape around the aligned model ({args.normalize}-normalised)")
+              title=f"1-D safety landscape around θ_aligned ({args.normalize}-normalised)")
     if args.two_d:
         other = next(k for k in dirs if k != "aligned")
         d2 = L.normalize(L.orthogonalize(raw[other], raw["aligned"]), args.normalize, model)
@@ -199,6 +202,6 @@ def _run(args: argparse.Namespace) -> int:
         land = L.landscape_2d(model, dirs["aligned"], d2, grid2, grid2, score,
                               labels=("d_aligned", f"{other} (orthogonalised to d_aligned)"), progress=progress)
         (out / "landscape_2d.json").write_text(json.dumps(land.to_dict(), indent=2) + "\n")
-        L.plot_2d(land, out / "landscape_2d.png", threshold=tau, title="2-D safety landscape")
+        L.plot_2d(land, out / "landscape_2d.png", threshold=tau, title=f"2-D safety landscape (white: τ = {tau:g})")
     print(f"wrote results to {out}", file=sys.stderr)
     return 0

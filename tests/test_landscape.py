@@ -326,6 +326,7 @@ def test_cli_writes_cosines_landscapes_epl_and_plots(tmp_path, capsys):
         cosine(d_aligned, direction_from_models(aligned, finetuned, QV)).overall, abs=1e-6)
     res = json.loads((out / "landscape_1d.json").read_text())
     assert res["score_at_origin"] == 0.0 and res["threshold"] == 60
+    assert res["alpha_of_update"]["random-0"] == pytest.approx(1.0)  # already scaled to the layer norms
     # layer-normalised directions: α moves q_proj by |α|·‖W‖, so this score is 100·|α| for every direction
     for c in res["curves"]:
         assert c["values"] == pytest.approx([100 * abs(a) for a in c["alphas"]], abs=1e-3)
