@@ -81,7 +81,8 @@ def grid(spec: str) -> list[float]:
         raise ValueError(f"grid {spec!r} is not LO:HI:N") from exc
     if n_i < 1 or (n_i == 1 and lo_f != hi_f):
         raise ValueError(f"grid {spec!r}: N must be >= 2 (or 1 with LO == HI)")
-    return [lo_f] if n_i == 1 else [lo_f + (hi_f - lo_f) * i / (n_i - 1) for i in range(n_i)]
+    # rounded so that 0.3 prints as 0.3, not 0.30000000000000004 (and 0 is exactly 0)
+    return [lo_f] if n_i == 1 else [round(lo_f + (hi_f - lo_f) * i / (n_i - 1), 12) for i in range(n_i)]
 
 
 @contextmanager
