@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # sub-command name -> module providing ``add_parser(subparsers)``
 _COMMANDS: dict[str, str] = {
     "anchors": "asft_optim.anchors_cli",
+    "landscape": "asft_optim.landscape_cli",
     "safe-lora": "asft_optim.baselines_cli",
     "lab": "asft_optim.lab.cli",
 }
