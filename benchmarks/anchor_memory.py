@@ -20,8 +20,8 @@ import gc
 import sys
 
 import torch
-
 from _common import environment, fmt_bytes, markdown_table, parser, setup, write
+
 from asft_optim import Anchors
 
 # name: (layers, [(module, d_out, d_in), ...]); Llama-2-70B uses GQA: 8 KV heads × 128.

@@ -62,11 +62,10 @@ def main(argv=None) -> int:
     parser.add_argument("--random", type=int, default=5, help="random directions for the cosine table (default: 5)")
     args = parser.parse_args(argv)
 
-    from asft_optim.lab import Lab, default_config
-    from asft_optim.lab.world import World
-
     from asft_optim import build_anchors
     from asft_optim.cli import main as asft
+    from asft_optim.lab import Lab, default_config
+    from asft_optim.lab.world import World
 
     start = time.perf_counter()
     cfg = replace(default_config(), seeds=(0,))

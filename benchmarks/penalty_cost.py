@@ -19,14 +19,23 @@ A sanity check compares the two penalty values (ours = s²·reference, s = α/r)
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
+from _common import (
+    environment,
+    fmt_s,
+    interleaved,
+    markdown_table,
+    parser,
+    setup,
+    summary,
+    sync,
+    write,
+)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from _common import environment, fmt_s, interleaved, markdown_table, parser, setup, summary, sync, write
 from asft_optim import AnchoredAdamW, projection_from_delta
 
 R, ALPHA = 8, 32
@@ -119,7 +128,7 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device) -> dict:
     sync(device)
     stats = {k: summary(v) for k, v in samples.items()}
     ref_med = stats["reference"]["median_s"]
-    for k, s in stats.items():
+    for s in stats.values():
         s["ratio_vs_reference"] = ref_med / s["median_s"]
     flops = {
         "reference": 4 * d**3 + 4 * d * d * R,  # (I−C)·ΔW forward + its backward, B@A and its grads

@@ -23,11 +23,11 @@ import statistics
 import sys
 
 import torch
+from _common import environment, fmt_s, interleaved, markdown_table, parser, setup, summary, write
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from _common import environment, fmt_s, interleaved, markdown_table, parser, setup, summary, write
 from asft_optim import AnchoredAdamW, Anchors
 
 MODELS = {
@@ -112,7 +112,8 @@ def bench_model(name: str, cfg: dict, device, reps: int | None, profile_dir=None
 
 def profile(model, fns, name: str, folder) -> dict:
     """torch.profiler of ``anchored`` and ``adamw`` iterations; top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     tables = {}
     for key in ("adamw", "anchored", "penalty_only"):

@@ -20,7 +20,8 @@ def test_readme_quickstart_runs_as_written(capsys):
     summary = namespace["opt"].anchor_summary()
     assert set(summary) == {"anchor/penalty", "anchor/off_anchor_mean", "anchor/off_anchor_max"}
     assert summary["anchor/penalty"] > 0.0
-    assert 0.0 < summary["anchor/off_anchor_mean"] <= summary["anchor/off_anchor_max"] <= 1.0
+    # safelora's C is not a projector, so the off-anchor fraction may exceed 1: only order it.
+    assert 0.0 < summary["anchor/off_anchor_mean"] <= summary["anchor/off_anchor_max"] < float("inf")
     assert "anchor/penalty" in capsys.readouterr().out
 
 

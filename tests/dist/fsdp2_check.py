@@ -120,6 +120,9 @@ def main():
     assert all(r == gathered[0] for r in gathered), gathered
     if rank == 0:
         print("FSDP2-OK " + json.dumps(results), flush=True)
+    # Both ranks leave together: a gloo rank torn down while its peer is still sending
+    # aborts ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
