@@ -6,6 +6,7 @@ Profiles: ``ci`` (default, modest), ``dev`` (fast) and ``thorough``; pick one wi
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -18,3 +19,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Tiny float64 shapes: threads only add overhead on shared CI cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def clean_accelerate():
+    """Accelerate keeps process-wide singletons (mixed precision, ...): a test using the
+    Trainer or an Accelerator starts and ends with them reset."""
+    from integration_models import reset_accelerate_state
+
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()

@@ -8,7 +8,6 @@ import torch
 from accelerate import Accelerator
 from integration_models import (
     TokenDataset,
-    reset_accelerate_state,
     tiny_anchors,
     tiny_lora_llama,
     trainable_state,
@@ -19,12 +18,7 @@ from asft_optim.integrations import anchor_summary, unwrap_optimizer
 
 LAM, LR, STEPS = 0.5, 1e-2, 3
 
-
-@pytest.fixture(autouse=True)
-def _clean_accelerate():
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 def schedule(opt):

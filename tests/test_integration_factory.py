@@ -16,12 +16,7 @@ from transformers import Trainer
 from asft_optim import AnchoredAdamW, AnchoredAdamWFactory
 from asft_optim.integrations import unwrap_optimizer
 
-
-@pytest.fixture(autouse=True)
-def _clean_accelerate():
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 def test_factory_route_equals_explicit_optimizer(tmp_path):

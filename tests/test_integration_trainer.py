@@ -13,7 +13,6 @@ import torch
 from integration_models import (
     TokenDataset,
     anchor_deltas,
-    reset_accelerate_state,
     tiny_anchors,
     tiny_lora_llama,
     trainable_state,
@@ -27,12 +26,7 @@ from asft_optim.integrations import unwrap_optimizer
 
 KEYS = ("anchor/penalty", "anchor/off_anchor_mean", "anchor/off_anchor_max")
 
-
-@pytest.fixture(autouse=True)
-def _clean_accelerate():
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 class Recorder(TrainerCallback):

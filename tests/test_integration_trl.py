@@ -7,7 +7,6 @@ from datasets import Dataset
 from integration_models import (
     VOCAB,
     lora_config,
-    reset_accelerate_state,
     tiny_anchors,
     tiny_llama,
     tiny_lora_llama,
@@ -23,12 +22,7 @@ from asft_optim.integrations import unwrap_optimizer
 
 KEYS = ("anchor/penalty", "anchor/off_anchor_mean", "anchor/off_anchor_max")
 
-
-@pytest.fixture(autouse=True)
-def _clean_accelerate():
-    reset_accelerate_state()
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
