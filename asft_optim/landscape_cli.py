@@ -126,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
         if 0.0 not in alphas:
             raise ValueError(f"--grid {args.grid} must contain 0 (the model itself)")
         model = load(args.aligned)
+        # every weight of θ, to check after the landscapes that the run restored them bit for bit
+        before = {n: w.detach().clone() for n, w in L.model_weights(model).items()}
         raw = {"aligned": L.direction_from_models(args.base, model, targets, include_1d=args.include_1d)}
         for spec in args.finetuned:
             label, path = _labelled(spec)
@@ -175,6 +177,10 @@ def _run(args: argparse.Namespace) -> int:
     if score is None:
         return 0
 
+    def restored() -> bool:
+        after = L.model_weights(model)
+        return after.keys() == before.keys() and all(torch.equal(before[n], w.detach()) for n, w in after.items())
+
     dirs = {k: L.normalize(d, args.normalize, model) for k, d in raw.items()}
     # where the update itself sits on its normalised axis: θ + α_self·d̂ has ‖α_self·d̂‖ = ‖d‖
     alpha_self = {k: L.direction_norm(raw[k]) / L.direction_norm(d) for k, d in dirs.items()}
@@ -185,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     (out / "landscape_1d.json").write_text(json.dumps(
         {"normalize": args.normalize, "score_at_origin": own, "threshold": tau,
          "curves": [c.to_dict() for c in curves], "epl": {k: e.to_dict() for k, e in epls.items()},
-         "alpha_of_update": alpha_self}, indent=2) + "\n")
+         "alpha_of_update": alpha_self, "weights_bit_identical_after_1d": restored()}, indent=2) + "\n")
     rows = ["| direction | EPL | reach α<0 | reach α>0 | sup safe |α| (Eq. 5 literal) | lower bound only | α of the update itself |",
             "|---|---|---|---|---|---|---|"]
     rows += [f"| {k} | {e.epl:.3g} | {e.negative:.3g} | {e.positive:.3g} | {e.sup_safe:.3g} | "
@@ -201,7 +207,11 @@ def _run(args: argparse.Namespace) -> int:
         grid2 = L.grid(args.grid_2d)
         land = L.landscape_2d(model, dirs["aligned"], d2, grid2, grid2, score,
                               labels=("d_aligned", f"{other} (orthogonalised to d_aligned)"), progress=progress)
-        (out / "landscape_2d.json").write_text(json.dumps(land.to_dict(), indent=2) + "\n")
+        (out / "landscape_2d.json").write_text(json.dumps(
+            {**land.to_dict(), "threshold": tau, "weights_bit_identical_after": restored()}, indent=2) + "\n")
         L.plot_2d(land, out / "landscape_2d.png", threshold=tau, title=f"2-D safety landscape (white: τ = {tau:g})")
+    if not restored():
+        print("asft landscape: error: the model's weights differ from before the run", file=sys.stderr)
+        return 2
     print(f"wrote results to {out}", file=sys.stderr)
     return 0

@@ -28,6 +28,7 @@ import argparse
 import json
 import random
 import shlex
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
             return rc
         commands[name] = {"argv": ["asft", *argv_], "seconds": round(time.perf_counter() - t0, 1)}
     (args.out / "commands.json").write_text(json.dumps(
-        {"benchmark": "python benchmarks/landscape_lab.py " + shlex.join(argv or []),
+        {"benchmark": shlex.join(["python", "benchmarks/landscape_lab.py", *(argv if argv is not None else sys.argv[1:])]),
          "runs": commands, "total_seconds": round(time.perf_counter() - start, 1)}, indent=1) + "\n")
     return 0
 

@@ -331,6 +331,9 @@ def test_cli_writes_cosines_landscapes_epl_and_plots(tmp_path, capsys):
     for c in res["curves"]:
         assert c["values"] == pytest.approx([100 * abs(a) for a in c["alphas"]], abs=1e-3)
         assert res["epl"][c["label"]]["epl"] == 0.5  # 100·0.5 ≤ 60 < 100·1
+    assert res["weights_bit_identical_after_1d"] is True
+    two_d = json.loads((out / "landscape_2d.json").read_text())
+    assert two_d["weights_bit_identical_after"] is True and two_d["threshold"] == 60
     assert "random-0" in capsys.readouterr().out
 
 
