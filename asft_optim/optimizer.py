@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .projection import AnchorError, Projection
+from .projection import AnchorError, PenaltyTerms, Projection
 from .targets import Target, check_shapes, find_targets
 
 Coupling = Literal["coupled", "decoupled"]
@@ -116,7 +116,10 @@ class AnchoredOptimizer(Optimizer):
         self.coupling = coupling
         self.anchors = anchors
         self._setup_targets(model, anchors, reference, strict)
-        self._last: list[tuple[str, Tensor, Tensor]] = []
+        # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
+        # from them on demand (see anchor_stats), not on the hot path.
+        self._last: list[tuple[str, Any, PenaltyTerms]] = []
+        self._last_tensors: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
 
     # -- construction ---------------------------------------------------------------
     def _setup_targets(self, model, anchors, reference, strict) -> None:
@@ -200,12 +203,12 @@ class AnchoredOptimizer(Optimizer):
         λ∇P and returns ``loss + λP``; with ``"decoupled"`` the closure's own loss.
         """
         if closure is None:
-            self._apply_penalty()
+            self._apply_penalty(want_total=False)
             return self.optimizer.step()
         if self.coupling == "decoupled":
             with torch.enable_grad():
                 loss = closure()
-            self._apply_penalty()
+            self._apply_penalty(want_total=False)
             return self.optimizer.step(lambda: loss)
 
         def anchored_closure():
@@ -217,57 +220,63 @@ class AnchoredOptimizer(Optimizer):
 
         return self.optimizer.step(anchored_closure)
 
-    def _apply_penalty(self) -> Tensor:
+    def _apply_penalty(self, want_total: bool = True) -> Tensor | None:
         """Compute every target's terms once and add λ∇P to ``.grad`` (or to the weights).
 
         No host-device synchronisation: λ and lr are read from the param groups as they
-        are, penalties stay 0-d tensors (see :meth:`anchor_stats`).
+        are, penalties stay 0-d tensors, computed only when asked for (``want_total``:
+        return ``λP`` summed; diagnostics: see :meth:`anchor_stats`).
         """
         groups = self._param_ids()
         default_lambda = self.defaults.get("anchor_lambda", 0.0)
-        total: Tensor | None = None
-        stats: list[tuple[str, Tensor, Tensor, Tensor]] = []
+        coupled = self.coupling == "coupled"
+        stats: list[tuple[str, Any, PenaltyTerms]] = []
         any_trainable = False
         for t in self._targets:
             if t.kind != "full" and getattr(t.module, "disable_adapters", False):
                 any_trainable = True  # PEFT froze the adapters for now: ΔW = 0, nothing to add
                 continue
-            if not any(id(p) in groups and p.requires_grad for p in t.all_params()):
-                continue
-            # Merged or disabled adapters: the target is trained but has no update now.
-            any_trainable = True
-            owned = [p for p in t.params() if id(p) in groups and p.requires_grad]
+            # Tensors are looked up now (accelerate/FSDP2 swap them), once per step.
+            factors = t.lora_factors() if t.kind == "lora" else None
+            owned = [p for p in t.params(factors) if id(p) in groups and p.requires_grad]
             if not owned:
+                # Merged or disabled adapters: trained, but no update now. Only then walk
+                # all of the module's tensors (inactive adapters too), for the error below.
+                any_trainable = any_trainable or any(id(p) in groups and p.requires_grad for p in t.all_params())
                 continue
+            any_trainable = True
             group = groups[id(owned[0])]
             lam = group.get("anchor_lambda", default_lambda)
-            if isinstance(lam, (int, float)) and not lam >= 0.0:
+            number = isinstance(lam, (int, float))
+            if number and not lam >= 0.0:
                 raise ValueError(f"{t.name}: anchor_lambda of its param group is {lam!r} (must be >= 0)")
-            res = t.terms(self.anchors[t.name], self._reference.get(t.name))
+            res = t.terms(self.anchors[t.name], self._reference.get(t.name), factors)
             if res is None:
                 continue
             terms, tensors = res
             # λ = 0 leaves every gradient and weight untouched (bit-identical to the inner
-            # optimizer); the diagnostics are still computed.
-            active = not (isinstance(lam, (int, float)) and lam == 0)
-            for p, g in zip(tensors, terms.grads, strict=True):
-                if not active or id(p) not in groups or not p.requires_grad:
-                    continue
-                g = g.to(p.dtype)
-                pg = groups[id(p)]
-                if self.coupling == "coupled":
-                    # With maximize=True the inner optimizer ascends .grad: subtract, so the
-                    # penalty still restrains.
-                    alpha = -lam if pg.get("maximize", False) else lam
-                    if p.grad is None:
-                        p.grad = g * alpha
-                    else:
-                        p.grad.add_(g, alpha=alpha)
-                else:
-                    p.add_(g * (-(pg["lr"] * lam)))
-            value = terms.penalty * lam
-            total = value if total is None else total + value
-            stats.append((t.name, value, terms.penalty, terms.off_anchor_fraction()))
+            # optimizer); the diagnostics are still available.
+            if not (number and lam == 0):
+                for p, g in zip(tensors, terms.grads, strict=True):
+                    if id(p) not in groups or not p.requires_grad:
+                        continue
+                    if g.dtype != p.dtype:
+                        g = g.to(p.dtype)
+                    pg = groups[id(p)]
+                    if coupled:
+                        # With maximize=True the inner optimizer ascends .grad: subtract, so the
+                        # penalty still restrains.
+                        alpha = -lam if pg.get("maximize", False) else lam
+                        if p.grad is None:
+                            p.grad = g * alpha
+                        else:
+                            p.grad.add_(g, alpha=alpha)
+                    elif number and isinstance(pg["lr"], (int, float)):
+                        p.add_(g, alpha=-(pg["lr"] * lam))  # no temporary
+                    else:  # tensor lr or λ: add_ takes no tensor alpha
+                        p.add_(g * (-(pg["lr"] * lam)))
+            # A tensor λ is copied: the diagnostics use the value of this step.
+            stats.append((t.name, lam if number else lam.detach().clone(), terms.with_grads(())))
         if not any_trainable:
             raise AnchorError(
                 "no anchored parameter is trainable: the anchored tensors were frozen or replaced "
@@ -275,7 +284,13 @@ class AnchoredOptimizer(Optimizer):
                 "optimizer on the final model (with TRL's peft_config=, pass "
                 "optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {...}) instead of optimizers=)"
             )
-        self._last = stats
+        self._last, self._last_tensors = stats, None
+        if not want_total:
+            return None
+        total: Tensor | None = None
+        for _, lam, terms in stats:
+            value = terms.penalty * lam
+            total = value if total is None else total + value
         return total if total is not None else torch.zeros(())
 
     # -- diagnostics -----------------------------------------------------------------
@@ -285,20 +300,29 @@ class AnchoredOptimizer(Optimizer):
         ``{"penalty": λ‖RΔW‖², "raw_penalty": ‖RΔW‖², "off_anchor_fraction": ‖RΔW‖/‖ΔW‖}``,
         with R = I - C (or C in mode ``"subspace"``), all at the weights the step started from.
         """
-        if not self._last:
+        tensors = self.anchor_tensors()
+        if not tensors:
             return {}
         values = torch.stack(
             [torch.stack([v.detach().double().cpu(), r.detach().double().cpu(), f.detach().double().cpu()])
-             for _, v, r, f in self._last]
+             for v, r, f in tensors.values()]
         ).tolist()
         return {
             n: {"penalty": v[0], "raw_penalty": v[1], "off_anchor_fraction": v[2]}
-            for (n, *_), v in zip(self._last, values, strict=True)
+            for n, v in zip(tensors, values, strict=True)
         }
 
     def anchor_tensors(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """Like :meth:`anchor_stats` but as 0-d device tensors (no sync): ``(penalty, raw, fraction)``."""
-        return {n: (v, r, f) for n, v, r, f in self._last}
+        """Like :meth:`anchor_stats` but as 0-d device tensors (no sync): ``(penalty, raw, fraction)``.
+
+        Computed on the first call after a step from the small tensors the step kept
+        (a few r×r products per LoRA weight), then reused until the next step.
+        """
+        if self._last_tensors is None:
+            self._last_tensors = {
+                n: (terms.penalty * lam, terms.penalty, terms.off_anchor_fraction()) for n, lam, terms in self._last
+            }
+        return dict(self._last_tensors)
 
     def anchor_summary(self) -> dict[str, float]:
         """``anchor/penalty`` (sum), ``anchor/off_anchor_mean`` and ``anchor/off_anchor_max``."""
@@ -357,9 +381,12 @@ class AnchoredOptimizer(Optimizer):
         # *this* optimizer: a copy must not keep it (it would step the original).
         state.pop("step", None)
         state.pop("_opt_called", None)
+        # The last step's values may still be lazy (closures): evaluate them for a copy/pickle.
+        state["_last"] = [(n, lam, PenaltyTerms(t.penalty, t.delta_sq, ())) for n, lam, t in self._last]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_last_tensors", None)
         self.__dict__.update(state)
         self._patch_step_function()
 

@@ -15,13 +15,17 @@ directions, AsFT_Alt). Its gradient is ``2 RᵀR ΔW``. C is never formed as a
 d×d matrix: every product goes through ``F`` as ``F (Fᵀ X)``, costing O(d·m·n)
 for an (d, n) operand. ``C`` is symmetric but a projector only in the
 ``orthogonal``/``subspace`` modes (and only up to rounding once a factor is stored in
-low precision), so ``RᵀR = I - 2C + C²`` in general: we always apply R twice
-rather than assume ``RᵀR = R``; the extra product costs O(d·m·n) like the first.
+low precision), so ``RᵀR = I - 2C + C²`` in general: we never assume ``RᵀR = R``.
+With the Gram matrix ``G = FᵀF`` (m×m), ``C² = F G Fᵀ`` and ``RᵀR = I - F(2I - G)Fᵀ``:
+``R X`` and ``RᵀR X`` then take one pass over F for ``Y = Fᵀ X`` and one for
+``F [Y, 2Y - G Y]``, instead of four (R applied twice). Worth it when G is much
+smaller than F (low-rank anchors, tall weights); see :meth:`Projection.residual_and_metric`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -33,6 +37,21 @@ MODES: tuple[str, ...] = get_args(Mode)
 
 #: SVDs of matrices whose smaller side exceeds this use a randomized solver.
 _EXACT_SVD_LIMIT = 2048
+
+#: Cache ``G = FᵀF`` only when ``m * _GRAM_MIN_RATIO <= d_out``: G costs m² extra memory
+#: (at most 1/4 of F's d_out·m) and one pass over G replaces one over F. For an exact
+#: anchor of a square weight (m = d_out) G would double the memory and save nothing.
+_GRAM_MIN_RATIO = 4
+
+
+def _ft_mm(f: Tensor, x: Tensor) -> Tensor:
+    """``Fᵀ x``, computed as ``(xᵀ F)ᵀ`` (same values, a view of the result).
+
+    F is row-major (d_out, m) and x has few columns: CPU BLAS (MKL) runs the ``xᵀ F``
+    form 1.4-2× faster than ``Fᵀ x`` (d = 4096, n = 8, one thread: about 8 vs 12 ms,
+    benchmarks/results/penalty_cost.md); on CUDA both are one cuBLAS call.
+    """
+    return (x.transpose(0, 1) @ f).transpose(0, 1)
 
 
 class AnchorError(ValueError):
@@ -71,6 +90,16 @@ class Projection:
         return self.factor.shape[1]
 
     @property
+    def gram_pays(self) -> bool:
+        """Whether caching ``G = FᵀF`` (m×m) is worth its memory (m ≤ d_out / 4)."""
+        return 0 < self.rank and self.rank * _GRAM_MIN_RATIO <= self.d_out
+
+    def gram(self) -> Tensor:
+        """``G = FᵀF`` (m×m), for :meth:`residual_and_metric`; cache it, it costs O(d·m²)."""
+        f = self.factor
+        return f.transpose(0, 1) @ f
+
+    @property
     def is_projector(self) -> bool:
         """Whether C is meant to be idempotent (orthonormal or empty factor)."""
         return self.mode != "safelora"
@@ -84,7 +113,7 @@ class Projection:
         f = self.factor
         if f.shape[1] == 0:
             return torch.zeros_like(x)
-        return f @ (f.transpose(0, 1) @ x)
+        return f @ _ft_mm(f, x)
 
     def residual(self, x: Tensor) -> Tensor:
         """``R x``: the penalised component (``(I-C) x``, or ``C x`` for ``subspace``)."""
@@ -100,36 +129,97 @@ class Projection:
         rx = self.residual(x) if rx is None else rx
         return self.residual(rx)
 
+    def residual_and_metric(self, x: Tensor, gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(R x, RᵀR x)`` for ``x`` of shape (d_out, n), in the fewest passes over F.
+
+        Without ``gram``: R applied twice, four skinny products (what :meth:`metric` does,
+        with the ``I - C`` subtractions fused into ``addmm``). With ``gram = FᵀF`` (from
+        :meth:`gram`, cached by the caller): ``Y = Fᵀ x`` and one product ``F [Y, W]``
+        give both, ``W = 2Y - GY`` (``I - C`` modes: ``RᵀR = I - F(2I - G)Fᵀ``) or
+        ``W = GY`` (``subspace``: ``RᵀR = C² = F G Fᵀ``); exact for any F, projector or not.
+        """
+        f = self.factor
+        if f.shape[1] == 0:  # l2: R = I
+            return x, x
+        y = _ft_mm(f, x)
+        subspace = self.mode == "subspace"
+        if gram is None:
+            if subspace:
+                rx = f @ y
+                return rx, f @ _ft_mm(f, rx)
+            rx = torch.addmm(x, f, y, alpha=-1)
+            return rx, torch.addmm(rx, f, _ft_mm(f, rx), alpha=-1)
+        n = x.shape[1]
+        w = gram @ y if subspace else torch.addmm(y, gram, y, beta=2, alpha=-1)
+        # One pass over F for both columns blocks: F [Y, W] costs about what F Y does.
+        z = f @ torch.cat([y, w], 1)
+        if subspace:
+            return z[:, :n], z[:, n:]
+        return x - z[:, :n], x - z[:, n:]
+
 
 # -- penalty values and gradients --------------------------------------------------------
 
 
-@dataclass
 class PenaltyTerms:
     """Raw (λ-free) penalty of one weight and its gradients.
 
     ``penalty = ‖R ΔW‖²`` and ``delta_sq = ‖ΔW‖²`` are 0-d tensors (never ``.item()``-ed
     on the hot path). ``grads`` matches the tensors the update was built from:
     ``(dB, dA)`` for LoRA, ``(dW,)`` for a dense update.
+
+    ``penalty`` and ``delta_sq`` may be given as zero-argument callables, evaluated on
+    first access: the optimizer only needs the gradients every step, the values only
+    when diagnostics are read. Such callables must close over fresh tensors only (never
+    over parameters, which the inner step changes in place).
     """
 
-    penalty: Tensor
-    delta_sq: Tensor
-    grads: tuple[Tensor, ...]
+    __slots__ = ("_penalty", "_delta_sq", "grads")
+
+    def __init__(
+        self,
+        penalty: Tensor | Callable[[], Tensor],
+        delta_sq: Tensor | Callable[[], Tensor],
+        grads: tuple[Tensor, ...],
+    ) -> None:
+        self._penalty, self._delta_sq, self.grads = penalty, delta_sq, grads
+
+    @property
+    def penalty(self) -> Tensor:
+        if callable(self._penalty):
+            self._penalty = self._penalty()
+        return self._penalty
+
+    @property
+    def delta_sq(self) -> Tensor:
+        if callable(self._delta_sq):
+            self._delta_sq = self._delta_sq()
+        return self._delta_sq
+
+    def with_grads(self, grads: tuple[Tensor, ...]) -> PenaltyTerms:
+        """The same (possibly still lazy) values with other gradients; ``()`` to keep the
+        values after the step without holding the gradients."""
+        return PenaltyTerms(self._penalty, self._delta_sq, grads)
 
     def off_anchor_fraction(self) -> Tensor:
         """``‖R ΔW‖ / ‖ΔW‖`` (0 where ΔW = 0)."""
         return torch.sqrt(self.penalty / self.delta_sq.clamp_min(torch.finfo(self.delta_sq.dtype).tiny))
 
 
-def dense_terms(proj: Projection, delta: Tensor) -> PenaltyTerms:
-    """Penalty of a dense update ``delta`` (d_out, d_in): grad ``2 RᵀR ΔW``."""
-    r = proj.residual(delta)
-    grad = 2.0 * proj.metric(delta, r)
-    return PenaltyTerms(r.pow(2).sum(), delta.pow(2).sum(), (grad,))
+def dense_terms(proj: Projection, delta: Tensor, gram: Tensor | None = None) -> PenaltyTerms:
+    """Penalty of a dense update ``delta`` (d_out, d_in): grad ``2 RᵀR ΔW``.
+
+    ``gram``: ``proj.gram()`` if cached (see :meth:`Projection.residual_and_metric`).
+    """
+    r, m = proj.residual_and_metric(delta, gram)
+    # The values are O(d_out·d_in) reductions: computed now, so that r and delta
+    # (full-size) are not kept alive for the diagnostics.
+    return PenaltyTerms(r.pow(2).sum(), delta.pow(2).sum(), (m.mul_(2.0) if m is not delta else 2.0 * m,))
 
 
-def lora_terms(proj: Projection, lora_b: Tensor, lora_a: Tensor, scaling: float) -> PenaltyTerms:
+def lora_terms(
+    proj: Projection, lora_b: Tensor, lora_a: Tensor, scaling: float, gram: Tensor | None = None
+) -> PenaltyTerms:
     """Penalty of ``ΔW = s·B·A`` in closed form, never forming ΔW.
 
     With ``P = s²‖R B A‖²``:  ``∂P/∂B = 2s² (RᵀR B)(A Aᵀ)``, ``∂P/∂A = 2s² (RB)ᵀ(RB) A``.
@@ -139,18 +229,21 @@ def lora_terms(proj: Projection, lora_b: Tensor, lora_a: Tensor, scaling: float)
         lora_b: ``B`` of shape (d_out, r).
         lora_a: ``A`` of shape (r, d_in).
         scaling: ``s`` (α/r, or α/√r for rsLoRA).
+        gram: ``proj.gram()`` if cached (see :meth:`Projection.residual_and_metric`).
     """
     s2 = float(scaling) ** 2
-    rb = proj.residual(lora_b)
-    mb = proj.metric(lora_b, rb)
+    rb, mb = proj.residual_and_metric(lora_b, gram)
     gram_a = lora_a @ lora_a.transpose(0, 1)  # A Aᵀ (r, r)
     gram_rb = rb.transpose(0, 1) @ rb  # (RB)ᵀ(RB) (r, r)
-    gram_b = lora_b.transpose(0, 1) @ lora_b
-    penalty = s2 * (gram_rb * gram_a).sum()  # s² tr((RB)ᵀRB · AAᵀ)
-    delta_sq = s2 * (gram_b * gram_a).sum()
-    grad_b = (2.0 * s2) * (mb @ gram_a)
-    grad_a = (2.0 * s2) * (gram_rb @ lora_a)
-    return PenaltyTerms(penalty, delta_sq, (grad_b, grad_a))
+    gram_b = lora_b.transpose(0, 1) @ lora_b  # now: lora_b may be a parameter's storage
+    # addmm with beta=0 ignores its first argument: one kernel for the scaled product.
+    grad_b = torch.addmm(mb, mb, gram_a, beta=0, alpha=2.0 * s2)
+    grad_a = torch.addmm(lora_a, gram_rb, lora_a, beta=0, alpha=2.0 * s2)
+    return PenaltyTerms(
+        lambda: s2 * (gram_rb * gram_a).sum(),  # s² tr((RB)ᵀRB · AAᵀ)
+        lambda: s2 * (gram_b * gram_a).sum(),
+        (grad_b, grad_a),
+    )
 
 
 # -- building operators from weight differences -----------------------------------------

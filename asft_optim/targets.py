@@ -91,12 +91,15 @@ class Target:
             out.append((b2, a2, float(m.scaling[a]), bp, ap))
         return out
 
-    def params(self) -> list[Tensor]:
-        """The trainable tensors whose gradient the penalty touches."""
+    def params(self, factors: list | None = None) -> list[Tensor]:
+        """The trainable tensors whose gradient the penalty touches.
+
+        ``factors``: this step's :meth:`lora_factors`, if already looked up.
+        """
         if self.kind == "full":
             return [self.base_weight()]
         if self.kind == "lora":
-            return [t for f in self.lora_factors() for t in (f[3], f[4])]
+            return [t for f in (self.lora_factors() if factors is None else factors) for t in (f[3], f[4])]
         return [p for p in self._adapter_params() if p.requires_grad]
 
     def all_params(self) -> list[Tensor]:
@@ -113,26 +116,44 @@ class Target:
         ]
 
     # -- penalty --------------------------------------------------------------------
-    def terms(self, proj: Projection, reference: Tensor | None) -> tuple[PenaltyTerms, list[Tensor]] | None:
-        """Raw penalty terms and the tensors their gradients belong to (None: no update)."""
+    def terms(
+        self, proj: Projection, reference: Tensor | None, factors: list | None = None
+    ) -> tuple[PenaltyTerms, list[Tensor]] | None:
+        """Raw penalty terms and the tensors their gradients belong to (None: no update).
+
+        ``factors``: this step's :meth:`lora_factors`, if the caller already looked them up.
+        """
         if self.kind == "full":
             w = self.base_weight()
             wf, ref = _full(w.detach()), _full(reference)
             dtype = math_dtype(wf)
             delta = to_out_in(wf.to(dtype) - ref.to(wf.device, dtype), self.layout)
-            t = dense_terms(self._proj(proj, wf), delta)
+            op, gram = self._operator(proj, wf)
+            t = dense_terms(op, delta, gram)
             g = t.grads[0]
             g = g.t() if self.layout == "in_out" else g
             return PenaltyTerms(t.penalty, t.delta_sq, (_like(g.reshape(w.shape).contiguous(), w),)), [w]
         if self.kind == "lora":
-            factors = self.lora_factors()
+            factors = self.lora_factors() if factors is None else factors
             if not factors:
                 return None
             dtype = math_dtype(factors[0][3])
+            op, gram = self._operator(proj, factors[0][3])
+            if len(factors) == 1:
+                # One adapter (the common case): no concatenation, s applied inside lora_terms.
+                b2, a2, s, bp, ap = factors[0]
+                b, a = _full(b2.detach()), _full(a2.detach())
+                if b.dtype != dtype:  # bf16/fp16 adapters: the math runs in float32
+                    b, a = b.to(dtype), a.to(dtype)
+                t = lora_terms(op, b, a, s, gram)
+                gb, ga = t.grads
+                return t.with_grads(
+                    (_like(gb.reshape(bp.shape), bp), _like(ga.reshape(ap.shape), ap))
+                ), [bp, ap]
             bs = [_full(f[0].detach()).to(dtype) * f[2] for f in factors]
             as_ = [_full(f[1].detach()).to(dtype) for f in factors]
             # Joint update of all active adapters, folded into one (B, A) pair with s = 1.
-            t = lora_terms(self._proj(proj, bs[0]), torch.cat(bs, 1), torch.cat(as_, 0), 1.0)
+            t = lora_terms(op, torch.cat(bs, 1), torch.cat(as_, 0), 1.0, gram)
             gb, ga = t.grads
             grads, params, col = [], [], 0
             for (b2, _a2, s, bp, ap) in factors:
@@ -143,7 +164,7 @@ class Target:
                 ]
                 params += [bp, ap]
                 col += r
-            return PenaltyTerms(t.penalty, t.delta_sq, tuple(grads)), params
+            return t.with_grads(tuple(grads)), params
         return self._autograd_terms(proj)
 
     def effective_delta(self) -> Tensor:
@@ -179,12 +200,24 @@ class Target:
         return PenaltyTerms(penalty.detach(), delta.detach().pow(2).sum(), grads), params
 
     def _proj(self, proj: Projection, like: Tensor) -> Projection:
-        # Anchors move lazily, once, to the device and math dtype of what they anchor.
-        key = (like.device, math_dtype(like))
+        return self._operator(proj, like)[0]
+
+    def _operator(self, proj: Projection, like: Tensor) -> tuple[Projection, Tensor | None]:
+        """The anchor on ``like``'s device and math dtype, and its Gram matrix ``FᵀF``.
+
+        Both are computed once and reused across steps: anchors move lazily, once, to the
+        device and math dtype of what they anchor, and G (None unless
+        :attr:`Projection.gram_pays`) follows them. The cache is rebuilt when the anchor
+        object, the device, the dtype or the factor's contents (its in-place version
+        counter) change. It holds no parameter: tensors are looked up at every step.
+        """
+        key = (like.device, math_dtype(like), proj.factor._version)
         cached = self._cache.get("proj")
         if cached is None or cached[0] != key or cached[1] is not proj:
-            self._cache["proj"] = (key, proj, proj.to(device=key[0], dtype=key[1]))
-        return self._cache["proj"][2]
+            moved = proj.to(device=key[0], dtype=key[1])
+            gram = moved.gram() if moved.gram_pays else None
+            cached = self._cache["proj"] = (key, proj, moved, gram)
+        return cached[2], cached[3]
 
 
 # -- FSDP2: sharded (DTensor) parameters ----------------------------------------------

@@ -64,15 +64,20 @@ def interleaved(
     warmup: int = 1,
     inner: Mapping[str, int] | None = None,
 ) -> dict[str, list[float]]:
-    """Time every ``fn`` ``reps`` times, interleaved round-robin after ``warmup`` rounds.
+    """Time every ``fn`` ``reps`` times, interleaved round-robin (rotating order) after ``warmup`` rounds.
 
     ``inner[name] = k`` times that variant k times per round (for fast variants
     compared with slow ones): every sample is still one call.
     """
     inner = dict(inner or {})
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
     for rnd in range(warmup + reps):
-        for name, fn in fns.items():
+        # The order rotates every round: no variant always runs first (or right after
+        # the same neighbour), so order effects (caches, frequency) hit all alike.
+        k = rnd % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             for _ in range(inner.get(name, 1)):
                 t = time_once(fn, device)
                 if rnd >= warmup:

@@ -4,16 +4,19 @@ The reference AsFT code, reproduced faithfully: a dense d×d fp32 ``C`` kept on 
 (copied to the device every step when the device is a GPU), a fresh ``torch.eye(d)``
 every step, ``delta = B @ A`` (no α/r scaling), ``loss = λ·‖(I − C) @ delta‖²_F`` and
 autograd through it. Against it: what ``AnchoredAdamW.step()`` adds to the inner
-step, i.e. ``AnchoredOptimizer._apply_penalty()`` on a PEFT LoRA weight (r=8, α=32),
-for exact ``safelora`` anchors (F = V/√‖V‖_F, O(d²r)), rank-256 ``orthogonal`` anchors
-(O(d·256·r)) and exact anchors with ``coupling="decoupled"``. ``floor_2_passes_exact``
-is not the library: two skinny products that read the exact F twice, the least memory
-traffic an exact anchor can cost (the library reads it four times, see the README).
+step, i.e. ``AnchoredOptimizer._apply_penalty(want_total=False)`` on a PEFT LoRA weight
+(r=8, α=32), for exact ``safelora`` anchors (F = V/√‖V‖_F, d×d, O(d²r): R applied
+twice, four skinny products over F), rank-256 ``orthogonal`` anchors (O(d·256·r): with
+the cached G = FᵀF, two passes over F) and exact anchors with ``coupling="decoupled"``.
+``floor_2_passes_exact`` is not the library: two skinny products that read the exact F
+twice (``(BᵀF)ᵀ``, then ``F [X, X]``), the least traffic an exact anchor can cost; the
+library reads it four times (a cached G would be another d×d matrix, see the README).
 
 The variants are interleaved round-robin; ratio = median(reference) / median(ours).
 A sanity check compares the two penalty values (ours = s²·reference, s = α/r).
 
     PYTHONPATH=. python benchmarks/penalty_cost.py            # d = 4096 and 8192
+    PYTHONPATH=. python benchmarks/penalty_cost.py --profile  # + torch.profiler tables
     PYTHONPATH=. python benchmarks/penalty_cost.py --tiny     # smoke test
 """
 
@@ -76,12 +79,33 @@ def ours(d: int, proj, coupling: str, b0: torch.Tensor, a0: torch.Tensor, device
 
     @torch.no_grad()
     def run():
-        return opt._apply_penalty()
+        # What step() runs: the gradients only; the penalty value is not summed.
+        return opt._apply_penalty(want_total=False)
 
     return opt, run
 
 
-def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device) -> dict:
+def profile(variants: dict, d: int, folder) -> dict:
+    """torch.profiler of our variants and the floor (5 calls each); top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    tables = {}
+    for key, fn in variants.items():
+        if key == "reference":
+            continue
+        with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(5):
+                fn()
+        tables[key] = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"penalty_cost_profile_d{d}.txt"
+    path.write_text("\n\n".join(f"== {k} (5 calls) ==\n{t}" for k, t in tables.items()))
+    print(f"profile written to {path}", file=sys.stderr)
+    return {"file": path.name}
+
+
+def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device, profile_dir=None) -> dict:
     g = torch.Generator().manual_seed(d)
     v = torch.randn(d, d, generator=g) * 0.01  # V = W_aligned - W_base
     b0 = torch.randn(d, R, generator=g) * 0.01
@@ -109,7 +133,7 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device) -> dict:
     f_dev, b_dev = exact.factor.to(device), b0.to(device)
 
     def floor_two_passes():
-        x = f_dev.T @ b_dev
+        x = (b_dev.T @ f_dev).T  # Fᵀ B in the orientation the library uses (faster on CPU)
         return f_dev @ torch.cat([x, x], 1)
 
     variants["floor_2_passes_exact"] = floor_two_passes
@@ -120,7 +144,8 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device) -> dict:
     exact64 = float(((rb.T @ rb) * (a64 @ a64.T)).sum())
     ref_val = float(reference_step(c_host, b, a, 1.0, device))
     s2 = (ALPHA / R) ** 2
-    ours_val = float(variants["safelora_exact"]()) / s2
+    with torch.no_grad():
+        ours_val = float(opts["safelora_exact"]._apply_penalty()) / s2
     check = {"float64": exact64, "reference": ref_val, "ours_over_s2": ours_val,
              "rel_err_ours": abs(ours_val - exact64) / exact64, "rel_err_reference": abs(ref_val - exact64) / exact64}
     samples = interleaved(variants, device, reps=reps, warmup=1,
@@ -133,16 +158,20 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device) -> dict:
     flops = {
         "reference": 4 * d**3 + 4 * d * d * R,  # (I−C)·ΔW forward + its backward, B@A and its grads
         "safelora_exact": 8 * d * d * R,  # R applied twice to B through F (d×d): 4 products
-        f"orthogonal_r{rank}": 8 * d * rank * R,
+        # Fᵀ B, G Y (rank²), F [Y, W] (2R columns): two passes over F with the cached G.
+        f"orthogonal_r{rank}": 6 * d * rank * R + 2 * rank * rank * R,
         "safelora_exact_decoupled": 8 * d * d * R,
         "floor_2_passes_exact": 6 * d * d * R,
     }
-    return {
+    out = {
         "d": d, "lora_r": R, "lora_alpha": ALPHA, "rank": rank,
         "stats": stats, "flops_estimate": flops,
         "reference_bytes_per_step": {"C_dense_fp32": 4 * d * d, "eye": 4 * d * d, "h2d_copy": 4 * d * d if device.type == "cuda" else 0},
         "penalty_check": check,
     }
+    if profile_dir is not None:
+        out["profile"] = profile(variants, d, profile_dir)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dims", type=int, nargs="*", default=None, help="default: 4096 8192 (tiny: 64)")
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--reps", type=int, default=None, help="reference repetitions per size")
+    p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
     device = setup(args)
     dims = args.dims or ([64] if args.tiny else [4096, 8192])
@@ -159,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         reps = args.reps or (2 if args.tiny else (5 if d <= 4096 else 3))
         reps_ours = 2 if args.tiny else 5
         print(f"d={d}: {reps} reference repetitions, {reps * reps_ours} of each of ours", file=sys.stderr)
-        results.append(bench_dim(d, rank, reps, reps_ours, device))
+        results.append(bench_dim(d, rank, reps, reps_ours, device, args.out if args.profile else None))
     rows = []
     for r in results:
         for k, s in r["stats"].items():

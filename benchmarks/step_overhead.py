@@ -1,10 +1,11 @@
 """B4: training-step overhead of AnchoredAdamW over AdamW (forward + backward + step).
 
 One model, several optimizers over the same LoRA parameters (same AdamW settings),
-stepped in interleaved rounds: ``adamw``, ``anchored`` (exact ``safelora``, coupled),
+stepped in interleaved rounds: ``adamw``, ``adamw_control`` (a second plain AdamW: the
+noise floor), ``anchored`` (exact ``safelora``, coupled),
 ``anchored_decoupled`` and, on the 4096 model, ``anchored_r256`` (rank-256
-``orthogonal``); plus ``penalty_only`` (``_apply_penalty()`` alone, what
-``step()`` adds). Overhead = median over rounds of (variant / adamw) − 1, from the
+``orthogonal``); plus ``penalty_only`` (``_apply_penalty(want_total=False)`` alone,
+what ``step()`` adds). Overhead = median over rounds of (variant / adamw) − 1, from the
 same rounds; the ratio of medians is recorded too.
 
 Models: the lab model (LlamaForCausalLM, hidden 256, 4 layers, 4 heads, vocab 2000,
@@ -70,6 +71,9 @@ def bench_model(name: str, cfg: dict, device, reps: int | None, profile_dir=None
     kw = dict(lr=LR, weight_decay=0.0)
     opts = {
         "adamw": torch.optim.AdamW(trainable, **kw),
+        # A/A control: a second plain AdamW. Its "overhead" is the noise floor of the
+        # full-iteration comparison on this (shared) machine.
+        "adamw_control": torch.optim.AdamW(trainable, **kw),
         "anchored": AnchoredAdamW(model, exact, anchor_lambda=1.0, **kw),
         "anchored_decoupled": AnchoredAdamW(model, exact, anchor_lambda=1.0, coupling="decoupled", **kw),
     }
@@ -90,7 +94,7 @@ def bench_model(name: str, cfg: dict, device, reps: int | None, profile_dir=None
 
     @torch.no_grad()
     def penalty_only():
-        probe._apply_penalty()
+        probe._apply_penalty(want_total=False)
         probe.zero_grad(set_to_none=True)
 
     fns = {k: iteration(o) for k, o in opts.items()}
@@ -153,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "—" if k == "adamw" else f"{100 * s['overhead_ratio_of_medians']:+.2f} %"])
     table = markdown_table(["model", "variant", "median", "p10 – p90", "n",
                             "overhead (median of per-round ratios)", "overhead (ratio of medians)"], rows)
-    table += "\n\n`penalty_only`: `_apply_penalty()` alone, as a fraction of an AdamW iteration."
+    table += ("\n\n`penalty_only`: `_apply_penalty(want_total=False)` alone, as a fraction of an AdamW "
+              "iteration. `adamw_control`: a second plain AdamW, i.e. the noise floor of the "
+              "full-iteration overheads.")
     cmd = "PYTHONPATH=. python benchmarks/step_overhead.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     payload = {"environment": environment(device), "lr": LR, "results": results}
     write(args.out, "step_overhead", payload, table, cmd)

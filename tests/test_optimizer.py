@@ -363,10 +363,10 @@ def test_reference_lambda_conversion(use_rslora):
 def test_step_forms_no_square_matrix_and_never_syncs():
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    d_out = 96
-    model = torch.nn.Sequential(torch.nn.Linear(4, d_out, dtype=D))
+    d_out, d_in = 96, 6  # d_in ≠ 2r: F [Y, W] (d_out × 2r) is no dense ΔW
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, dtype=D))
     model = lora(model, ["0"])
-    anchors, _ = make_anchors(model, {"0.weight": (d_out, 4)}, "safelora", None)
+    anchors, _ = make_anchors(model, {"0.weight": (d_out, d_in)}, "safelora", None)
     full = torch.nn.Sequential(torch.nn.Linear(4, d_out, dtype=D))
     full_anchors, _ = make_anchors(full, {"0.weight": (d_out, 4)}, "orthogonal", 2)
 
@@ -390,7 +390,7 @@ def test_step_forms_no_square_matrix_and_never_syncs():
             opt.step()
         assert rec.shapes and all(s.count(d_out) < 2 for s in rec.shapes), "a d_out × d_out tensor was formed"
         if m is model:  # LoRA: not even the dense ΔW (d_out × d_in)
-            assert (d_out, 4) not in rec.shapes
+            assert (d_out, d_in) not in rec.shapes
         assert not any("_local_scalar_dense" in op or "item" in op for op in rec.ops)
 
 
@@ -433,9 +433,10 @@ def test_bad_inputs_raise_naming_the_weight():
         opt.step()
 
 
-def test_tensors_swapped_after_construction_are_followed():
+@pytest.mark.parametrize("mode", ["safelora", "orthogonal"])  # orthogonal rank 2 on Q: cached G path
+def test_tensors_swapped_after_construction_are_followed(mode):
     """accelerate/FSDP2 replace Parameters after the optimizer is built: look them up at step time."""
-    model, anchors, oracle = _setup()
+    model, anchors, oracle = _setup(mode)
     opt = AnchoredOptimizer(torch.optim.SGD(_params(model), lr=0.0), model, anchors)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     old = layer.lora_B["default"].weight
@@ -443,7 +444,65 @@ def test_tensors_swapped_after_construction_are_followed():
     layer.lora_B["default"].weight = new
     group = opt.param_groups[0]
     group["params"] = [new if p is old else p for p in group["params"]]
-    opt.step()
+    opt.step()  # the first step filled the per-target caches
     expected = torch.autograd.grad(ref.oracle_penalty(model, oracle), [new])[0]
     assert old.grad is None
     torch.testing.assert_close(new.grad, expected, atol=1e-10, rtol=1e-9)
+    # Swapped again after the caches exist: still followed.
+    newer = torch.nn.Parameter(new.detach().clone() * 0.5)
+    layer.lora_B["default"].weight = newer
+    group["params"] = [newer if p is new else p for p in group["params"]]
+    opt.step()
+    expected = torch.autograd.grad(ref.oracle_penalty(model, oracle), [newer])[0]
+    torch.testing.assert_close(newer.grad, expected, atol=1e-10, rtol=1e-9)
+
+
+def test_anchor_cache_follows_dtype_and_in_place_factor_changes():
+    """The moved anchor and its Gram matrix G = FᵀF are rebuilt for a new dtype or changed factor."""
+    model, anchors, _ = _setup("orthogonal")
+    opt = AnchoredOptimizer(torch.optim.SGD(_params(model), lr=0.0), model, anchors)
+    (target,) = [t for t in opt.targets if t.name == Q]
+    opt.step()
+    _, _, moved, gram = target._cache["proj"]
+    assert gram is not None and gram.dtype == D  # rank 2 ≤ 8/4: G is cached
+    opt.zero_grad()
+    opt.step()
+    assert target._cache["proj"][3] is gram  # reused across steps
+    # In place change of the factor (its version counter moves): G follows.
+    with torch.no_grad():
+        anchors[Q].factor.mul_(0.5)
+    opt.zero_grad()
+    opt.step()
+    assert target._cache["proj"][3] is not gram
+    torch.testing.assert_close(target._cache["proj"][3], anchors[Q].factor.T @ anchors[Q].factor)
+    # float32 adapters: the anchor and G move to float32 once.
+    model.float()
+    opt.zero_grad()
+    opt.step()
+    _, _, moved, gram = target._cache["proj"]
+    assert moved.factor.dtype == gram.dtype == torch.float32
+
+
+def test_diagnostics_are_those_of_the_step_start():
+    """Diagnostics are computed lazily, but from the weights the step started from."""
+    model, anchors, oracle = _setup("orthogonal")
+    opt = AnchoredOptimizer(torch.optim.SGD(_params(model), lr=0.5), model, anchors, anchor_lambda=0.3)
+    _train(model, opt, 1)  # a first step, so ΔW is not at its initial value
+    before = {n: (pen.item(), frac.item()) for n, (pen, frac) in ref.oracle_stats(model, oracle).items()}
+    opt.zero_grad()
+    lm_loss(model, 1).backward()
+    opt.step()  # moves the LoRA weights in place
+    after = ref.oracle_stats(model, oracle)
+    stats = opt.anchor_stats()
+    for name, (pen, frac) in before.items():
+        assert after[name][0].item() != pytest.approx(pen, rel=1e-6)
+        assert stats[name]["raw_penalty"] == pytest.approx(pen, rel=1e-9)
+        assert stats[name]["penalty"] == pytest.approx(0.3 * pen, rel=1e-9)
+        assert stats[name]["off_anchor_fraction"] == pytest.approx(frac, rel=1e-9)
+    assert opt.anchor_stats() == stats
+    summary = opt.anchor_summary()
+    assert summary["anchor/penalty"] == pytest.approx(sum(0.3 * p for p, _ in before.values()), rel=1e-9)
+    assert summary["anchor/off_anchor_max"] == pytest.approx(max(f for _, f in before.values()), rel=1e-9)
+    tensors = opt.anchor_tensors()
+    assert set(tensors) == set(before) and all(t.dim() == 0 for v in tensors.values() for t in v)
+    assert copy.deepcopy(opt).anchor_stats() == stats

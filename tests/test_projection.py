@@ -169,3 +169,58 @@ def test_l2_mode_penalises_everything(d, seed):
     p = projection_from_delta(_rand(seed + 1, d, 2), "l2")
     torch.testing.assert_close(p.residual(x), x)
     torch.testing.assert_close(dense_terms(p, x).grads[0], 2 * x)
+
+
+@given(modes, shape_and_rank(), st.integers(1, 4), seeds)
+def test_residual_and_metric_with_and_without_gram(mode, shape, n, seed):
+    """``(R x, RᵀR x)`` in two passes (cached G = FᵀF) or four: both equal the dense oracle."""
+    d_out, d_in, k = shape
+    v = _rand(seed, d_out, d_in)
+    proj = projection_from_delta(v, mode, rank=_rank_for(mode, d_out, d_in, k))
+    r = ref.dense_r(v, mode, _rank_for(mode, d_out, d_in, k))
+    x = _rand(seed + 3, d_out, n)
+    for gram in (None, proj.gram()):
+        rx, mx = proj.residual_and_metric(x, gram)
+        torch.testing.assert_close(rx, r @ x, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(mx, r.T @ r @ x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(proj.gram(), proj.factor.T @ proj.factor)
+
+
+@given(modes, lora_shapes(), scalings, seeds)
+def test_terms_with_cached_gram_equal_autograd(mode, shape, s, seed):
+    d_out, d_in, r = shape
+    rank = _rank_for(mode, d_out, d_in, max(1, min(d_out, d_in) // 2))
+    v = _rand(seed, d_out, d_in)
+    proj = projection_from_delta(v, mode, rank=rank)
+    b = _rand(seed + 1, d_out, r).requires_grad_()
+    a = _rand(seed + 2, r, d_in).requires_grad_()
+    terms = lora_terms(proj, b.detach(), a.detach(), s, proj.gram())
+    loss = ref.penalty_of(s * b @ a, v, mode, rank)
+    gb, ga = torch.autograd.grad(loss, (b, a))
+    torch.testing.assert_close(terms.penalty, loss.detach(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(terms.grads[0], gb, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(terms.grads[1], ga, atol=1e-9, rtol=1e-9)
+    delta = _rand(seed + 4, d_out, d_in).requires_grad_()
+    dense = dense_terms(proj, delta.detach(), proj.gram())
+    (grad,) = torch.autograd.grad(ref.penalty_of(delta, v, mode, rank), delta)
+    torch.testing.assert_close(dense.grads[0], grad, atol=1e-10, rtol=1e-10)
+
+
+def test_gram_is_cached_only_when_it_is_small():
+    """G = FᵀF costs m² memory: only for m ≤ d_out/4 (low rank), never for an exact square anchor."""
+    assert projection_from_delta(_rand(0, 16, 16), "orthogonal", rank=4).gram_pays
+    assert not projection_from_delta(_rand(0, 16, 16), "orthogonal", rank=5).gram_pays
+    assert not projection_from_delta(_rand(0, 16, 16), "safelora").gram_pays
+    assert projection_from_delta(_rand(0, 16, 3), "safelora").gram_pays  # tall weight: F is (16, 3)
+    assert not projection_from_delta(_rand(0, 16, 3), "l2").gram_pays
+
+
+def test_lora_values_are_lazy_and_do_not_alias_the_factors():
+    """The values are computed on first access, from tensors the inner step cannot change."""
+    proj = projection_from_delta(_rand(0, 6, 5), "safelora")
+    b, a = _rand(1, 6, 2), _rand(2, 2, 5)
+    terms = lora_terms(proj, b, a, 2.0)
+    expected = ref.penalty_of(2.0 * b @ a, _rand(0, 6, 5), "safelora", None)
+    b.mul_(3.0), a.zero_()  # what an optimizer step does to the parameters' storage
+    torch.testing.assert_close(terms.penalty, expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(terms.delta_sq, (2.0 * _rand(1, 6, 2) @ _rand(2, 2, 5)).pow(2).sum())
