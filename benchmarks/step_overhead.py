@@ -8,8 +8,8 @@ noise floor), ``anchored`` (exact ``safelora``, coupled),
 what ``step()`` adds). Overhead = median over rounds of (variant / adamw) − 1, from the
 same rounds; the ratio of medians is recorded too.
 
-Models: the lab model (LlamaForCausalLM, hidden 256, 4 layers, 4 heads, vocab 2000,
-seq 64, batch 8) and a one-block model with Llama-2-7B dimensions (hidden 4096,
+Models: the lab model (the lab's LlamaForCausalLM: hidden 128, intermediate 256, 4
+layers, 4 heads, vocab 1024; the attack's batch 16 at its max length 96) and a one-block model with Llama-2-7B dimensions (hidden 4096,
 intermediate 11008, 32 heads, 1 layer, vocab 2000, seq 64, batch 4); PEFT LoRA r=8,
 α=32 on q_proj/v_proj; anchors from random V = W_aligned − W_base.
 
@@ -32,8 +32,10 @@ from transformers.utils import logging as hf_logging
 from asft_optim import AnchoredAdamW, Anchors
 
 MODELS = {
-    "lab (h256, 4 layers)": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                 num_attention_heads=4, vocab_size=2000, batch=8, seq=64, reps=40),
+    # The lab's own attack model and batch (asft_optim.lab: ModelConfig(), vocab 1024,
+    # LoRA attack batch 16, max length 96).
+    "lab (h128, 4 layers)": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                 num_attention_heads=4, vocab_size=1024, batch=16, seq=96, reps=40),
     "one block (h4096)": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
                               num_attention_heads=32, vocab_size=2000, batch=4, seq=64, reps=5, rank=256),
 }
