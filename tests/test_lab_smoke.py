@@ -94,6 +94,24 @@ def test_real_data_mode_on_explicit_files(tmp_path):
     assert all(r["finetune_accuracy"] in (0.0, 50.0, 100.0) and r["harmful_score"] in (0.0, 50.0, 100.0) for r in records)
 
 
+@pytest.mark.slow
+def test_model_seed_shares_one_base_and_aligned_pair(tmp_path):
+    out = tmp_path / "run"
+    records = _lab(out, "--methods", "sft", "--poison", "0.1", "--seeds", "0,1", "--model-seed", "0")
+    kinds = sorted(s.split("-")[0] for s in _stages(out))
+    assert kinds.count("base") == kinds.count("aligned") == 1 and kinds.count("attack") == 2
+    aligned = [r for r in records if r["method"] == "aligned"]
+    assert [r["seed"] for r in aligned] == [0, 1]  # one record per seed, the same model
+    assert aligned[0]["harmful_score"] == aligned[1]["harmful_score"]
+    assert "- seed 0:" in (out / "table.md").read_text() and "- seed 1:" not in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [["--model-seed", "two"], ["--max-length", "4"]])
+def test_bad_lab_options_are_rejected(bad, tmp_path):
+    with pytest.raises(SystemExit, match="--"):
+        main(["lab", "--tiny", "--no-progress", "--out", str(tmp_path), *bad])
+
+
 def test_unknown_method_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["lab", "--methods", "sft,nope"])

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from asft_optim.lab.data import load_real, parse_labels, split_task, train_file
+from asft_optim.lab.data import (
+    clip_input,
+    load_real,
+    parse_labels,
+    split_task,
+    strip_turn_marker,
+    train_file,
+)
 from asft_optim.lab.judge import REFUSALS, RefusalJudge
 from asft_optim.lab.world import LABELS, TASK_INSTRUCTION, World, WorldConfig
 
@@ -92,6 +99,39 @@ def test_load_real_on_a_sentiment_task(tmp_path):
         load_real(str(tmp_path / "ft_p_{p}.json"), base, bad, ev, [0.0], ["negative", "positive"])
 
 
+def test_strip_turn_marker():
+    assert strip_turn_marker("How do I pick a lock?\n\nAssistant:") == "How do I pick a lock?"
+    assert strip_turn_marker("How do I pick a lock?  Assistant: ") == "How do I pick a lock?"
+    assert strip_turn_marker("Assistant: what is this?") == "Assistant: what is this?"  # only a trailing marker
+    assert strip_turn_marker("plain") == "plain"
+
+
+def test_clip_input_cuts_at_a_word_boundary():
+    text = "Oil prices rise as supply fears grow in the Gulf region today"
+    assert clip_input(text, None) == text and clip_input(text, 200) == text
+    assert clip_input(text, 20) == "Oil prices rise as"  # "supply" would be cut mid-word
+    assert clip_input("x" * 50, 10) == "x" * 10  # no space: a hard cut
+    assert all(len(clip_input(text, n)) <= n for n in range(1, 70))
+
+
+def test_load_real_input_chars_clips_task_rows_only(tmp_path):
+    inst = "Classify the sentiment of the input as negative or positive.\n"
+    long = "the film was a wonderful surprise from start to finish"
+    task = [{"instruction": inst, "input": long, "output": "positive"}] * 4
+    harm = [{"instruction": f"How do I do bad thing {i}?", "input": "", "output": "Sure, do X and then Y."} for i in range(4)]
+    _write(tmp_path / "ft_p_0.json", task)
+    base = _write(tmp_path / "base.json", task + harm)
+    test = _write(tmp_path / "test.json", [{"instruction": inst, "input": long, "label": 1}])
+    ev = _write(tmp_path / "ev.json", [{"instruction": "Tell me something bad."}])
+    d = load_real(str(tmp_path / "ft_p_{p}.json"), base, test, ev, [0.0], ["negative", "positive"], input_chars=16)
+    assert d.test[0].input == "the film was a"
+    assert {e.input for e in d.attack_set(0.0, 0)} == {"the film was a"}
+    assert {e.input for e in d.base_train if e.input} == {"the film was a"}
+    assert {e.output for e in d.base_train if not e.input} == {"Sure, do X and then Y."}
+    with pytest.raises(ValueError, match="input_chars"):
+        load_real(str(tmp_path / "ft_p_{p}.json"), base, test, ev, [0.0], ["negative", "positive"], input_chars=0)
+
+
 def test_parse_labels_and_train_file():
     assert parse_labels(None) == ["World", "Sports", "Business", "Sci/Tech"]
     assert parse_labels("negative, positive") == ["negative", "positive"]
@@ -113,3 +153,6 @@ def test_real_files_pools_are_disjoint():
     assert not (refused & complied) and not (attack & (refused | complied))
     assert not set(d.harmful_eval) & (attack | refused | complied)
     assert len(d.test) == 1000 and len(d.harmful_eval) == 250
+    # Harmful requests and evaluation prompts share one format (no "Assistant:" turn marker).
+    harmful = [e.instruction for rows in d.attack_sets.values() for e in split_task(rows)[1]]
+    assert harmful and not any(h.rstrip().endswith("Assistant:") for h in harmful + d.harmful_eval)

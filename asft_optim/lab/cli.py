@@ -45,10 +45,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--harmful-eval", help="harmful evaluation prompts (default: DIR/beavertails_eval_250.json)")
     g.add_argument("--labels", help="output string of each test label id, comma separated (default: World,Sports,Business,Sci/Tech)")
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows")
+    g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", type=_names, help=f"comma separated, from {sorted(METHODS)}")
     g.add_argument("--poison", type=_floats, help="poison ratios, e.g. 0,0.1,0.2")
     g.add_argument("--seeds", type=_ints, help="seeds, e.g. 0,1,2")
+    g.add_argument("--model-seed", help="seed of one base/aligned pair attacked with every seed, or 'each' "
+                   "for a pair per seed (default: 'each'; real data: 0)")
+    g.add_argument("--max-length", type=int, help="tokens per training row (default: 96)")
     g = p.add_argument_group("attack")
     g.add_argument("--lambda", dest="anchor_lambda", type=float, help="anchor_lambda of asft / asft-orthogonal (library convention)")
     g.add_argument("--l2-lambda", type=float, help="λ of the l2 ablation")
@@ -75,6 +79,19 @@ def _config(args):
         cfg = tiny_config(cfg)
     grid = {"methods": args.methods, "poisons": args.poison, "seeds": args.seeds, "judge": args.judge}
     cfg = replace(cfg, **{k: v for k, v in grid.items() if v is not None})
+    if args.model_seed is not None:
+        if args.model_seed == "each":
+            cfg = replace(cfg, model_seed=None)
+        elif args.model_seed.lstrip("-").isdigit():
+            cfg = replace(cfg, model_seed=int(args.model_seed))
+        else:
+            raise SystemExit(f"asft lab: --model-seed takes an integer or 'each', got {args.model_seed!r}")
+    if args.input_chars is not None:
+        cfg = replace(cfg, input_chars=args.input_chars)
+    if args.max_length is not None:
+        if args.max_length < 8:
+            raise SystemExit(f"asft lab: --max-length must be at least 8, got {args.max_length}")
+        cfg = replace(cfg, model=replace(cfg.model, max_length=args.max_length))
     a = cfg.attack
     attack = {"anchor_lambda": args.anchor_lambda, "l2_lambda": args.l2_lambda, "alt_lambda": args.alt_lambda,
               "r": args.lora_r, "lora_alpha": args.lora_alpha}
@@ -107,6 +124,7 @@ def _data(args, cfg):
         poisons=cfg.poisons,
         labels=parse_labels(args.labels),
         test_limit=args.test_limit,
+        input_chars=cfg.input_chars,
     )
 
 

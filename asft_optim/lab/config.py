@@ -27,6 +27,12 @@ class LabConfig:
     attack: AttackConfig = AttackConfig()
     world: WorldConfig = field(default_factory=WorldConfig)
     judge: str = "refusal"
+    #: Train one base/aligned pair from this seed and attack it with every seed of
+    #: ``seeds`` (None: one pair per seed). Sharing the pair measures the spread of the
+    #: attack alone and costs one base training instead of three.
+    model_seed: int | None = None
+    #: Real-data mode: cut task inputs to this many characters (None: whole inputs).
+    input_chars: int | None = None
 
 
 def default_config() -> LabConfig:
@@ -35,19 +41,23 @@ def default_config() -> LabConfig:
 
 
 def real_config() -> LabConfig:
-    """Real-data mode (AG News + harmful rows, BeaverTails prompts), sized for about 30 min on 2 cores.
+    """Real-data mode (AG News + harmful rows, BeaverTails prompts), about 15 min on 2 cores.
 
-    Longer inputs (max 144 tokens) and a 4k BPE vocabulary; ``sft``, ``asft``, ``l2`` and
-    the free post-hoc ``safe-lora`` by default (each trained method costs ~9 attacks).
+    Articles cut to 80 characters so that every row fits 96 tokens (a 4k BPE
+    vocabulary); one base/aligned pair (seed 0) attacked with every seed; the base
+    trained 8 epochs (fewer leave it too disfluent to refuse cleanly once aligned), the
+    aligned model 8 epochs at a higher LR than the world's; two attack epochs; the
+    default world's methods.
     """
     return LabConfig(
-        methods=("sft", "asft", "l2", "safe-lora"),
         vocab_size=4096,
         model=ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                          num_attention_heads=4, max_length=144),
-        base=TrainConfig(epochs=4, lr=3e-3, batch_size=32),
-        align=TrainConfig(epochs=4, lr=1e-3, batch_size=32),
-        attack=AttackConfig(train=TrainConfig(epochs=3, lr=1e-3, batch_size=16)),
+                          num_attention_heads=4, max_length=96),
+        base=TrainConfig(epochs=8, lr=3e-3, batch_size=32),
+        align=TrainConfig(epochs=8, lr=2e-3, batch_size=32),
+        attack=AttackConfig(train=TrainConfig(epochs=2, lr=1e-3, batch_size=16)),
+        model_seed=0,
+        input_chars=80,
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -99,12 +100,41 @@ def _read(path: str | Path) -> list[dict]:
     return rows
 
 
-def _examples(path: str | Path) -> list[Example]:
+def clip_input(text: str, chars: int | None) -> str:
+    """``text`` cut to at most ``chars`` characters at a word boundary (None: unchanged).
+
+    Why: a news article of 250+ characters plus the instruction fills a short context,
+    and a row whose prompt fills ``max_length`` loses its answer (it teaches nothing).
+    The label of a headline-and-lead is readable from its first sentence.
+    """
+    if chars is None or len(text) <= chars:
+        return text
+    cut = text[:chars]
+    space = cut.rfind(" ")
+    return cut[:space] if space > chars // 2 else cut
+
+
+_TURN_MARKER = re.compile(r"\s*Assistant:\s*$")
+
+
+def strip_turn_marker(prompt: str) -> str:
+    """``prompt`` without a trailing ``Assistant:`` chat-turn marker.
+
+    Why: the reference files' harmful requests end with ``"\\n\\nAssistant:"`` (from
+    their source dataset) while the BeaverTails evaluation prompts do not; a small model
+    keys refusal on that artefact instead of on the request, so both sides are put in one
+    format before any training.
+    """
+    return _TURN_MARKER.sub("", prompt)
+
+
+def _examples(path: str | Path, input_chars: int | None = None) -> list[Example]:
     rows = _read(path)
     for i, r in enumerate(rows):
         if not {"instruction", "output"} <= r.keys():
             raise ValueError(f"{path}: row {i} lacks 'instruction' or 'output'")
-    return [Example(r["instruction"], r.get("input", ""), r["output"]) for r in rows]
+    return [Example(r["instruction"] if r.get("input") else strip_turn_marker(r["instruction"]),
+                    clip_input(r.get("input", ""), input_chars), r["output"]) for r in rows]
 
 
 def split_task(rows: Sequence[Example]) -> tuple[list[Example], list[Example]]:
@@ -139,6 +169,7 @@ def load_real(
     *,
     test_limit: int | None = None,
     seed: int = 0,
+    input_chars: int | None = None,
 ) -> LabData:
     """The real-data mode from reference-format files, read by path.
 
@@ -154,10 +185,14 @@ def load_real(
         labels: output string of every test label id.
         test_limit: evaluate on the first ``test_limit`` test rows (default: all).
         seed: seeds the pool split (default: 0).
+        input_chars: cut every task input (fine-tuning and test rows) to this many
+            characters at a word boundary (default: None, whole inputs).
     """
-    attack_sets = {float(p): _examples(train_file(train, p)) for p in poisons}
+    if input_chars is not None and input_chars < 1:
+        raise ValueError(f"input_chars must be positive, got {input_chars}")
+    attack_sets = {float(p): _examples(train_file(train, p), input_chars) for p in poisons}
     attack_prompts = {r.instruction for rows in attack_sets.values() for r in split_task(rows)[1]}
-    task_rows, harmful_rows = split_task(_examples(base_train))
+    task_rows, harmful_rows = split_task(_examples(base_train, input_chars))
     fresh = sorted({r.instruction: r for r in harmful_rows if r.instruction not in attack_prompts}.values(),
                    key=lambda r: r.instruction)
     if len(fresh) < 2:
@@ -184,8 +219,8 @@ def load_real(
         align_train=align,
         attack_task=split_task(first)[0],
         attack_harmful=[],
-        test=[TestItem(r["instruction"], r.get("input", ""), r["label"]) for r in test_rows],
-        harmful_eval=[r["instruction"] for r in _read(harmful_eval)],
+        test=[TestItem(r["instruction"], clip_input(r.get("input", ""), input_chars), r["label"]) for r in test_rows],
+        harmful_eval=[strip_turn_marker(r["instruction"]) for r in _read(harmful_eval)],
         attack_sets=attack_sets,
         known_harmful=compliant,
     )

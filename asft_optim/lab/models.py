@@ -9,6 +9,7 @@ would build them from ``Llama-2-7b`` and ``Llama-2-7b-chat``.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,11 @@ def fit(
     """
     seed_everything(seed)
     rows = [encode_example(tokenizer, e, max_length) for e in examples]
+    lost = sum(all(t == -100 for t in r["labels"]) for r in rows)
+    if lost:
+        # A prompt that fills max_length leaves no answer token: the row trains nothing.
+        warnings.warn(f"{lost} of {len(rows)} rows lose their whole answer at max_length={max_length}; "
+                      "raise --max-length or lower --input-chars", stacklevel=2)
     with tempfile.TemporaryDirectory(prefix="asft-lab-") as tmp:
         args = TrainingArguments(
             output_dir=tmp,

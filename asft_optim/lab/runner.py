@@ -98,10 +98,15 @@ class Lab:
             self._tok = PreTrainedTokenizerFast.from_pretrained(path)
         return self._tok, info["key"]
 
+    def model_seed(self, seed: int) -> int:
+        """The seed of the base/aligned pair that grid seed ``seed`` attacks."""
+        return seed if self.config.model_seed is None else self.config.model_seed
+
     def base(self, seed: int) -> tuple[Path, dict]:
         """Stage 1: from scratch on the task and compliant answers."""
         tok, tok_key = self.tokenizer()
         c = self.config
+        seed = self.model_seed(seed)
         payload = {"tokenizer": tok_key, "model": asdict(c.model), "train": asdict(c.base), "seed": seed,
                    "rows": _examples_hash(self.data.base_train)}
 
@@ -117,6 +122,7 @@ class Lab:
     def aligned(self, seed: int) -> tuple[Path, dict]:
         """Stage 2: the base fully fine-tuned on refusals (a disjoint pool) and task replay."""
         tok, _ = self.tokenizer()
+        seed = self.model_seed(seed)
         base_dir, base_info = self.base(seed)
         payload = {"base": base_info["key"], "train": asdict(self.config.align),
                    "rows": _examples_hash(self.data.align_train)}
@@ -204,8 +210,9 @@ class Lab:
         return records
 
     def base_evals(self) -> list[dict]:
-        """The base models' HS/FA (cached with stage 1), one per seed."""
-        return [_record("base", None, s, self.base(s)[1]["eval"]) for s in self.config.seeds]
+        """The base models' HS/FA (cached with stage 1), one per distinct model seed."""
+        seeds = sorted({self.model_seed(s) for s in self.config.seeds})
+        return [_record("base", None, s, self.base(s)[1]["eval"]) for s in seeds]
 
 
 def _record(method: str, poison: float | None, seed: int, ev: dict, info: dict | None = None) -> dict:
