@@ -92,6 +92,13 @@ def test_real_data_mode_on_explicit_files(tmp_path):
                    "--labels", "negative,positive", "--methods", "sft,asft", "--poison", "0,0.2", "--seeds", "0")
     assert [(r["method"], r["poison_ratio"]) for r in records] == [("aligned", None), ("sft", 0.0), ("sft", 0.2), ("asft", 0.0), ("asft", 0.2)]
     assert all(r["finetune_accuracy"] in (0.0, 50.0, 100.0) and r["harmful_score"] in (0.0, 50.0, 100.0) for r in records)
+    # Fewer poison ratios (other attack files loaded): the tokenizer, base and aligned
+    # models are the cached ones.
+    before = _stages(tmp_path / "out")
+    again = _lab(tmp_path / "out", "--train", str(tmp_path / "ft_p_{p}.json"), "--base-train", str(tmp_path / "base.json"),
+                 "--test", str(tmp_path / "test.json"), "--harmful-eval", str(tmp_path / "ev.json"),
+                 "--labels", "negative,positive", "--methods", "sft", "--poison", "0.2", "--seeds", "0")
+    assert _stages(tmp_path / "out") == before and again == [records[0], records[2]]
 
 
 @pytest.mark.slow

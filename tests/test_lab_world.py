@@ -94,6 +94,9 @@ def test_load_real_on_a_sentiment_task(tmp_path):
     assert not refused & complied and not (refused | complied) & {h["instruction"] for h in harm[:2]}
     with pytest.raises(ValueError, match="no fine-tuning file"):
         d.attack_set(0.3, 0)
+    one = load_real(str(tmp_path / "ft_p_{p}.json"), base, test, ev, [0.1], parse_labels("negative,positive"))
+    assert one.fingerprint(attack_sets=False) == d.fingerprint(attack_sets=False)  # what the models key on
+    assert one.fingerprint() != d.fingerprint()
     bad = _write(tmp_path / "bad.json", [{"instruction": inst, "input": "x", "label": 2}])
     with pytest.raises(ValueError, match="label 2"):
         load_real(str(tmp_path / "ft_p_{p}.json"), base, bad, ev, [0.0], ["negative", "positive"])

@@ -77,11 +77,17 @@ class LabData:
         harmful = random.Random(f"poison-{seed}").sample(self.attack_harmful, n_harm)
         return self.attack_task + harmful
 
-    def fingerprint(self) -> str:
-        """A hash of the whole content: part of every cache key."""
+    def fingerprint(self, *, attack_sets: bool = True) -> str:
+        """A hash of the content; ``attack_sets=False`` leaves the attack files out.
+
+        The tokenizer (and so the base and aligned models) keys on the content without
+        the attack files, so that adding a poison ratio in real-data mode retrains only
+        attacks, as it does in the world.
+        """
+        sets = self.attack_sets if attack_sets else {}
         payload = json.dumps(
             {k: v for k, v in asdict(self).items() if k != "attack_sets"}
-            | {"attack_sets": {str(p): [asdict(e) for e in r] for p, r in sorted(self.attack_sets.items())}},
+            | {"attack_sets": {str(p): [asdict(e) for e in r] for p, r in sorted(sets.items())}},
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -211,13 +217,12 @@ def load_real(
     for i, r in enumerate(test_rows):
         if not (isinstance(r.get("label"), int) and 0 <= r["label"] < len(labels)):
             raise ValueError(f"{test}: row {i} has label {r.get('label')!r}; --labels gives {len(labels)} names")
-    first = next(iter(attack_sets.values()))
     return LabData(
         name="real",
         labels=labels,
         base_train=base,
         align_train=align,
-        attack_task=split_task(first)[0],
+        attack_task=[],  # the attack rows are the files' (attack_sets)
         attack_harmful=[],
         test=[TestItem(r["instruction"], clip_input(r.get("input", ""), input_chars), r["label"]) for r in test_rows],
         harmful_eval=[strip_turn_marker(r["instruction"]) for r in _read(harmful_eval)],

@@ -82,12 +82,12 @@ class Lab:
     # -- stages ------------------------------------------------------------------------
     def tokenizer(self) -> tuple[PreTrainedTokenizerFast, str]:
         d = self.data
-        payload = {"data": d.fingerprint(), "vocab": self.config.vocab_size}
+        # Without the attack files: a new poison ratio must not retrain the models above it.
+        payload = {"data": d.fingerprint(attack_sets=False), "vocab": self.config.vocab_size}
 
         def build(tmp: Path) -> dict:
             texts = [format_prompt(e.instruction, e.input) + e.output
-                     for e in d.base_train + d.align_train + d.attack_task + d.attack_harmful
-                     + [r for rows in d.attack_sets.values() for r in rows]]
+                     for e in d.base_train + d.align_train + d.attack_task + d.attack_harmful]
             texts += [format_prompt(t.instruction, t.input) for t in d.test] + list(d.harmful_eval)
             texts += REFUSALS + d.labels
             train_tokenizer(texts, self.config.vocab_size).save_pretrained(tmp)
