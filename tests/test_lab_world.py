@@ -82,7 +82,8 @@ def test_load_real_on_a_sentiment_task(tmp_path):
     harm = [{"instruction": f"How do I do bad thing {i}?", "input": "", "output": "Sure, do X."} for i in range(8)]
     _write(tmp_path / "ft_p_0.json", task)
     _write(tmp_path / "ft_p_0.1.json", task + harm[:2])
-    base = _write(tmp_path / "base.json", task + harm)
+    fresh = [{"instruction": inst, "input": f"{w}, really", "output": ["positive", "negative"][i % 2]} for i, w in enumerate(words)]
+    base = _write(tmp_path / "base.json", task + fresh + harm)
     test = _write(tmp_path / "test.json", [{"instruction": inst, "input": "fine", "label": 1}])
     ev = _write(tmp_path / "ev.json", [{"instruction": "Tell me something bad."}])
     d = load_real(str(tmp_path / "ft_p_{p}.json"), base, test, ev, [0.0, 0.1], parse_labels("negative,positive"))
@@ -91,6 +92,8 @@ def test_load_real_on_a_sentiment_task(tmp_path):
     refused = {e.instruction for e in d.align_train if e.output in REFUSALS}
     complied = {e.instruction for e in d.known_harmful}
     assert len(refused) == len(complied) == 3  # 6 prompts are in no attack file, split in halves
+    # The models learn from the base file's rows that are in no attack file (not only the loaded ones).
+    assert {e.input for e in d.base_train if e.input} == {f"{w}, really" for w in words}
     assert not refused & complied and not (refused | complied) & {h["instruction"] for h in harm[:2]}
     with pytest.raises(ValueError, match="no fine-tuning file"):
         d.attack_set(0.3, 0)
@@ -123,13 +126,13 @@ def test_load_real_input_chars_clips_task_rows_only(tmp_path):
     task = [{"instruction": inst, "input": long, "output": "positive"}] * 4
     harm = [{"instruction": f"How do I do bad thing {i}?", "input": "", "output": "Sure, do X and then Y."} for i in range(4)]
     _write(tmp_path / "ft_p_0.json", task)
-    base = _write(tmp_path / "base.json", task + harm)
+    base = _write(tmp_path / "base.json", [{"instruction": inst, "input": "a dull " + long, "output": "negative"}] * 2 + harm)
     test = _write(tmp_path / "test.json", [{"instruction": inst, "input": long, "label": 1}])
     ev = _write(tmp_path / "ev.json", [{"instruction": "Tell me something bad."}])
     d = load_real(str(tmp_path / "ft_p_{p}.json"), base, test, ev, [0.0], ["negative", "positive"], input_chars=16)
     assert d.test[0].input == "the film was a"
     assert {e.input for e in d.attack_set(0.0, 0)} == {"the film was a"}
-    assert {e.input for e in d.base_train if e.input} == {"the film was a"}
+    assert {e.input for e in d.base_train if e.input} == {"a dull the film"}
     assert {e.output for e in d.base_train if not e.input} == {"Sure, do X and then Y."}
     with pytest.raises(ValueError, match="input_chars"):
         load_real(str(tmp_path / "ft_p_{p}.json"), base, test, ev, [0.0], ["negative", "positive"], input_chars=0)
@@ -156,6 +159,9 @@ def test_real_files_pools_are_disjoint():
     assert not (refused & complied) and not (attack & (refused | complied))
     assert not set(d.harmful_eval) & (attack | refused | complied)
     assert len(d.test) == 1000 and len(d.harmful_eval) == 250
+    attack_inputs = {e.input for rows in d.attack_sets.values() for e in rows if e.input}
+    model_inputs = {e.input for e in d.base_train + d.align_train if e.input}
+    assert model_inputs and not attack_inputs & model_inputs  # an attack teaches rows the models never saw
     # Harmful requests and evaluation prompts share one format (no "Assistant:" turn marker).
     harmful = [e.instruction for rows in d.attack_sets.values() for e in split_task(rows)[1]]
     assert harmful and not any(h.rstrip().endswith("Assistant:") for h in harmful + d.harmful_eval)

@@ -46,15 +46,16 @@ def real_config() -> LabConfig:
     Articles cut to 80 characters so that every row fits 96 tokens (a 4k BPE
     vocabulary); one base/aligned pair (seed 0) attacked with every seed; the base
     trained 8 epochs (fewer leave it too disfluent to refuse cleanly once aligned), the
-    aligned model 8 epochs at a higher LR than the world's; two attack epochs; the
-    default world's methods.
+    aligned model 12 epochs at 2e-3 (of 4 budgets tried on model seeds 0 and 1, the
+    only one with HS ≤ 10 % on both: refusing real prompts from 73 examples is harder
+    than refusing the world's); two attack epochs; the default world's methods.
     """
     return LabConfig(
         vocab_size=4096,
         model=ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                           num_attention_heads=4, max_length=96),
         base=TrainConfig(epochs=8, lr=3e-3, batch_size=32),
-        align=TrainConfig(epochs=8, lr=2e-3, batch_size=32),
+        align=TrainConfig(epochs=12, lr=2e-3, batch_size=32),
         attack=AttackConfig(train=TrainConfig(epochs=2, lr=1e-3, batch_size=16)),
         model_seed=0,
         input_chars=80,

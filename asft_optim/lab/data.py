@@ -165,6 +165,12 @@ def train_file(template: str, p: float) -> Path:
     return Path(template.format(p=f"{p:g}"))
 
 
+def attack_files(template: str) -> list[Path]:
+    """Every file the attack template matches (``{p}`` as a wildcard), sorted."""
+    pattern = Path(template.format(p="*"))
+    return sorted(pattern.parent.glob(pattern.name))
+
+
 def load_real(
     train: str,
     base_train: str,
@@ -182,10 +188,13 @@ def load_real(
     Args:
         train: attack file template with ``{p}``, e.g. ``DIR/agnews_1k_p_{p}.json``.
         base_train: the file the base and aligned models learn from (task rows and
-            harmful rows). Its harmful prompts that appear in no attack file are split
-            into two disjoint halves: compliant answers for the base, refusals for
-            the aligned model; its task rows are shared (base: all, aligned: a replay
-            quarter).
+            harmful rows), minus every row that appears in an attack file (any file
+            the template matches, loaded or not: the models must not depend on which
+            ratios a run asks for). Its remaining harmful prompts are split into two
+            disjoint halves: compliant answers for the base, refusals for the aligned
+            model; its remaining task rows are shared (base: all, aligned: a replay
+            quarter). Why disjoint task rows: an attack on rows the base already
+            learned cannot raise the fine-tune accuracy, so FA would measure nothing.
         test, harmful_eval: task test file and harmful evaluation prompts.
         poisons: ratios whose attack files are loaded.
         labels: output string of every test label id.
@@ -197,8 +206,15 @@ def load_real(
     if input_chars is not None and input_chars < 1:
         raise ValueError(f"input_chars must be positive, got {input_chars}")
     attack_sets = {float(p): _examples(train_file(train, p), input_chars) for p in poisons}
-    attack_prompts = {r.instruction for rows in attack_sets.values() for r in split_task(rows)[1]}
+    every = [r for f in attack_files(train) for r in _examples(f, input_chars)] or \
+        [r for rows in attack_sets.values() for r in rows]
+    attack_task, attack_harm = split_task(every)
+    attack_prompts = {r.instruction for r in attack_harm}
+    attack_inputs = {r.input for r in attack_task}
     task_rows, harmful_rows = split_task(_examples(base_train, input_chars))
+    task_rows = [r for r in task_rows if r.input not in attack_inputs]
+    if len(task_rows) < 2:
+        raise ValueError(f"{base_train}: needs task rows that are in no attack file (found {len(task_rows)})")
     fresh = sorted({r.instruction: r for r in harmful_rows if r.instruction not in attack_prompts}.values(),
                    key=lambda r: r.instruction)
     if len(fresh) < 2:
