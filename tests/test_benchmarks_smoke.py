@@ -1,14 +1,18 @@
-"""Smoke test: the anchor-build benchmark runs end to end on tiny dimensions (no timing asserts)."""
+"""Smoke tests: the anchor-build and lab alignment-budget benchmarks run end to end on tiny sizes (no timing asserts)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "anchor_build.py"
+# The reference data sits next to the repository in CI; ASFT_LAB_DATA points elsewhere.
+REAL_DATA = Path(os.environ.get("ASFT_LAB_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "asft")
 
 
 @pytest.mark.slow
@@ -24,3 +28,21 @@ def test_anchor_build_benchmark_tiny(tmp_path, capsys):
     assert rows["streaming"]["anchors"] == rows["whole"]["anchors"] == 4
     assert rows["streaming"]["anchor_mb"] == rows["whole"]["anchor_mb"]
     assert "peak RSS" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="reference data not available")
+def test_lab_align_budget_benchmark_tiny(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from lab_align_budget import main
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    args = ["--tiny", "--data", str(REAL_DATA), "--out", str(tmp_path), "--model-seeds", "0", "--budgets", "1:1e-3,2:1e-3",
+            "--test-limit", "20"]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "align_budget.json").read_text())
+    assert [(r["model_seed"], r["align_epochs"]) for r in rows] == [(0, 1.0), (0, 2.0)]
+    assert rows[0]["base_hs"] == rows[1]["base_hs"]  # one base model, cached, for both budgets
+    assert all(0 <= r[k] <= 100 for r in rows for k in ("base_hs", "base_fa", "aligned_hs", "aligned_fa"))
+    assert capsys.readouterr().out.count("\n| 0 |") == 2
