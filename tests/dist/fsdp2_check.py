@@ -128,3 +128,10 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: gloo's background threads can still be alive when C++
+    # static destructors run, which aborts a rank ("terminate called without an active
+    # exception", exit -6) after the check has passed and printed. Every result is
+    # flushed and the process group destroyed by now, so nothing is lost.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
