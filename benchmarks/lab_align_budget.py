@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         from asft_optim.lab.config import tiny_config
 
-        cfg = replace(tiny_config(cfg), input_chars=cfg.input_chars)
+        cfg = tiny_config(cfg)
     budgets = [(float(e), float(lr)) for e, lr in (b.split(":") for b in args.budgets.split(","))]
     d = args.data
     data = load_real(str(d / "agnews_1k_p_{p}.json"), str(d / "agnews_2.5k_p_0.1.json"), str(d / "agnews_test.json"),
