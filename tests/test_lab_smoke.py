@@ -120,6 +120,13 @@ def test_bad_lab_options_are_rejected(bad, tmp_path):
         main(["lab", "--tiny", "--no-progress", "--out", str(tmp_path), *bad])
 
 
+def test_presets_run_every_registered_method():
+    from asft_optim.lab.config import default_config, real_config
+
+    for cfg in (default_config(), real_config()):
+        assert sorted(cfg.methods) == sorted(METHODS)
+
+
 def test_unknown_method_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["lab", "--methods", "sft,nope"])

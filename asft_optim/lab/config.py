@@ -17,7 +17,7 @@ class LabConfig:
     takes only the fields that stage reads.
     """
 
-    methods: tuple[str, ...] = ("sft", "asft", "asft-orthogonal", "l2", "safe-lora")
+    methods: tuple[str, ...] = ("sft", "asft", "asft-orthogonal", "l2", "safe-lora", "asft-alt")
     poisons: tuple[float, ...] = (0.0, 0.1, 0.2)
     seeds: tuple[int, ...] = (0, 1, 2)
     vocab_size: int = 1024
@@ -48,7 +48,7 @@ def real_config() -> LabConfig:
     trained 8 epochs (fewer leave it too disfluent to refuse cleanly once aligned), the
     aligned model 12 epochs at 2e-3 (of 4 budgets tried on model seeds 0 and 1, the
     only one with HS ≤ 10 % on both: refusing real prompts from 73 examples is harder
-    than refusing the world's); two attack epochs; the default world's methods.
+    than refusing the world's); two attack epochs; every method.
     """
     return LabConfig(
         vocab_size=4096,
