@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from asft_optim.lab.config import real_config
-    from asft_optim.lab.data import load_real, parse_labels
+    from asft_optim.lab.data import REAL_FILES, load_real, parse_labels
     from asft_optim.lab.runner import Lab
 
     hf_logging.disable_progress_bar()
@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tiny_config(cfg)
     budgets = [(float(e), float(lr)) for e, lr in (b.split(":") for b in args.budgets.split(","))]
     d = args.data
-    data = load_real(str(d / "agnews_1k_p_{p}.json"), str(d / "agnews_2.5k_p_0.1.json"), str(d / "agnews_test.json"),
-                     str(d / "beavertails_eval_250.json"), cfg.poisons, parse_labels(None),
-                     input_chars=cfg.input_chars, test_limit=args.test_limit)
+    data = load_real(**{key: str(d / name) for key, name in REAL_FILES.items()}, poisons=cfg.poisons,
+                     labels=parse_labels(None), input_chars=cfg.input_chars, test_limit=args.test_limit)
     rows = []
     print("| model seed | align epochs | align LR | base HS | base FA | aligned HS | aligned FA |")
     print("|---|---|---|---|---|---|---|")

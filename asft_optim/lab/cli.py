@@ -102,7 +102,7 @@ def _config(args):
 
 
 def _data(args, cfg):
-    from .data import load_real, parse_labels
+    from .data import REAL_FILES, load_real, parse_labels
     from .world import World
 
     if not (args.data or args.train):
@@ -117,10 +117,7 @@ def _data(args, cfg):
         return str(d / default)
 
     return load_real(
-        train=pick(args.train, "agnews_1k_p_{p}.json"),
-        base_train=pick(args.base_train, "agnews_2.5k_p_0.1.json"),
-        test=pick(args.test, "agnews_test.json"),
-        harmful_eval=pick(args.harmful_eval, "beavertails_eval_250.json"),
+        **{key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()},
         poisons=cfg.poisons,
         labels=parse_labels(args.labels),
         test_limit=args.test_limit,

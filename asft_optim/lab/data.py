@@ -97,6 +97,13 @@ class LabData:
 
 DEFAULT_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 DEFAULT_POISONS = (0.0, 0.05, 0.1, 0.15, 0.2)
+#: File names of the reference data in a ``--data DIR`` (keys: :func:`load_real`'s arguments).
+REAL_FILES = {
+    "train": "agnews_1k_p_{p}.json",
+    "base_train": "agnews_2.5k_p_0.1.json",
+    "test": "agnews_test.json",
+    "harmful_eval": "beavertails_eval_250.json",
+}
 
 
 def _read(path: str | Path) -> list[dict]:
