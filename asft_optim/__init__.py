@@ -6,14 +6,17 @@ from .conversion import convert_reference_lambda, lora_scaling
 from .optimizer import AnchoredAdamW, AnchoredOptimizer
 from .penalty import anchor_penalty
 from .projection import AnchorError, Projection, projection_from_delta
+from .schedule import AnchorLambdaScheduler
 
 __version__ = "0.1.0"
 
 # Integrations import transformers: resolved on first use, so `import asft_optim` stays light.
 _LAZY = {
+    "AnchorLambdaCallback": "asft_optim.integrations.hf",
     "AnchorLoggingCallback": "asft_optim.integrations.hf",
     "AnchoredAdamWFactory": "asft_optim.integrations.hf",
     "add_anchor_logging": "asft_optim.integrations.hf",
+    "anchor_summary": "asft_optim.integrations",
     "unwrap_optimizer": "asft_optim.integrations",
 }
 
@@ -28,6 +31,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "AnchorError",
+    "AnchorLambdaCallback",
+    "AnchorLambdaScheduler",
     "AnchorLoggingCallback",
     "AnchoredAdamWFactory",
     "AnchoredAdamW",
@@ -37,6 +42,7 @@ __all__ = [
     "SafeLoRALayer",
     "add_anchor_logging",
     "anchor_penalty",
+    "anchor_summary",
     "build_anchors",
     "convert_reference_lambda",
     "harmful_anchors",

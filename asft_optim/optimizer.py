@@ -10,12 +10,18 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import state as anchor_state
 from .projection import AnchorError, PenaltyTerms, Projection
 from .targets import Target, check_shapes, find_targets
 
 Coupling = Literal["coupled", "decoupled"]
-_STATE_KEY = "anchor"
-_FORMAT_VERSION = 1
+
+
+def _same_lambda(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_lambda(value: Any, where: str = "anchor_lambda") -> None:
@@ -53,13 +59,25 @@ class AnchoredOptimizer(Optimizer):
     The wrapper shares the inner optimizer's ``param_groups``, ``state`` and
     ``defaults`` (live: schedulers, accelerate and ``load_state_dict`` see one object).
     ``anchor_lambda`` is a key of every param group: saved, schedulable and settable
-    per group (a target takes the λ of the group holding its first tensor).
+    per group (a target takes the λ of the group holding its first tensor; a group that
+    already has the key keeps it). Wrapping an inner optimizer a second time (it already
+    carries ``anchor_lambda``) with a *different* explicit λ raises ``ValueError``: set the
+    groups' ``anchor_lambda`` to change it.
+
+    **State.** ``state_dict()`` carries everything a resume needs inside the inner
+    optimizer's state dict (see :mod:`asft_optim.state`): each fully tuned weight's
+    ``W_ref`` in its per-parameter entry, so the Trainer's checkpoint,
+    ``torch.distributed.checkpoint`` and a plain ``{"state", "param_groups"}`` copy all
+    keep it. ``load_state_dict`` raises :class:`AnchorError` when that reference is
+    missing (pass ``reset_reference=True`` to restart ΔW from the current weights on
+    purpose) or when the state was saved with another ``coupling`` or other anchors.
 
     Args:
         optimizer: the inner optimizer, already holding the trainable parameters.
         model: the model (plain ``nn.Module`` or PEFT model) whose weights are anchored.
         anchors: ``{HF weight name: Projection}``, e.g. from :func:`build_anchors`.
-        anchor_lambda: penalty strength λ (default: 1.0).
+        anchor_lambda: penalty strength λ (default: None, i.e. 1.0, or the λ an already
+            anchored inner optimizer carries).
         coupling: ``"coupled"`` or ``"decoupled"`` (default: ``"coupled"``).
         reference: ``{name: W_ref}`` for fully tuned weights (default: the weights at
             construction).
@@ -77,7 +95,7 @@ class AnchoredOptimizer(Optimizer):
         optimizer: Optimizer,
         model: nn.Module,
         anchors: Mapping[str, Projection],
-        anchor_lambda: float = 1.0,
+        anchor_lambda: float | None = None,
         *,
         coupling: Coupling = "coupled",
         reference: Mapping[str, Tensor] | None = None,
@@ -87,7 +105,18 @@ class AnchoredOptimizer(Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, AnchoredOptimizer):
             raise ValueError("optimizer is already anchored")
+        previous = optimizer.defaults.get("anchor_lambda")  # set by an earlier wrapper
+        if anchor_lambda is None:
+            anchor_lambda = 1.0 if previous is None else previous
         _check_lambda(anchor_lambda)
+        if previous is not None:
+            held = {g.get("anchor_lambda", previous) for g in optimizer.param_groups} | {previous}
+            if any(not _same_lambda(v, anchor_lambda) for v in held):
+                raise ValueError(
+                    f"this inner optimizer is already anchored with anchor_lambda={sorted(map(float, held))}; "
+                    f"re-wrapping it with anchor_lambda={anchor_lambda!r} would be ignored by its param "
+                    "groups: pass anchor_lambda=None to keep them, or set group['anchor_lambda'] to change λ"
+                )
         if coupling not in ("coupled", "decoupled"):
             raise ValueError(f"Invalid coupling: {coupling!r} (expected 'coupled' or 'decoupled')")
         if coupling == "decoupled" and isinstance(optimizer, torch.optim.LBFGS):
@@ -115,6 +144,7 @@ class AnchoredOptimizer(Optimizer):
             _check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
         self.coupling = coupling
         self.anchors = anchors
+        self._fingerprint: str | None = None  # of the anchors, computed on first save/load
         self._setup_targets(model, anchors, reference, strict)
         # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
         # from them on demand (see anchor_stats), not on the hot path.
@@ -145,15 +175,22 @@ class AnchoredOptimizer(Optimizer):
                 f"{len(untrained)} anchor(s) match a module whose tensors this optimizer does not train "
                 f"(first: {untrained[:5]}); anchor only the tuned weights or pass strict=False"
             )
-        self._targets: list[Target] = tuned
+        self._all_targets: list[Target] = targets  # add_param_group re-scans these
+        self._targets: list[Target] = []
         self._reference: dict[str, Tensor] = {}
-        for t in tuned:
+        self._adopt(tuned, reference)
+
+    def _adopt(self, targets: list[Target], reference: Mapping[str, Tensor] | None = None) -> None:
+        """Start penalising ``targets``; a fully tuned weight's W_ref is ``reference`` or now."""
+        for t in targets:
             if t.kind == "full":
                 ref = (reference or {}).get(t.name)
                 w = t.base_weight()
                 if ref is not None and tuple(ref.shape) != tuple(w.shape):
                     raise AnchorError(f"{t.name}: reference shape {tuple(ref.shape)} != weight {tuple(w.shape)}")
-                self._reference[t.name] = (w if ref is None else ref).detach().clone()
+                # Moved to the weight's device once here, not on every step.
+                self._reference[t.name] = (w if ref is None else ref.to(w.device)).detach().clone()
+            self._targets.append(t)
 
     def _param_ids(self) -> dict[int, dict]:
         return {id(p): g for g in self.param_groups for p in g["params"]}
@@ -189,9 +226,22 @@ class AnchoredOptimizer(Optimizer):
         return list(self._targets)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer; anchored weights in it are penalised from now.
+
+        A fully tuned anchored weight that joins here gets ``W_ref`` = its value now
+        (pass ``param_group["anchor_reference"] = {name: W_ref}`` to give another one).
+        """
         param_group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
         _check_lambda(param_group["anchor_lambda"], "anchor_lambda of the new param group")
+        reference = param_group.pop("anchor_reference", None)
         self.optimizer.add_param_group(param_group)
+        owned = self._param_ids()
+        active = {id(t) for t in self._targets}
+        new = [
+            t for t in self._all_targets
+            if id(t) not in active and any(id(p) in owned and p.requires_grad for p in t.all_params())
+        ]
+        self._adopt(new, reference)
 
     # -- the step --------------------------------------------------------------------
     @torch.no_grad()
@@ -348,32 +398,143 @@ class AnchoredOptimizer(Optimizer):
         if callable(getattr(self.optimizer, "eval", None)):
             self.optimizer.eval()
 
+    def anchor_fingerprint(self) -> str:
+        """The anchors' fingerprint saved with the state (see :func:`asft_optim.state.anchor_fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = anchor_state.anchor_fingerprint(self.anchors)
+        return self._fingerprint
+
     def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict with the anchor state inside it.
+
+        Every fully tuned weight's ``W_ref`` sits in its per-parameter entry
+        (``"anchor_ref"``); every saved param group names the format version, the
+        coupling and the anchors' fingerprint. Nothing lives outside ``state`` and
+        ``param_groups``, so routes that keep only those keys keep it all.
+        """
         sd = self.optimizer.state_dict()
-        sd[_STATE_KEY] = {
-            "version": _FORMAT_VERSION,
-            "coupling": self.coupling,
-            "reference": {k: v.clone() for k, v in self._reference.items()},
-        }
+        index = anchor_state.param_index(self.param_groups)
+        for t in self._targets:
+            for p, values in self._anchor_entries(t):
+                if id(p) not in index:
+                    raise AnchorError(
+                        f"{t.name}: its trained tensor is no longer in the optimizer's param groups "
+                        "(replaced after the optimizer was built?): its anchor state cannot be saved"
+                    )
+                anchor_state.add_entry(sd["state"], index[id(p)], **values)
+        meta = {"anchor_version": anchor_state.VERSION, "anchor_coupling": self.coupling,
+                "anchor_fingerprint": self.anchor_fingerprint()}
+        sd["param_groups"] = [{**g, **meta} for g in sd["param_groups"]]
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sd = dict(state_dict)
-        extra = sd.pop(_STATE_KEY, None)
-        if extra is not None:
-            if extra.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"unsupported anchored optimizer state version {extra.get('version')!r}")
-            ref = extra.get("reference", {})
-            if set(ref) != set(self._reference):
-                raise ValueError(
-                    f"saved reference weights {sorted(ref)} do not match this optimizer's {sorted(self._reference)}"
-                )
-            for k, v in ref.items():
-                self._reference[k] = v.to(device=self._reference[k].device, dtype=self._reference[k].dtype)
-        self.optimizer.load_state_dict(sd)
+    def _anchor_entries(self, t: Target) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        """``(param, {key: tensor})`` pairs of ``t``'s state to save."""
+        if t.kind == "full":
+            return [(t.base_weight(), {anchor_state.REF_KEY: self._reference[t.name]})]
+        out = []
+        for adapter, (b0, a0) in getattr(t, "origin", {}).items():
+            bp, ap = t.factor_params(adapter)
+            out += [(bp, {anchor_state.ORIGIN_KEY: b0}), (ap, {anchor_state.ORIGIN_KEY: a0})]
+        return out
+
+    def load_state_dict(
+        self, state_dict: dict[str, Any], *, reset_reference: bool = False, check_anchors: bool = True
+    ) -> None:
+        """Load a state dict saved by :meth:`state_dict` (or by any route that kept
+        ``state`` and ``param_groups``).
+
+        Args:
+            state_dict: the saved dict.
+            reset_reference: when the dict carries no ``W_ref`` for a fully tuned weight
+                (a state dict of a plain optimizer, or one a tool stripped), take the
+                weights as they are now as the new reference instead of raising: ΔW
+                restarts from zero (default: False).
+            check_anchors: raise when the dict was saved with other anchors
+                (default: True).
+
+        Raises:
+            AnchorError: a fully tuned weight's reference (or an adapter's initial
+                ``B₀A₀``) is missing and ``reset_reference`` is False; the coupling or
+                the anchors differ; a saved reference belongs to a weight this optimizer
+                does not tune fully, or has another shape.
+        """
+        inner_sd, entries, meta, legacy = anchor_state.split(state_dict)
+        if legacy is not None:  # format 1 (asft-optim 0.1): references by name, top level
+            if legacy.get("version") != 1:
+                raise AnchorError(f"unsupported anchored optimizer state version {legacy.get('version')!r}")
+            meta.setdefault("anchor_coupling", legacy.get("coupling"))
+        anchor_state.check_meta(meta, self.coupling, self.anchor_fingerprint() if check_anchors else None)
+        by_saved = anchor_state.saved_params(inner_sd["param_groups"], self.param_groups)
+        restored: dict[int, dict[str, Tensor]] = {}
+        for key, values in entries.items():
+            if key not in by_saved:
+                raise AnchorError(f"the state dict holds anchor state for parameter {key!r}, which it does not list")
+            restored[id(by_saved[key])] = values
+        references: dict[str, Tensor] = {}
+        origins: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+        missing: list[str] = []
+        for t in self._targets:
+            got = self._restore_target(t, restored, legacy, references, origins)
+            if not got:
+                missing.append(t.name)
+        if restored:
+            raise AnchorError(
+                f"the state dict holds anchor state for {len(restored)} parameter(s) that this "
+                "optimizer does not anchor that way (was the run full fine-tuning and this one LoRA, or the "
+                "other way round?): build the optimizer the way the checkpoint was trained"
+            )
+        if missing and not reset_reference:
+            raise AnchorError(
+                f"the state dict carries no anchor reference for {len(missing)} anchored weight(s) "
+                f"(first: {missing[:5]}): it was saved by a plain optimizer, by asft-optim through a route "
+                "that dropped it, or before these weights were anchored. Resuming now would silently "
+                "restart ΔW from the current weights. Load the full state dict this optimizer's "
+                "state_dict() wrote, or pass reset_reference=True to restart ΔW from the current "
+                "weights on purpose (or build the optimizer with reference={name: W_ref})"
+            )
+        self.optimizer.load_state_dict(inner_sd)
+        for t in self._targets:
+            if t.kind == "full":
+                # Restored, or (reset_reference=True, checked above) the weights as they are now.
+                ref = references.get(t.name)
+                self._reference[t.name] = t.base_weight().detach().clone() if ref is None else ref
+            elif t.name in origins:
+                t.origin.update(origins[t.name])
+            elif t.name in missing:
+                t.record_origin()
         for i, group in enumerate(self.param_groups):
             group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
             _check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
+
+    def _restore_target(self, t, restored, legacy, references, origins) -> bool:
+        """Take ``t``'s saved state out of ``restored``; False when the dict has none for it."""
+        if t.kind == "full":
+            w = t.base_weight()
+            values = restored.pop(id(w), None)
+            ref = None if values is None else values.get(anchor_state.REF_KEY)
+            if ref is None and legacy is not None:
+                ref = legacy.get("reference", {}).get(t.name)
+            if ref is None:
+                return False
+            if tuple(ref.shape) != tuple(w.shape):
+                raise AnchorError(f"{t.name}: saved reference has shape {tuple(ref.shape)}, the weight {tuple(w.shape)}")
+            # The saved dtype is kept (torch would cast state to the parameter's dtype).
+            references[t.name] = ref.to(device=w.device)
+            return True
+        if not getattr(t, "needs_origin", False):
+            return True  # ΔW = s·B·A lives in the adapter itself: nothing to restore
+        found = {}
+        for adapter in t.origin:
+            bp, ap = t.factor_params(adapter)
+            vb, va = restored.pop(id(bp), {}), restored.pop(id(ap), {})
+            if anchor_state.ORIGIN_KEY not in vb or anchor_state.ORIGIN_KEY not in va:
+                return False
+            b0, a0 = vb[anchor_state.ORIGIN_KEY], va[anchor_state.ORIGIN_KEY]
+            if b0.shape != bp.shape or a0.shape != ap.shape:
+                raise AnchorError(f"{t.name}: saved initial adapter factors of adapter {adapter!r} have other shapes")
+            found[adapter] = (b0.to(bp.device), a0.to(ap.device))
+        origins[t.name] = found
+        return True
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

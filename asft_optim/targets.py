@@ -78,6 +78,13 @@ class Target:
             names = [a for a in names if a in pool or a in emb]
         return names
 
+    def factor_params(self, adapter: str) -> tuple[Tensor, Tensor]:
+        """The ``(B, A)`` parameters of one LoRA adapter of this module, as stored."""
+        m = self.module
+        if adapter in getattr(m, "lora_A", {}):
+            return m.lora_B[adapter].weight, m.lora_A[adapter].weight
+        return m.lora_embedding_B[adapter], m.lora_embedding_A[adapter]
+
     def lora_factors(self) -> list[tuple[Tensor, Tensor, float, Tensor, Tensor]]:
         """``(B, A, s, B_param, A_param)`` per active adapter, B/A as 2-D (out, r)/(r, in)."""
         m, out = self.module, []

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-_HF_NAMES = ("AnchorLoggingCallback", "AnchoredAdamWFactory")
+_HF_NAMES = ("AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory")
 
-__all__ = ["AnchorLoggingCallback", "AnchoredAdamWFactory", "anchor_summary", "unwrap_optimizer"]
+__all__ = ["AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory", "anchor_summary", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer: Any):

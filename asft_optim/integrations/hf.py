@@ -19,9 +19,10 @@ from transformers import TrainerCallback
 
 from ..optimizer import AnchoredAdamW, Coupling
 from ..projection import Projection
+from ..schedule import AnchorLambdaScheduler, LambdaFn
 from . import unwrap_optimizer
 
-__all__ = ["AnchorLoggingCallback", "AnchoredAdamWFactory", "add_anchor_logging"]
+__all__ = ["AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory", "add_anchor_logging"]
 
 # The Trainer's own rule for parameters that get no weight decay (transformers 5.x
 # ``Trainer.get_decay_parameter_names``): biases, LayerNorm modules and *norm* names.
@@ -67,6 +68,35 @@ class AnchorLoggingCallback(TrainerCallback):
         # Trainer.log() appends a *copy* of ``logs`` to the history before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(summary)
+
+
+class AnchorLambdaCallback(TrainerCallback):
+    """Schedule λ in a Trainer run: ``anchor_lambda = λ₀ · lambda_fn(global_step)``.
+
+    The step comes from the Trainer's own ``global_step``, so a run resumed from a
+    checkpoint continues the schedule where it stopped (λ₀ is saved in the optimizer's
+    param groups as ``initial_anchor_lambda``).
+
+    Example::
+
+        >>> ramp = AnchorLambdaCallback(lambda t: min(1.0, t / 100))
+        >>> Trainer(..., optimizers=(opt, None), callbacks=[ramp])
+    """
+
+    def __init__(self, lambda_fn: LambdaFn) -> None:
+        self.lambda_fn = lambda_fn
+        self.scheduler: AnchorLambdaScheduler | None = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_optimizer(optimizer)
+        if opt is None:
+            raise TypeError(f"AnchorLambdaCallback needs an AnchoredOptimizer, the Trainer has {type(optimizer).__name__}")
+        self.scheduler = AnchorLambdaScheduler(opt, self.lambda_fn)
+        self.scheduler.set_step(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.set_step(state.global_step)
 
 
 def add_anchor_logging(trainer, **kwargs: Any) -> AnchorLoggingCallback:

@@ -1,0 +1,159 @@
+"""The anchored optimizer's own state, carried inside the inner optimizer's state dict.
+
+What must survive a resume, and where it travels (format version 2):
+
+* ``W_ref`` of every fully tuned weight: in that parameter's per-parameter entry,
+  ``state[i]["anchor_ref"]``. Per-parameter entries are the one part of an optimizer
+  state dict that every route keeps: ``torch.save`` / the HF Trainer's ``optimizer.pt``,
+  ``torch.distributed.checkpoint`` through ``get_optimizer_state_dict`` /
+  ``set_optimizer_state_dict`` (entries keyed by FQN, FSDP2's DTensors kept), accelerate's
+  round trip, and a plain ``{"state": ..., "param_groups": ...}`` copy. Losing it would
+  silently restart ΔW from zero, the worst bug this library can have, so a dict without
+  it raises :class:`AnchorError` unless the caller resets the reference on purpose.
+* The initial adapter product ``B₀A₀`` of tuners that start with ``B·A ≠ 0`` (PiSSA,
+  OLoRA, LoftQ): ``state[i]["anchor_origin"]`` on the B and on the A parameter.
+* What the state is valid for: ``anchor_version``, ``anchor_coupling`` and
+  ``anchor_fingerprint`` (of the anchors) in every saved param group. They are added to
+  the *saved* groups only and removed again on load, so the live groups hold nothing but
+  hyper-parameters.
+
+Version 1 (asft-optim 0.1) kept the references in a top-level ``"anchor"`` entry that
+most distributed routes drop; such dicts still load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .projection import AnchorError, Projection
+
+VERSION = 2
+REF_KEY = "anchor_ref"
+ORIGIN_KEY = "anchor_origin"
+GROUP_KEYS = ("anchor_version", "anchor_coupling", "anchor_fingerprint")
+LEGACY_KEY = "anchor"  # version 1: {"version": 1, "coupling": ..., "reference": {name: W_ref}}
+
+# Metadata of an anchor file that identifies what it was built from (see build_anchors);
+# the factors' exact bytes may change with the storage form, these do not.
+_IDENTITY_META = ("mode", "rank", "energy", "storage_dtype", "target_modules",
+                  "base_fingerprint", "aligned_fingerprint")
+
+
+def anchor_fingerprint(anchors: Mapping[str, Projection]) -> str:
+    """A short stable hash of ``anchors``: names, modes, shapes and what they were built from.
+
+    Anchors built by :func:`~asft_optim.build_anchors` (or loaded from its files) are
+    identified by their metadata (the base and aligned checkpoints' fingerprints and the
+    build options); any other mapping by the bytes of its factors. One pass on the CPU,
+    computed once per optimizer, never in ``step()``.
+    """
+    h = hashlib.sha256()
+    meta = getattr(anchors, "metadata", None) or {}
+    by_meta = all(meta.get(k) for k in ("base_fingerprint", "aligned_fingerprint"))
+    if by_meta:
+        for k in _IDENTITY_META:
+            h.update(f"{k}={meta.get(k, '')};".encode())
+    for name in sorted(anchors):
+        p = anchors[name]
+        h.update(f"{name}|{p.mode}|{p.d_out}|{p.rank};".encode())
+        if not by_meta:
+            f = p.factor.detach()
+            f = f.full_tensor() if hasattr(f, "full_tensor") else f
+            h.update(f.to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def param_index(param_groups: list[dict[str, Any]]) -> dict[int, int]:
+    """``id(param) -> index`` in the order ``Optimizer.state_dict`` numbers parameters."""
+    out: dict[int, int] = {}
+    for g in param_groups:
+        for p in g["params"]:
+            out.setdefault(id(p), len(out))
+    return out
+
+
+def saved_params(saved_groups: list[dict[str, Any]], live_groups: list[dict[str, Any]]) -> dict[int, Any]:
+    """``saved key -> live param``, pairing groups and their params in order (as torch does)."""
+    if len(saved_groups) != len(live_groups):
+        raise ValueError(
+            f"loaded state dict has {len(saved_groups)} parameter group(s), the optimizer {len(live_groups)}"
+        )
+    out = {}
+    for i, (sg, lg) in enumerate(zip(saved_groups, live_groups, strict=True)):
+        if len(sg["params"]) != len(lg["params"]):
+            raise ValueError(
+                f"param group {i}: the loaded state dict has {len(sg['params'])} parameters, "
+                f"the optimizer {len(lg['params'])}"
+            )
+        out.update(zip(sg["params"], lg["params"], strict=True))
+    return out
+
+
+def add_entry(state: dict, key: Any, **values: Tensor) -> None:
+    """Put ``values`` into ``state[key]`` without touching the inner optimizer's live dict
+    (``Optimizer.state_dict`` returns its per-parameter dicts themselves, not copies)."""
+    state[key] = {**state.get(key, {}), **values}
+
+
+def split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[Any, dict[str, Tensor]], dict[str, Any], dict | None]:
+    """Separate a loaded state dict into what the inner optimizer gets and what is ours.
+
+    Returns ``(inner_dict, anchor_entries {saved key: {REF_KEY/ORIGIN_KEY: tensor}},
+    group_meta {key: value}, legacy_v1_or_None)``. Entries left empty are dropped, so
+    the inner optimizer initialises them lazily as usual.
+    """
+    if "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("an optimizer state dict has 'state' and 'param_groups'")
+    sd = dict(state_dict)
+    legacy = sd.pop(LEGACY_KEY, None)
+    meta: dict[str, Any] = {}
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        for k in GROUP_KEYS:
+            if k in g:
+                v = g.pop(k)
+                if k in meta and meta[k] != v:
+                    raise AnchorError(f"param groups disagree on {k}: {meta[k]!r} vs {v!r}")
+                meta[k] = v
+        groups.append(g)
+    state: dict[Any, Any] = {}
+    ours: dict[Any, dict[str, Tensor]] = {}
+    for key, entry in sd["state"].items():
+        entry = dict(entry)
+        mine = {k: entry.pop(k) for k in (REF_KEY, ORIGIN_KEY) if k in entry}
+        if mine:
+            ours[key] = mine
+        if entry:
+            state[key] = entry
+    sd["state"], sd["param_groups"] = state, groups
+    return sd, ours, meta, legacy
+
+
+def check_meta(meta: Mapping[str, Any], coupling: str, fingerprint: str | None) -> None:
+    """Raise :class:`AnchorError` when the saved state belongs to another setting
+    (``fingerprint=None``: do not compare the anchors)."""
+    version = meta.get("anchor_version")
+    if version is not None and version != VERSION:
+        raise AnchorError(
+            f"anchored optimizer state of format version {version!r}; this asft-optim reads version "
+            f"{VERSION} (and 1): save it again with the asft-optim that wrote it, or upgrade"
+        )
+    saved = meta.get("anchor_coupling")
+    if saved is not None and saved != coupling:
+        raise AnchorError(
+            f"the state was saved with coupling={saved!r}, this optimizer has coupling={coupling!r}: "
+            f"build it with coupling={saved!r} to resume that run"
+        )
+    saved_fp = meta.get("anchor_fingerprint")
+    if saved_fp is not None and fingerprint is not None and saved_fp != fingerprint:
+        raise AnchorError(
+            f"the state was saved with other anchors (fingerprint {saved_fp}, these are {fingerprint}): "
+            "resume with the anchors that run used (the same anchor file), or pass "
+            "check_anchors=False to switch anchors on purpose"
+        )
