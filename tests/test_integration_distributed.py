@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def torchrun(script: str, tag: str) -> dict:
+def torchrun(script: str, tag: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist" / script)]
+           str(ROOT / "tests" / "dist" / script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -37,3 +37,11 @@ def test_fsdp2_penalty_gradient_equals_unsharded():
         assert res[case]["max_diff_oracle"] <= 1e-10
         assert res[case]["n_grads"] > 0
     assert res["dora"] == "refused"
+
+
+def test_dcp_resume_under_fsdp2_is_bit_exact(tmp_path):
+    res = torchrun("dcp_check.py", "DCP-OK", str(tmp_path))
+    for case in ("full", "lora"):
+        assert res[case]["max_diff"] == 0.0
+        assert res[case]["penalty"] > 0
+    assert res["stripped"] == "refused"

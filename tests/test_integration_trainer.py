@@ -14,6 +14,7 @@ from integration_models import (
     TokenDataset,
     anchor_deltas,
     tiny_anchors,
+    tiny_llama,
     tiny_lora_llama,
     trainable_state,
     trainer_args,
@@ -170,9 +171,15 @@ def test_bf16_weights_penalty_matches_fp32_oracle(tmp_path):
     assert opt.anchor_summary()["anchor/penalty"] == pytest.approx(want, rel=1e-4)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_resume_from_checkpoint_equals_uninterrupted_run_bit_exactly(tmp_path, full):
     def make(out):
-        model = tiny_lora_llama()
+        if full:  # q/v trained directly: W_ref must come back from optimizer.pt
+            model = tiny_llama()
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.endswith(("q_proj.weight", "v_proj.weight")))
+        else:
+            model = tiny_lora_llama()
         opt = AnchoredAdamW(model, tiny_anchors(model), anchor_lambda=1.0, lr=1e-2)
         args = trainer_args(out, max_steps=4, save_strategy="steps", save_steps=2, save_only_model=False)
         return model, Trainer(model=model, args=args, train_dataset=TokenDataset(16), optimizers=(opt, None))
@@ -186,5 +193,35 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     resumed = trainable_state(model2)
     assert trainer2.state.global_step == 4
     for n in uninterrupted:
-        torch.testing.assert_close(resumed[n], uninterrupted[n], rtol=0, atol=1e-7)
-    assert "anchor" in torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
+        assert torch.equal(resumed[n], uninterrupted[n]), n
+    saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert saved["param_groups"][0]["anchor_version"] == 2
+    refs = [e["anchor_ref"] for e in saved["state"].values() if "anchor_ref" in e]
+    assert len(refs) == (4 if full else 0)
+
+
+def test_lambda_callback_schedules_and_resumes(tmp_path):
+    from asft_optim import AnchorLambdaCallback
+
+    def make(out):
+        model = tiny_lora_llama()
+        opt = AnchoredAdamW(model, tiny_anchors(model), anchor_lambda=2.0, lr=1e-2)
+        args = trainer_args(out, max_steps=4, save_strategy="steps", save_steps=2, save_only_model=False)
+        seen = []
+
+        class Seen(TrainerCallback):
+            def on_step_begin(self, args, state, control, optimizer=None, **kw):
+                seen.append(unwrap_optimizer(optimizer).param_groups[0]["anchor_lambda"])
+
+        cbs = [AnchorLambdaCallback(lambda t: t / 4), Seen()]
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(16), optimizers=(opt, None), callbacks=cbs)
+        return model, trainer, seen
+
+    model, trainer, seen = make(tmp_path)
+    trainer.train()
+    assert seen == [0.0, 0.5, 1.0, 1.5]
+    model2, trainer2, seen2 = make(tmp_path)
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert seen2 == [1.0, 1.5]
+    for n, p in trainable_state(model2).items():
+        assert torch.equal(p, trainable_state(model)[n]), n
