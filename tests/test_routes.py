@@ -1,0 +1,316 @@
+"""The probe list: user routes, each ending in the exact penalty or a clear error.
+
+Every route is something a user does (build, wrap, train, save, resume, re-wrap, switch
+tuner). "exact" routes compare the penalty the optimizer applied at its last step with
+the independent dense float64 oracle of ``tests/reference.py``; "error" routes assert
+the exception type and that its message says what to do. None may be a silent no-op:
+a route whose penalty is 0 where the oracle's is not fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import reference as ref
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import lm_loss, lora, make_anchors, tiny_gpt2, tiny_llama
+
+from asft_optim import (
+    AnchoredAdamW,
+    AnchoredOptimizer,
+    AnchorError,
+    AnchorLambdaScheduler,
+    Anchors,
+    anchor_penalty,
+    anchor_summary,
+)
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+V = "model.layers.0.self_attn.v_proj.weight"
+DIMS = {Q: (8, 8), V: (4, 8)}
+LAM = 0.7
+
+
+def _full_llama():
+    model = tiny_llama(0)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in DIMS)
+    return model
+
+
+def _w(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n in DIMS}
+
+
+def _train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        lm_loss(model, t).backward()
+        opt.step()
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _measure(model, opt, oracle, lam=LAM, reference=None):
+    """(optimizer's λP at its next step, oracle λP at the same weights)."""
+    want = float(ref.oracle_penalty(copy.deepcopy(model), oracle, lam, reference).detach())
+    _train(model, opt, 1, start=50)
+    return anchor_summary(opt)["anchor/penalty"], want  # through any wrapper (accelerate)
+
+
+def _lora_route(**kw):
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"], **kw)
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    _train(model, opt, 2)
+    return _measure(model, opt, oracle)
+
+
+def _full_route(mode="safelora", coupling="coupled"):
+    model = _full_llama()
+    w0 = _w(model)
+    anchors, oracle = make_anchors(model, DIMS, mode, None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, coupling=coupling)
+    _train(model, opt, 3)
+    return _measure(model, opt, oracle, reference=w0)
+
+
+def _resume_route(save):
+    """Full fine-tuning, 3 steps, a new optimizer on the trained model loads ``save(opt)``."""
+    model = _full_llama()
+    w0 = _w(model)
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    _train(model, opt, 3)
+    saved = save(model, opt)
+    fresh = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    load = saved.pop("__load__", None) if isinstance(saved, dict) else None
+    if load is not None:
+        load(model, fresh, saved)
+    else:
+        fresh.load_state_dict(saved)
+    return _measure(model, fresh, oracle, reference=w0)
+
+
+def _save_dcp(model, opt):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    sd = _roundtrip(get_optimizer_state_dict(model, opt))
+    return {**sd, "__load__": lambda m, o, s: set_optimizer_state_dict(m, o, s)}
+
+
+def _resume_plain_dict():
+    def save(model, opt):
+        sd = _roundtrip(opt.state_dict())
+        return {"state": sd["state"], "param_groups": sd["param_groups"]}
+
+    return _resume_route(save)
+
+
+def _resume_stripped():
+    def save(model, opt):
+        plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        plain.load_state_dict(opt.optimizer.state_dict())
+        return plain.state_dict()
+
+    return _resume_route(save)
+
+
+def _resume_accelerate():
+    from accelerate import Accelerator
+    from integration_models import reset_accelerate_state
+
+    reset_accelerate_state()
+    try:
+        model = _full_llama()
+        w0 = _w(model)
+        anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+        acc = Accelerator(cpu=True)
+        opt = acc.prepare(AnchoredAdamW(model, anchors, LAM, lr=1e-2))  # state_dict round trip inside
+        _train(model, opt, 3)
+        fresh = acc.prepare(AnchoredAdamW(model, anchors, LAM, lr=1e-2))
+        fresh.load_state_dict(_roundtrip(opt.state_dict()))
+        return _measure(model, fresh, oracle, reference=w0)
+    finally:
+        reset_accelerate_state()
+
+
+def _other_coupling():
+    model = _full_llama()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    sd = AnchoredAdamW(model, anchors, lr=1e-2).state_dict()
+    AnchoredAdamW(model, anchors, lr=1e-2, coupling="decoupled").load_state_dict(sd)
+
+
+def _other_anchors():
+    model = _full_llama()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    other, _ = make_anchors(model, DIMS, "orthogonal", 2)
+    AnchoredAdamW(model, other, lr=1e-2).load_state_dict(AnchoredAdamW(model, anchors, lr=1e-2).state_dict())
+
+
+def _rewrap_conflicting_lambda():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                            model, anchors)
+    AnchoredOptimizer(opt.optimizer, model, anchors, anchor_lambda=5.0)
+
+
+def _rewrap_keeps_lambda():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    first = AnchoredOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                              model, anchors, anchor_lambda=LAM)
+    return _measure(model, AnchoredOptimizer(first.optimizer, model, anchors), oracle)
+
+
+def _add_param_group():
+    model = _full_llama()
+    params = dict(model.named_parameters())
+    w0 = _w(model)
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredOptimizer(torch.optim.AdamW([params[Q]], lr=1e-2), model, anchors, LAM, strict=False)
+    _train(model, opt, 2)  # V is frozen-in-place but untrained until now: its W_ref is w0 still
+    opt.add_param_group({"params": [params[V]]})
+    _train(model, opt, 2, start=2)
+    return _measure(model, opt, oracle, reference=w0)
+
+
+def _lambda_schedule():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, 2 * LAM, lr=1e-2)
+    sched = AnchorLambdaScheduler(opt, lambda t: 0.5 if t >= 1 else 0.0)
+    _train(model, opt, 1)
+    sched.step()  # λ = 2·LAM·0.5 = LAM from now
+    return _measure(model, opt, oracle)
+
+
+def _gpt2_conv1d():
+    model = lora(tiny_gpt2(0), ["c_attn"], fan_in_fan_out=True)
+    anchors, oracle = make_anchors(model, {"transformer.h.0.attn.c_attn.weight": (24, 8)}, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    _train(model, opt, 2)
+    return _measure(model, opt, oracle)
+
+
+def _two_adapters():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    torch.manual_seed(5)
+    model.add_adapter("second", LoraConfig(r=3, lora_alpha=3, init_lora_weights=False, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    model.to(torch.float64)
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    _train(model, opt, 2)
+    return _measure(model, opt, oracle)
+
+
+def _loss_level_twin():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    got = float(anchor_penalty(model, anchors, LAM).detach())
+    return got, float(ref.oracle_penalty(model, oracle, LAM).detach())
+
+
+def _wrapped_after_optimizer():
+    """TRL's trap: the optimizer is built on the raw model, PEFT wraps it afterwards."""
+    model = tiny_llama(0)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in DIMS)
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lm_loss(peft_model, 0).backward()
+    opt.step()
+
+
+def _anchor_names_wrong():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, _ = make_anchors(model, {"model.layers.9.self_attn.q_proj.weight": (8, 8)}, "safelora", None)
+    AnchoredAdamW(model, anchors, lr=1e-2)
+
+
+def _anchor_shape_wrong():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, _ = make_anchors(model, {Q: (5, 8)}, "safelora", None)
+    AnchoredAdamW(model, anchors, lr=1e-2, strict=False)
+
+
+def _nothing_trained():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    head = [p for n, p in model.named_parameters() if "lm_head" in n or "embed" in n]
+    AnchoredOptimizer(torch.optim.SGD(head, lr=0.1), model, anchors)
+
+
+def _anchor_file_roundtrip(tmp=None):
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        anchors.save(Path(d) / "a.anchors.safetensors")
+        loaded = Anchors.load(Path(d) / "a.anchors.safetensors")
+    opt = AnchoredAdamW(model, loaded, LAM, lr=1e-2)
+    return _measure(model, opt, oracle)
+
+
+EXACT = {
+    "lora q/v, plain loop": lambda: _lora_route(),
+    "rsLoRA": lambda: _lora_route(use_rslora=True),
+    "DoRA": lambda: _lora_route(use_dora=True),
+    "GPT-2 Conv1D LoRA": _gpt2_conv1d,
+    "two adapters at once": _two_adapters,
+    "full fine-tuning q/v": lambda: _full_route(),
+    "full fine-tuning, orthogonal anchors": lambda: _full_route("orthogonal"),
+    "full fine-tuning, decoupled": lambda: _full_route(coupling="decoupled"),
+    "resume: full state_dict": lambda: _resume_route(lambda m, o: _roundtrip(o.state_dict())),
+    "resume: plain {state, param_groups}": _resume_plain_dict,
+    "resume: DCP get/set_optimizer_state_dict": lambda: _resume_route(_save_dcp),
+    "resume: accelerate prepare": _resume_accelerate,
+    "re-wrap keeping λ": _rewrap_keeps_lambda,
+    "add_param_group with an anchored weight": _add_param_group,
+    "λ scheduler": _lambda_schedule,
+    "loss-level twin": _loss_level_twin,
+    "anchor file save/load": _anchor_file_roundtrip,
+}
+
+ERRORS = {
+    "resume: state of a plain optimizer (no W_ref)": (_resume_stripped, AnchorError, "reset_reference=True"),
+    "resume with another coupling": (_other_coupling, AnchorError, "coupling="),
+    "resume with other anchors": (_other_anchors, AnchorError, "other anchors"),
+    "re-wrap with a conflicting λ": (_rewrap_conflicting_lambda, ValueError, "anchor_lambda=None"),
+    "PEFT wrapped after the optimizer": (_wrapped_after_optimizer, AnchorError, "build the optimizer on the final model"),
+    "anchors for weights the model lacks": (_anchor_names_wrong, AnchorError, "match no module"),
+    "anchors of another shape": (_anchor_shape_wrong, AnchorError, "do not fit"),
+    "optimizer trains no anchored weight": (_nothing_trained, AnchorError, "no anchored weight is trained"),
+}
+
+
+@pytest.mark.parametrize("route", list(EXACT))
+def test_route_gives_the_exact_penalty(route):
+    got, want = EXACT[route]()
+    assert want > 1e-6, "the route must exercise a non-zero penalty"
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("route", list(ERRORS))
+def test_route_raises_a_clear_error(route):
+    fn, exc, match = ERRORS[route]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_the_probe_list_is_long_enough():
+    assert len(EXACT) + len(ERRORS) >= 20
