@@ -64,7 +64,10 @@ def anchor_fingerprint(anchors: Mapping[str, Projection]) -> str:
         if not by_meta:
             f = p.factor.detach()
             f = f.full_tensor() if hasattr(f, "full_tensor") else f
-            h.update(f.to("cpu", torch.float64).contiguous().numpy().tobytes())
+            f = f.to("cpu").contiguous()
+            h.update(str(f.dtype).encode())
+            # The raw bytes (any dtype, bf16 included), one factor at a time.
+            h.update(f.view(-1).view(torch.uint8).numpy().tobytes() if f.numel() else b"")
     return h.hexdigest()[:16]
 
 

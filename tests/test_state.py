@@ -256,3 +256,19 @@ def test_lambda_scheduler_drives_lambda_and_resumes():
         AnchorLambdaScheduler(torch.optim.SGD(model.parameters(), lr=0.1), lambda t: 1.0)
     with pytest.raises(ValueError, match="step 0"):
         AnchorLambdaScheduler(opt, lambda t: -1.0)
+
+
+def test_fingerprint_is_stable_across_files_and_tells_anchors_apart(tmp_path):
+    from asft_optim import Anchors, build_anchors
+
+    base, aligned = tiny_llama(0), tiny_llama(1)
+    built = build_anchors(base, aligned, ["q_proj", "v_proj"], progress=False)
+    built.save(tmp_path / "a.safetensors")
+    loaded = Anchors.load(tmp_path / "a.safetensors")
+    fp = anchor_state.anchor_fingerprint
+    assert fp(built) == fp(loaded)
+    assert fp(built) != fp(build_anchors(base, tiny_llama(2), ["q_proj", "v_proj"], progress=False))
+    assert fp(built) != fp(build_anchors(base, aligned, ["q_proj", "v_proj"], mode="orthogonal", rank=2, progress=False))
+    raw, _ = make_anchors(base, DIMS, "safelora", None)
+    raw2, _ = make_anchors(base, DIMS, "safelora", None, seed=8)
+    assert fp(raw) == fp(dict(raw)) != fp(raw2)
