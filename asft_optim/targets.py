@@ -261,9 +261,16 @@ class Target:
                 # the penalty is on the weights themselves.
                 training, m.training = m.training, False
                 try:
-                    d = to_out_in(m.get_delta_weight(a), self.layout)
+                    d = m.get_delta_weight(a)
                 finally:
                     m.training = training
+                w = self.base_weight()
+                if not is_quantized(w) and tuple(d.shape) != tuple(w.shape):
+                    raise AnchorError(
+                        f"{self.name}: {self.tuner} get_delta_weight gave shape {tuple(d.shape)}, the base "
+                        f"weight is {tuple(w.shape)}: this layer type is not supported for {self.tuner}"
+                    )
+                d = to_out_in(d, self.layout)
             else:
                 raise AnchorError(f"{self.name}: adapter {type(m).__name__} exposes no get_delta_weight")
             delta = d if delta is None else delta + d

@@ -61,9 +61,9 @@ def _modules(model) -> dict[str, nn.Module]:
     return out
 
 
-def forward_weight(layer: nn.Module, d_in: int) -> torch.Tensor:
+def forward_weight(layer: nn.Module, d_in: int, dtype=D) -> torch.Tensor:
     """The layer's effective weight (out, in) read off its forward pass (Linear, no bias)."""
-    return layer(torch.eye(d_in, dtype=D)).T
+    return layer(torch.eye(d_in, dtype=dtype)).T
 
 
 def oracle_penalty(model, origin: dict, oracle, lam: float) -> torch.Tensor:
@@ -84,11 +84,11 @@ def oracle_penalty(model, origin: dict, oracle, lam: float) -> torch.Tensor:
     return total
 
 
-def origin_of(original: nn.Module, names) -> dict[str, torch.Tensor]:
+def origin_of(original: nn.Module, names, dtype=D) -> dict[str, torch.Tensor]:
     """Effective weights of ``original`` (a model, before or after PEFT), detached."""
     mods = _modules(original)
     with torch.no_grad():
-        return {n: forward_weight(mods[n], mods[n].in_features).detach().clone() for n in names}
+        return {n: forward_weight(mods[n], mods[n].in_features, dtype).detach().clone() for n in names}
 
 
 def make_anchors(names_and_dims, mode="orthogonal", seed=7):
@@ -504,3 +504,57 @@ def test_prompt_tuning_is_refused_naming_the_method():
     anchors, _ = make_anchors(DIMS)
     with pytest.raises(AnchorError, match="PROMPT_TUNING.*no ΔW"):
         AnchoredOptimizer(torch.optim.SGD(trainable(model), lr=0.0), model, anchors)
+
+
+# -- the issue's routes (tiny Llama, two q/v layers, AnchoredAdamW, float32) -------------------
+
+def _route_model(config, init_dtype=torch.float32):
+    from integration_models import tiny_llama as llama
+
+    base = llama(0, init_dtype)
+    original = copy.deepcopy(base)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(base, config), original
+
+
+def _route_penalties(model, start, anchors_raw):
+    """Raw ‖RΔW‖² per weight from the forward-pass oracle (R = I - C, safelora C = VVᵀ/‖V‖)."""
+    mods = _modules(model)
+    with torch.no_grad():
+        return {
+            n: ref.penalty_of((forward_weight(mods[n], w0.shape[1], w0.dtype) - w0).double(), anchors_raw[n].double(), "safelora")
+            for n, w0 in start.items()
+        }
+
+
+@pytest.mark.parametrize("route", ["adalora", "pissa"])
+def test_issue_route_trains_with_the_exact_penalty(route):
+    """AdaLoRA used to raise AttributeError; PiSSA used to start at penalty 2.17 instead of 0."""
+    from integration_models import TARGETS, anchor_deltas, token_batches
+
+    from asft_optim import AnchoredAdamW
+
+    cfg = {
+        "adalora": peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=list(TARGETS)),
+        "pissa": peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=list(TARGETS)),
+    }[route]
+    model, original = _route_model(cfg)
+    names = sorted(anchor_deltas(model))
+    raw = anchor_deltas(model)
+    anchors = Anchors.from_deltas(raw, "safelora")
+    start = origin_of(model if route == "pissa" else original, names, torch.float32)
+    opt = AnchoredAdamW(model, anchors, anchor_lambda=1.0, lr=1e-2)
+    seen = []
+    for ids in token_batches(3):
+        expected = _route_penalties(model, start, raw)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        stats = opt.anchor_stats()
+        for n in names:
+            assert stats[n]["raw_penalty"] == pytest.approx(float(expected[n]), rel=1e-4, abs=1e-9)
+        seen.append(sum(s["raw_penalty"] for s in stats.values()))
+    # Both start with ΔW = 0 (AdaLoRA's E is 0; PiSSA's B·A ≠ 0 is its origin), then it grows.
+    assert seen[0] < 1e-9 < seen[-1]
