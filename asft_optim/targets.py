@@ -20,6 +20,7 @@ Kinds:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -100,6 +101,13 @@ class Target:
         if is_quantized(w) and hasattr(self.module, "out_features"):
             return int(self.module.out_features)
         return to_out_in(w, self.layout).shape[0] if w.dim() >= 2 else -1
+
+    def out_in_shape(self) -> tuple[int, int]:
+        """``(out, in)`` of ΔW (a quantized base weight is packed: ask the layer)."""
+        w = self.base_weight()
+        if is_quantized(w) and hasattr(self.module, "in_features"):
+            return self.out_features(), int(self.module.in_features)
+        return tuple(to_out_in(w, self.layout).shape) if w.dim() >= 2 else tuple(w.shape)
 
     def adapters(self) -> list[str]:
         m = self.module
@@ -406,6 +414,14 @@ def find_targets(
             if ".base_layer" in mod_name or ".original_module" in mod_name or ".modules_to_save." in mod_name:
                 continue  # the tuner or modules_to_save wrapper around it is the target
             targets[name] = Target(name, "full", module, weight_layout(module))
+    if not configs and any(t.tuner == "lora" for t in targets.values()):
+        warnings.warn(
+            "LoRA layers found but no peft_config on the model: asft-optim cannot tell whether an "
+            "adapter was initialised from the base weight (PiSSA/OLoRA/LoftQ/CorDA/LoRA-GA), which "
+            "would need ΔW measured from its initial value; pass the PeftModel itself (assuming a "
+            "zero-origin init here)",
+            stacklevel=3,
+        )
     missing = [n for n in anchors if n not in targets]
     return list(targets.values()), missing
 

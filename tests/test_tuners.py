@@ -558,3 +558,29 @@ def test_issue_route_trains_with_the_exact_penalty(route):
         seen.append(sum(s["raw_penalty"] for s in stats.values()))
     # Both start with ΔW = 0 (AdaLoRA's E is 0; PiSSA's B·A ≠ 0 is its origin), then it grows.
     assert seen[0] < 1e-9 < seen[-1]
+
+
+def test_lora_without_a_reachable_peft_config_warns():
+    """LoRA layers without the config that says PiSSA or not (PEFT's inner model keeps a copy)."""
+    model, _ = peft_model(ORIGIN["pissa"](), init_dtype=torch.float32)
+    inner = model.get_base_model()
+    targets, _ = find_targets(inner, make_anchors(DIMS)[0])
+    assert all(t.needs_origin for t in targets)  # found through the inner model's peft_config
+    del inner.peft_config
+    with pytest.warns(UserWarning, match="no peft_config.*PiSSA"):
+        find_targets(inner, make_anchors(DIMS)[0])
+
+
+def test_safe_lora_refuses_an_adapter_with_an_origin():
+    from asft_optim import safe_lora_project
+
+    model, _ = peft_model(ORIGIN["pissa"](), init_dtype=torch.float32)
+    with pytest.raises(AnchorError, match="Safe LoRA.*PiSSA"):
+        safe_lora_project(model, make_anchors(DIMS)[0])
+
+
+def test_bind_reads_the_shape_of_a_quantised_layer():
+    model, _ = peft_model(_lora())
+    _fake_packed_base(model)
+    anchors, _ = make_anchors(DIMS)
+    assert sorted(anchors.bind(model, warn=False).found) == sorted(DIMS)
