@@ -584,3 +584,38 @@ def test_bind_reads_the_shape_of_a_quantised_layer():
     _fake_packed_base(model)
     anchors, _ = make_anchors(DIMS)
     assert sorted(anchors.bind(model, warn=False).found) == sorted(DIMS)
+
+
+def test_pissa_on_gpt2_conv1d_is_measured_from_its_origin():
+    """GPT-2 stores W as (in, out) (fan_in_fan_out): the origin B₀A₀ is still (out, in)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
+    base = GPT2LMHeadModel(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(
+            base, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=["c_attn"], fan_in_fan_out=True)
+        ).to(D)
+    model.eval()
+    name = "transformer.h.0.attn.c_attn.weight"
+    start = origin_of(model, [name])
+    anchors, oracle = make_anchors({name: (24, 8)})
+    params = trainable(model)
+    opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
+    assert all(g.abs().max() < 1e-12 for g in optimizer_grads(opt, params))
+    perturb(model, scale=0.05)
+    assert_exact(model, start, anchors, oracle, origins={t.name: t.origin for t in opt.targets}, opt=opt)
+
+
+def test_two_active_loha_adapters_are_summed():
+    model, original = peft_model(EXACT["loha"]())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("second", peft.LoHaConfig(r=3, alpha=5, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    model.to(D)
+    perturb(model)
+    anchors, oracle = make_anchors(DIMS)
+    assert_exact(model, origin_of(original, DIMS), anchors, oracle)
