@@ -143,6 +143,13 @@ def safe_lora_project(
     bad = [t.name for t in targets if t.kind == "autograd"]
     if bad:
         raise AnchorError(f"Safe LoRA projects plain LoRA adapters only; DoRA/other tuners on {bad[:5]}")
+    bad = [t.name for t in targets if t.needs_origin]
+    if bad:
+        raise AnchorError(
+            "Safe LoRA projects B of ΔW = s·B·A; a PiSSA/OLoRA/LoftQ/CorDA/LoRA-GA adapter's update is "
+            f"s·B·A - s₀·B₀A₀ (on {bad[:5]}): convert it to a plain LoRA adapter first (PEFT's "
+            "save_pretrained(path_initial_model_for_weight_conversion=...))"
+        )
 
     rows: list[tuple[str, str, Tensor, Tensor, Tensor]] = []  # name, adapter, cos, K·B, B param
     for t in targets:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .checkpoints import to_out_in
 from .projection import AnchorError
 from .targets import find_targets, hf_name, is_tuner
 
@@ -23,7 +22,7 @@ def bind(anchors: Anchors, model: nn.Module, *, warn: bool = True) -> BindingRep
     for t in targets:
         w = t.base_weight()
         expected = anchors.weights[t.name].out_in_shape
-        got = tuple(to_out_in(w, t.layout).shape) if w.dim() >= 2 else tuple(w.shape)
+        got = t.out_in_shape()
         if len(got) != 2 or got[0] != expected[0] or (expected[1] >= 0 and got[1] != expected[1]):
             problems.append(
                 f"{t.name}: anchored as (out, in) = {expected}, the model's weight is "

@@ -185,6 +185,8 @@ class AnchoredOptimizer(Optimizer):
         for t in targets:
             if t.kind == "full":
                 ref = (reference or {}).get(t.name)
+                if ref is None:  # a modules_to_save copy: its frozen original
+                    ref = t.default_reference()
                 w = t.base_weight()
                 if ref is not None and tuple(ref.shape) != tuple(w.shape):
                     raise AnchorError(f"{t.name}: reference shape {tuple(ref.shape)} != weight {tuple(w.shape)}")
@@ -432,7 +434,8 @@ class AnchoredOptimizer(Optimizer):
         if t.kind == "full":
             return [(t.base_weight(), {anchor_state.REF_KEY: self._reference[t.name]})]
         out = []
-        for adapter, (b0, a0) in getattr(t, "origin", {}).items():
+        for adapter in sorted(t.origin_adapters):
+            b0, a0 = t.origin[adapter]
             bp, ap = t.factor_params(adapter)
             out += [(bp, {anchor_state.ORIGIN_KEY: b0}), (ap, {anchor_state.ORIGIN_KEY: a0})]
         return out
@@ -521,10 +524,10 @@ class AnchoredOptimizer(Optimizer):
             # The saved dtype is kept (torch would cast state to the parameter's dtype).
             references[t.name] = ref.to(device=w.device)
             return True
-        if not getattr(t, "needs_origin", False):
+        if not t.needs_origin:
             return True  # ΔW = s·B·A lives in the adapter itself: nothing to restore
         found = {}
-        for adapter in t.origin:
+        for adapter in sorted(t.origin_adapters):
             bp, ap = t.factor_params(adapter)
             vb, va = restored.pop(id(bp), {}), restored.pop(id(ap), {})
             if anchor_state.ORIGIN_KEY not in vb or anchor_state.ORIGIN_KEY not in va:

@@ -8,14 +8,19 @@ Kinds:
 
 * ``lora``: PEFT LoRA (Linear, GPT-2 Conv1D, Embedding, Conv); closed-form gradients.
   Several active adapters on one module are penalised jointly: ΔW = Σ sᵢBᵢAᵢ is
-  ``[s₁B₁, s₂B₂] @ [A₁; A₂]``.
-* ``autograd``: DoRA (Linear, GPT-2 Conv1D, conv) and other PEFT tuners exposing
-  ``get_delta_weight``; the effective ΔW is built and differentiated with autograd.
-* ``full``: the weight itself is trained; ΔW = W - W_ref.
+  ``[s₁B₁, s₂B₂] @ [A₁; A₂]``. Adapters whose init rewrote the base weight (PiSSA,
+  OLoRA, LoftQ, ...) are measured from their value at construction (the *origin*):
+  ΔW = s·B·A - s₀·B₀A₀ = ``[sB, -s₀B₀] @ [A; A₀]``, gradients kept for the first block.
+* ``autograd``: DoRA (Linear, GPT-2 Conv1D, conv) and the PEFT tuners of
+  :data:`~asft_optim.tuners.DELTA_WEIGHT_TUNERS` (AdaLoRA, LoHa, LoKr, VeRA, ...); the
+  effective ΔW is built and differentiated with autograd. Other tuners are refused
+  (:func:`~asft_optim.tuners.classify`).
+* ``full``: the weight itself is trained (also PEFT ``modules_to_save`` copies); ΔW = W - W_ref.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 
 from .anchors import to_out_in, weight_layout
 from .projection import AnchorError, PenaltyTerms, Projection, dense_terms, lora_terms
+from .tuners import check_method, classify, is_quantized, origin_adapters, peft_configs, tuner_name
 
 Kind = Literal["lora", "autograd", "full"]
 
@@ -51,6 +57,11 @@ def is_tuner(module: nn.Module) -> bool:
     return hasattr(module, "get_base_layer") and hasattr(module, "active_adapters")
 
 
+def is_modules_to_save(module: nn.Module) -> bool:
+    """A PEFT ``ModulesToSaveWrapper``: a trainable copy per adapter next to the frozen original."""
+    return "modules_to_save" in getattr(module, "_modules", {}) and "original_module" in module._modules
+
+
 @dataclass
 class Target:
     """One anchored weight and how its update is parameterised."""
@@ -59,24 +70,66 @@ class Target:
     kind: Kind
     module: nn.Module
     layout: str = "out_in"
+    #: ``peft.tuners.<tuner>`` the module comes from (``"lora"``, ``"vera"``, ...); "" if none.
+    tuner: str = ""
+    #: LoRA adapters whose ΔW is measured from an origin (see :data:`~asft_optim.tuners.ORIGIN_INITS`).
+    origin_adapters: frozenset[str] = frozenset()
+    #: ``{adapter: (B₀, A₀)}``: detached clones shaped like the parameters, from
+    #: :meth:`record_origin` (or restored from a saved optimizer state).
+    origin: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
     # -- tensors, looked up now -------------------------------------------------------
     def base_weight(self) -> Tensor:
+        if is_modules_to_save(self.module):
+            # The trained copy of the active adapter (the original stays frozen).
+            m = self.module
+            return m.modules_to_save[m.active_adapters[0]].weight
         m = self.module.get_base_layer() if is_tuner(self.module) else self.module
         return m.weight
+
+    def default_reference(self) -> Tensor | None:
+        """The weight ΔW is measured from when none is given: the frozen original of a
+        ``modules_to_save`` copy; None otherwise (the weights at construction)."""
+        if is_modules_to_save(self.module):
+            return self.module.original_module.weight
+        return None
+
+    def out_features(self) -> int:
+        """Rows of ΔW in (out, in) layout (a quantized base weight is packed: ask the layer)."""
+        w = self.base_weight()
+        if is_quantized(w) and hasattr(self.module, "out_features"):
+            return int(self.module.out_features)
+        return to_out_in(w, self.layout).shape[0] if w.dim() >= 2 else -1
+
+    def out_in_shape(self) -> tuple[int, int]:
+        """``(out, in)`` of ΔW (a quantized base weight is packed: ask the layer)."""
+        w = self.base_weight()
+        if is_quantized(w) and hasattr(self.module, "in_features"):
+            return self.out_features(), int(self.module.in_features)
+        return tuple(to_out_in(w, self.layout).shape) if w.dim() >= 2 else tuple(w.shape)
 
     def adapters(self) -> list[str]:
         m = self.module
         if getattr(m, "disable_adapters", False):
             return []
         merged = set(getattr(m, "merged_adapters", ()))
-        pool = getattr(m, "lora_A", {}) if self.kind == "lora" else None
         names = [a for a in m.active_adapters if a not in merged]
         if self.kind == "lora":
-            emb = getattr(m, "lora_embedding_A", {})
+            pool, emb = getattr(m, "lora_A", {}), getattr(m, "lora_embedding_A", {})
             names = [a for a in names if a in pool or a in emb]
+        elif self.kind == "autograd":
+            # Active on the model but not injected into this layer: no ΔW here.
+            layer_names = getattr(m, "adapter_layer_names", ())
+            pools = [getattr(m, n, {}) for n in layer_names]
+            names = [a for a in names if not pools or any(a in p for p in pools)]
         return names
+
+    # -- origin of adapters whose init rewrote the base weight ----------------------------
+    @property
+    def needs_origin(self) -> bool:
+        """True if ΔW of some adapter here is measured from its initial B₀A₀ (PiSSA, OLoRA, ...)."""
+        return bool(self.origin_adapters)
 
     def factor_params(self, adapter: str) -> tuple[Tensor, Tensor]:
         """The ``(B, A)`` parameters of one LoRA adapter of this module, as stored."""
@@ -84,6 +137,35 @@ class Target:
         if adapter in getattr(m, "lora_A", {}):
             return m.lora_B[adapter].weight, m.lora_A[adapter].weight
         return m.lora_embedding_B[adapter], m.lora_embedding_A[adapter]
+
+    def record_origin(self) -> None:
+        """Snapshot ``(B₀, A₀)`` of every adapter that needs an origin (at construction)."""
+        for a in self.origin_adapters:
+            b, aa = self.factor_params(a)
+            self.origin[a] = (b.detach().clone(), aa.detach().clone())
+
+    def origin_blocks(self, adapters: list[str]) -> list[tuple[Tensor, Tensor]]:
+        """``(-s₀B₀, A₀)`` as 2-D (out, r)/(r, in) for those of ``adapters`` with an origin.
+
+        ``s₀`` is the adapter's configured scaling (α/r, or α/√r for rsLoRA): the one PEFT
+        used to rewrite the base weight, whatever ``set_scale`` did since.
+        """
+        m, out = self.module, []
+        for a in adapters:
+            if a not in self.origin_adapters:
+                continue
+            if a not in self.origin:
+                raise AnchorError(
+                    f"{self.name}: adapter {a!r} was initialised by PEFT from the base weight "
+                    "(PiSSA/OLoRA/LoftQ/CorDA/LoRA-GA), so ΔW is measured from its value at "
+                    "construction, which was not recorded: build the optimizer before training, "
+                    "load its saved state, or pass origins= to anchor_penalty"
+                )
+            b0, a0 = self.origin[a]
+            r = m.r[a]
+            s0 = m.lora_alpha[a] / (r ** 0.5 if m.use_rslora.get(a, False) else r)
+            out.append((-s0 * _full(b0).flatten(1), _full(a0).flatten(1)))
+        return out
 
     def lora_factors(self) -> list[tuple[Tensor, Tensor, float, Tensor, Tensor]]:
         """``(B, A, s, B_param, A_param)`` per active adapter, B/A as 2-D (out, r)/(r, in)."""
@@ -146,7 +228,8 @@ class Target:
                 return None
             dtype = math_dtype(factors[0][3])
             op, gram = self._operator(proj, factors[0][3])
-            if len(factors) == 1:
+            origins = self.origin_blocks(self.adapters()) if self.origin_adapters else []
+            if len(factors) == 1 and not origins:
                 # One adapter (the common case): no concatenation, s applied inside lora_terms.
                 b2, a2, s, bp, ap = factors[0]
                 b, a = _full(b2.detach()), _full(a2.detach())
@@ -157,9 +240,10 @@ class Target:
                 return t.with_grads(
                     (_like(gb.reshape(bp.shape), bp), _like(ga.reshape(ap.shape), ap))
                 ), [bp, ap]
-            bs = [_full(f[0].detach()).to(dtype) * f[2] for f in factors]
-            as_ = [_full(f[1].detach()).to(dtype) for f in factors]
-            # Joint update of all active adapters, folded into one (B, A) pair with s = 1.
+            bs = [_full(f[0].detach()).to(dtype) * f[2] for f in factors] + [b.to(dtype) for b, _ in origins]
+            as_ = [_full(f[1].detach()).to(dtype) for f in factors] + [a.to(dtype) for _, a in origins]
+            # Joint update of all active adapters (and the constant origin blocks, whose
+            # gradients are dropped), folded into one (B, A) pair with s = 1.
             t = lora_terms(op, torch.cat(bs, 1), torch.cat(as_, 0), 1.0, gram)
             gb, ga = t.grads
             grads, params, col = [], [], 0
@@ -182,7 +266,20 @@ class Target:
             if getattr(m, "use_dora", {}).get(a, False):
                 d = _dora_delta(m, a, self.layout)
             elif hasattr(m, "get_delta_weight"):
-                d = to_out_in(m.get_delta_weight(a), self.layout)
+                # Eval-mode ΔW: LoHa/LoKr drop ranks at random in get_delta_weight while training;
+                # the penalty is on the weights themselves.
+                training, m.training = m.training, False
+                try:
+                    d = m.get_delta_weight(a)
+                finally:
+                    m.training = training
+                w = self.base_weight()
+                if not is_quantized(w) and tuple(d.shape) != tuple(w.shape):
+                    raise AnchorError(
+                        f"{self.name}: {self.tuner} get_delta_weight gave shape {tuple(d.shape)}, the base "
+                        f"weight is {tuple(w.shape)}: this layer type is not supported for {self.tuner}"
+                    )
+                d = to_out_in(d, self.layout)
             else:
                 raise AnchorError(f"{self.name}: adapter {type(m).__name__} exposes no get_delta_weight")
             delta = d if delta is None else delta + d
@@ -276,26 +373,56 @@ def _dora_delta(m: nn.Module, adapter: str, layout: str) -> Tensor:
     return (mag / norm).unsqueeze(1) * combined - w
 
 
-def find_targets(model: nn.Module, anchors: Mapping[str, Projection]) -> tuple[list[Target], list[str]]:
-    """Match anchors to the model's modules by HF name.
+def find_targets(
+    model: nn.Module, anchors: Mapping[str, Projection], *, record_origin: bool = True
+) -> tuple[list[Target], list[str]]:
+    """Match anchors to the model's modules by HF name and classify each PEFT tuner.
+
+    Raises :class:`AnchorError` for a tuner whose ΔW cannot be penalised exactly (see
+    :func:`~asft_optim.tuners.classify`). ``record_origin``: snapshot ``(B₀, A₀)`` of
+    adapters that need an origin (PiSSA, OLoRA, LoftQ, ...; default: True, as when an
+    optimizer is built; the stateless :func:`anchor_penalty` passes False).
 
     Returns the targets and the anchor names that matched no module.
     """
+    configs = peft_configs(model)
+    check_method(configs)
+    needs_origin = origin_adapters(configs)
     targets: dict[str, Target] = {}
     for mod_name, module in model.named_modules():
         name = hf_name(mod_name) + ".weight"
         if name not in anchors or name in targets:
             continue
-        if is_tuner(module):
+        if is_modules_to_save(module):
+            original = module.original_module
+            targets[name] = Target(name, "full", module, weight_layout(original), tuner="modules_to_save")
+        elif is_tuner(module):
             base = module.get_base_layer()
-            uses_dora = any(getattr(module, "use_dora", {}).values())
-            plain_lora = hasattr(module, "lora_A") and not uses_dora
-            kind: Kind = "lora" if plain_lora else "autograd"
-            targets[name] = Target(name, kind, module, weight_layout(base))
+            kind: Kind = classify(module, name)
+            present = set(getattr(module, "lora_A", {})) | set(getattr(module, "lora_embedding_A", {}))
+            origin = needs_origin & present
+            if kind != "lora" and origin:
+                raise AnchorError(
+                    f"{name}: DoRA with a PiSSA/OLoRA/LoftQ-style init (adapter {sorted(origin)[0]!r}) is not "
+                    "supported: its ΔW would need the original base weight"
+                )
+            t = Target(name, kind, module, weight_layout(base), tuner=tuner_name(module),
+                       origin_adapters=frozenset(origin) if kind == "lora" else frozenset())
+            if record_origin:
+                t.record_origin()
+            targets[name] = t
         elif isinstance(getattr(module, "weight", None), torch.Tensor):
-            if ".base_layer" in mod_name:
-                continue  # the tuner wrapping it is the target
+            if ".base_layer" in mod_name or ".original_module" in mod_name or ".modules_to_save." in mod_name:
+                continue  # the tuner or modules_to_save wrapper around it is the target
             targets[name] = Target(name, "full", module, weight_layout(module))
+    if not configs and any(t.tuner == "lora" for t in targets.values()):
+        warnings.warn(
+            "LoRA layers found but no peft_config on the model: asft-optim cannot tell whether an "
+            "adapter was initialised from the base weight (PiSSA/OLoRA/LoftQ/CorDA/LoRA-GA), which "
+            "would need ΔW measured from its initial value; pass the PeftModel itself (assuming a "
+            "zero-origin init here)",
+            stacklevel=3,
+        )
     missing = [n for n in anchors if n not in targets]
     return list(targets.values()), missing
 
@@ -311,10 +438,14 @@ def check_shapes(targets: list[Target], anchors: Mapping[str, Projection]) -> No
     for t in targets:
         w = t.base_weight()
         proj = anchors[t.name]
-        d_out = to_out_in(w, t.layout).shape[0] if w.dim() >= 2 else -1
+        d_out = t.out_features()
         if d_out != proj.d_out:
+            packed = (
+                f" (a packed {type(w).__name__} of a quantized layer that does not report out_features)"
+                if is_quantized(w) else ""
+            )
             problems.append(
-                f"{t.name}: anchor acts on {proj.d_out} outputs, weight {tuple(w.shape)} has {d_out}"
+                f"{t.name}: anchor acts on {proj.d_out} outputs, weight {tuple(w.shape)}{packed} has {d_out}"
             )
             continue
         if proj.is_projector and proj.rank > d_out:

@@ -266,7 +266,76 @@ def _anchor_file_roundtrip(tmp=None):
     return _measure(model, opt, oracle)
 
 
+def _pissa_resumed():
+    """PiSSA: ΔW = s(BA − B₀A₀) from the B₀A₀ PEFT started with, across a plain-dict resume."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_llama(0).float(), LoraConfig(
+            r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=["q_proj", "v_proj"])).double()
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    mods = {n.removeprefix("base_model.model.") + ".weight": m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    start = {n: (m.lora_B["default"].weight.detach().clone(), m.lora_A["default"].weight.detach().clone()) for n, m in mods.items()}
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    _train(model, opt, 3)
+    sd = _roundtrip(opt.state_dict())
+    fresh = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    fresh.load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
+    want = 0.0
+    for n, m in mods.items():
+        s_, (b0, a0) = m.scaling["default"], start[n]
+        delta = s_ * (m.lora_B["default"].weight @ m.lora_A["default"].weight - b0 @ a0)
+        want += LAM * float(ref.penalty_of(delta.detach(), *oracle[n]))
+    _train(model, fresh, 1, start=50)
+    return anchor_summary(fresh)["anchor/penalty"], want
+
+
+def _adalora():
+    from peft import AdaLoraConfig
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(0), AdaLoraConfig(init_r=2, target_r=1, total_step=10, init_lora_weights=False,
+                                                       target_modules=["q_proj", "v_proj"])).double()
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    _train(model, opt, 2)
+    want = 0.0
+    for n, m in model.named_modules():
+        if hasattr(m, "lora_E"):  # ΔW = B (A ⊙ E) · α / ranknum, PEFT's AdaLoRA update
+            delta = m.lora_B["default"] @ (m.lora_A["default"] * m.lora_E["default"])
+            delta = delta * m.scaling["default"] / (m.ranknum["default"] + 1e-5)
+            want += LAM * float(ref.penalty_of(delta.detach(), *oracle[n.removeprefix("base_model.model.") + ".weight"]))
+    _train(model, opt, 1, start=50)
+    return anchor_summary(opt)["anchor/penalty"], want
+
+
+def _modules_to_save():
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["k_proj"], modules_to_save=["q_proj"])).double()
+    anchors, oracle = make_anchors(model, {Q: (8, 8)}, "safelora", None)
+    original = {Q: next(m for n, m in model.named_modules() if n.endswith("q_proj.original_module")).weight.detach().clone()}
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, strict=False)
+    _train(model, opt, 2)
+    copy_ = next(m for n, m in model.named_modules() if n.endswith("q_proj.modules_to_save.default"))
+    want = LAM * float(ref.penalty_of((copy_.weight - original[Q]).detach(), *oracle[Q]))
+    _train(model, opt, 1, start=50)
+    return anchor_summary(opt)["anchor/penalty"], want
+
+
+def _refused_tuner(config):
+    def run():
+        model = get_peft_model(tiny_llama(0), config).double()
+        anchors, _ = make_anchors(model, DIMS, "safelora", None)
+        AnchoredAdamW(model, anchors, lr=1e-2)
+
+    return run
+
+
 EXACT = {
+    "PiSSA, resumed from a plain dict": _pissa_resumed,
+    "AdaLoRA (E vector)": _adalora,
+    "modules_to_save copy": _modules_to_save,
     "lora q/v, plain loop": lambda: _lora_route(),
     "rsLoRA": lambda: _lora_route(use_rslora=True),
     "DoRA": lambda: _lora_route(use_dora=True),
@@ -287,6 +356,10 @@ EXACT = {
 }
 
 ERRORS = {
+    "IA3 (multiplicative)": (_refused_tuner(__import__("peft").IA3Config(target_modules=["q_proj", "v_proj"],
+                                                                          feedforward_modules=[])), AnchorError, "IA3"),
+    "OFT (rotation)": (_refused_tuner(__import__("peft").OFTConfig(r=2, oft_block_size=0, target_modules=["q_proj", "v_proj"])),
+                       AnchorError, "OFT"),
     "resume: state of a plain optimizer (no W_ref)": (_resume_stripped, AnchorError, "reset_reference=True"),
     "resume with another coupling": (_other_coupling, AnchorError, "coupling="),
     "resume with other anchors": (_other_anchors, AnchorError, "other anchors"),

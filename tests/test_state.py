@@ -272,3 +272,59 @@ def test_fingerprint_is_stable_across_files_and_tells_anchors_apart(tmp_path):
     raw, _ = make_anchors(base, DIMS, "safelora", None)
     raw2, _ = make_anchors(base, DIMS, "safelora", None, seed=8)
     assert fp(raw) == fp(dict(raw)) != fp(raw2)
+
+
+def _pissa_model():
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama(0).float()  # PEFT builds PiSSA in float32; float64 afterwards
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa",
+                                                target_modules=["q_proj", "v_proj"]))
+    return model.double()
+
+
+@pytest.mark.parametrize("route", ["state_dict", "plain", "dcp"])
+def test_pissa_origin_resumes_bit_exactly(route):
+    """B₀A₀ (recorded at construction) rides in the B/A parameters' entries: a rebuilt
+    optimizer would otherwise take the trained B·A as the origin (penalty 0)."""
+    model = _pissa_model()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, anchor_lambda=0.5, lr=1e-2)
+    origin = {t.name: dict(t.origin) for t in opt.targets}
+    train(model, opt, 3)
+    saved_model = roundtrip(model.state_dict())
+    saved = ROUTES[route]("save", model, opt)
+    train(model, opt, 3, start=3)
+    want = weights(model)
+
+    model2 = _pissa_model()
+    model2.load_state_dict(saved_model)
+    opt2 = AnchoredAdamW(model2, anchors, anchor_lambda=0.5, lr=1e-2)  # origin = trained B·A here
+    ROUTES[route]("load", model2, opt2, saved)
+    for t in opt2.targets:
+        for a, (b0, a0) in origin[t.name].items():
+            assert torch.equal(t.origin[a][0], b0) and torch.equal(t.origin[a][1], a0)
+    train(model2, opt2, 3, start=3)
+    assert_bit_equal(want, weights(model2))
+    assert opt2.anchor_summary()["anchor/penalty"] > 1e-6
+
+
+def test_pissa_state_without_origin_raises():
+    model = _pissa_model()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, lr=1e-2)
+    train(model, opt, 2)
+    stripped = roundtrip(opt.state_dict())
+    for entry in stripped["state"].values():
+        entry.pop("anchor_origin", None)
+    fresh = AnchoredAdamW(model, anchors, lr=1e-2)
+    with pytest.raises(AnchorError, match="reset_reference=True"):
+        fresh.load_state_dict(stripped)
+    fresh.load_state_dict(stripped, reset_reference=True)  # origin = now: ΔW restarts at 0
+    train(model, fresh, 1, start=2)
+    assert fresh.anchor_stats()[Q]["raw_penalty"] < 1e-20
