@@ -101,7 +101,10 @@ def _resume_route(save):
 
 
 def _save_dcp(model, opt):
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     sd = _roundtrip(get_optimizer_state_dict(model, opt))
     return {**sd, "__load__": lambda m, o, s: set_optimizer_state_dict(m, o, s)}

@@ -17,7 +17,13 @@ import reference as ref
 import torch
 from tiny_models import lm_loss, lora, make_anchors, tiny_llama
 
-from asft_optim import AnchoredAdamW, AnchoredOptimizer, AnchorError, AnchorLambdaScheduler, anchor_penalty
+from asft_optim import (
+    AnchoredAdamW,
+    AnchoredOptimizer,
+    AnchorError,
+    AnchorLambdaScheduler,
+    anchor_penalty,
+)
 from asft_optim import state as anchor_state
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -101,7 +107,10 @@ def route_plain(stage, model, opt, saved=None):
 
 
 def route_dcp(stage, model, opt, saved=None):
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     if stage == "save":
         return roundtrip(get_optimizer_state_dict(model, opt))
