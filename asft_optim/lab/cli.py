@@ -184,10 +184,11 @@ def run(args) -> int:
     cfg = _config(args)
     preset = _preset(args)
     if preset == "pretrained":  # fail before reading any data when the package is missing
-        from .pretrained import PretrainedModelError, gguf_file, read_gguf
+        from .pretrained import PretrainedModelError, gguf_file, require_gguf
 
         try:
-            read_gguf(gguf_file())
+            gguf_file()
+            require_gguf()
         except PretrainedModelError as e:
             raise SystemExit(f"asft lab --preset pretrained: {e}") from None
     data = _data(args, cfg)

