@@ -48,7 +48,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--test", help="task test file (default: DIR/agnews_test.json)")
     g.add_argument("--harmful-eval", help="harmful evaluation prompts (default: DIR/beavertails_eval_250.json)")
     g.add_argument("--labels", help="output string of each test label id, comma separated (default: World,Sports,Business,Sci/Tech)")
-    g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained default: 200)")
+    g.add_argument("--grid", choices=("reduced", "full"), default="reduced",
+                   help="pretrained preset: reduced (p 0,0.1; λ sweeps of asft and l2; 100 test rows and "
+                   "100 harmful prompts) or full (p 0,0.05,0.1,0.2; every method swept; 200 and 250)")
+    g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
     g.add_argument("--harmful-limit", type=int, help="judge the first N harmful evaluation prompts (default: all)")
     g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
@@ -99,6 +102,8 @@ def _config(args):
     preset = _preset(args)
     if preset == "pretrained":
         cfg = pretrained_tiny_config() if args.tiny else pretrained_config()
+        if args.grid == "full" and not args.tiny:
+            cfg = replace(cfg, poisons=(0.0, 0.05, 0.1, 0.2))
     else:
         cfg = real_config() if preset == "real" else default_config()
         if args.tiny:
@@ -144,8 +149,9 @@ def _data(args, cfg):
 
     pretrained = _preset(args) == "pretrained"
     test_limit = args.test_limit
+    full = args.grid == "full"
     if pretrained and test_limit is None:
-        test_limit = 8 if args.tiny else 200
+        test_limit = 8 if args.tiny else (200 if full else 100)
     data = load_real(
         **{key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()},
         # The pretrained preset mixes its own attack sets from the files' pools: read them all.
@@ -154,7 +160,9 @@ def _data(args, cfg):
         test_limit=test_limit,
         input_chars=cfg.input_chars,
     )
-    harmful_limit = args.harmful_limit if args.harmful_limit is not None else (4 if pretrained and args.tiny else None)
+    harmful_limit = args.harmful_limit
+    if pretrained and harmful_limit is None:
+        harmful_limit = 4 if args.tiny else (None if full else 100)
     if harmful_limit is not None:
         data = replace(data, harmful_eval=data.harmful_eval[:harmful_limit])
     if pretrained:
@@ -165,9 +173,11 @@ def _data(args, cfg):
 
 
 def _settings(args):
-    from .pretrained_lab import TINY_SETTINGS, PretrainedSettings
+    from .pretrained_lab import FULL_SWEEPS, TINY_SETTINGS, PretrainedSettings
 
-    return TINY_SETTINGS if args.tiny else PretrainedSettings()
+    if args.tiny:
+        return TINY_SETTINGS
+    return PretrainedSettings(sweeps=FULL_SWEEPS) if args.grid == "full" else PretrainedSettings()
 
 
 def run(args) -> int:

@@ -78,13 +78,22 @@ class PretrainedSettings:
     harmful_new_tokens: int = 32
     known_harmful: int = 32  # AsFT_Alt's rows (the defender's compliant pool)
     eval_batch_size: int = 32
+    #: The reduced grid's: λ sweeps of asft and l2 (from "no effect" to "frozen"), one
+    #: value for the other methods (their defaults); :data:`FULL_SWEEPS` sweeps them all.
     sweeps: tuple[Sweep, ...] = (
         Sweep("asft", "anchor_lambda", (0.1, 1.0, 10.0, 100.0)),
-        Sweep("asft-orthogonal", "anchor_lambda", (1.0,)),
         Sweep("l2", "l2_lambda", (0.1, 1.0, 10.0, 100.0)),
-        Sweep("asft-alt", "alt_lambda", (10.0,)),
-        Sweep("safe-lora", "safe_lora_threshold", (0.35, 0.5, 0.65)),
     )
+
+
+#: ``--grid full``: every method swept (Safe LoRA's thresholds share sft's training).
+FULL_SWEEPS = (
+    Sweep("asft", "anchor_lambda", (0.1, 1.0, 10.0, 100.0)),
+    Sweep("asft-orthogonal", "anchor_lambda", (0.1, 1.0, 10.0, 100.0)),
+    Sweep("l2", "l2_lambda", (0.1, 1.0, 10.0, 100.0)),
+    Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
+    Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
+)
 
 
 def variants(methods, attack: AttackConfig, sweeps) -> list[tuple[str, str, AttackConfig, dict | None]]:
