@@ -57,13 +57,18 @@ CHAT_PROMPTS = [
 ]
 
 
+#: LoRA on every linear layer of the blocks (the attack's variant beside the paper's q/v).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class Sweep:
-    """One method's sweep: ``field`` of :class:`AttackConfig` takes each of ``values``."""
+    """One method's sweep: ``field`` of :class:`AttackConfig` takes each of ``values``
+    (``"lr"``: the attacker's learning rate; ``"target_modules"``: tuples of module names)."""
 
     method: str
     field: str
-    values: tuple[float, ...]
+    values: tuple
 
 
 @dataclass(frozen=True)
@@ -93,22 +98,26 @@ FULL_SWEEPS = (
     Sweep("l2", "l2_lambda", (0.1, 1.0, 10.0, 100.0)),
     Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
     Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
+    Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),
 )
 
 
 def variants(methods, attack: AttackConfig, sweeps) -> list[tuple[str, str, AttackConfig, dict | None]]:
     """``(method, label, attack config, variant info)`` for every method and swept value."""
-    by_method = {s.method: s for s in sweeps}
     out = []
     for m in methods:
         get_method(m)
-        s = by_method.get(m)
-        if s is None:
+        mine = [s for s in sweeps if s.method == m]
+        if not mine:
             out.append((m, m, attack, None))
-            continue
-        for v in s.values:
-            out.append((m, f"{m} {s.field}={v:g}", replace(attack, **{s.field: v}),
-                        {"method": m, "field": s.field, "value": v}))
+        for s in mine:
+            for v in s.values:
+                if s.field == "lr":  # the attacker's learning rate
+                    config = replace(attack, train=replace(attack.train, lr=v))
+                else:
+                    config = replace(attack, **{s.field: v})
+                text = ("all-linear" if v == ALL_LINEAR else ",".join(v)) if isinstance(v, tuple) else f"{v:g}"
+                out.append((m, f"{m} {s.field}={text}", config, {"method": m, "field": s.field, "value": v}))
     return out
 
 
