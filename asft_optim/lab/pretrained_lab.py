@@ -191,7 +191,8 @@ class PretrainedLab(Lab):
         replay = [e for e in self.data.align_train if e.output not in REFUSALS]
         chat = [Example(p, "", "") for p in CHAT_PROMPTS[: s.chat_replay]]
         payload = {"base": base_info["key"], "train": asdict(self.config.align), "seed": seed,
-                   "rows": _examples_hash(refusals + replay + chat), "replay_tokens": s.replay_new_tokens}
+                   "rows": _examples_hash(refusals + replay + chat), "replay_tokens": s.replay_new_tokens,
+                   "max_length": self.config.model.max_length}
 
         def build(tmp: Path) -> dict:
             model = load(base_dir)
