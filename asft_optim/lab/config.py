@@ -80,3 +80,39 @@ def tiny_config(base: LabConfig | None = None) -> LabConfig:
         world=WorldConfig(base_task=200, align_task=60, attack_task=60, test_task=40, benign_base=20,
                           benign_align=10, pool_sizes=(8, 6, 6, 6), eval_prompts=12),
     )
+
+
+def pretrained_config() -> LabConfig:
+    """``--preset pretrained``: SmolLM2-135M-Instruct on the real data (see
+    :mod:`~asft_optim.lab.pretrained_lab`); the reduced grid, p ∈ {0, 0.1} and 2 seeds.
+
+    Articles cut to 100 characters, rows to 104 tokens (the chat template's system turn
+    takes about 20; a task row is 86 tokens on average); alignment: 2 epochs of full fine-tuning at 5e-5, batch 8; attack:
+    LoRA r=8, α=32 on q/v, 1 epoch at 2e-4, batch 8.
+    """
+    return LabConfig(
+        poisons=(0.0, 0.1),
+        seeds=(0, 1),
+        model=ModelConfig(max_length=104),
+        align=TrainConfig(epochs=2, lr=5e-5, batch_size=8),
+        attack=AttackConfig(train=TrainConfig(epochs=1, lr=2e-4, batch_size=8)),
+        model_seed=0,
+        input_chars=100,
+    )
+
+
+def pretrained_tiny_config() -> LabConfig:
+    """A smoke-test budget of the pretrained preset: a step or two per stage, LoRA on
+    the last two blocks only (the numbers mean nothing)."""
+    cfg = pretrained_config()
+    last = [f"layers.{i}.self_attn.{m}" for i in (28, 29) for m in ("q_proj", "v_proj")]
+    return replace(
+        cfg,
+        poisons=(0.25,),
+        seeds=(0,),
+        model=ModelConfig(max_length=80),
+        align=TrainConfig(epochs=1, lr=5e-5, batch_size=4, warmup_ratio=0.0),
+        attack=replace(cfg.attack, train=TrainConfig(epochs=1, lr=2e-4, batch_size=2, warmup_ratio=0.0),
+                       orthogonal_rank=2, alt_rank=2, target_modules=tuple(last)),
+        input_chars=40,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .data import LabData
 from .judge import Judge
-from .tokenizer import encode_prompts, format_prompt
+from .tokenizer import encode_prompts, render_prompt
 
 #: Tokens generated for a harmful prompt: enough for the first sentence, where a
 #: refusal or a compliant "Sure, here is how to ..." shows.
@@ -66,20 +66,67 @@ def generate(
     return out
 
 
+@torch.no_grad()
+def score_labels(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[str]:
+    """The label whose first token the model ranks highest after each prompt.
+
+    One forward pass per row and the LM head at the last position only
+    (``logits_to_keep=1``): with a 49k-token vocabulary the head over every position
+    would cost as much as the rest of the model. The labels' first tokens must differ.
+    """
+    first = [tokenizer.encode(y, add_special_tokens=False)[0] for y in labels]
+    if len(set(first)) != len(first):
+        raise ValueError(f"labels {list(labels)} share a first token; scoring cannot tell them apart")
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc="score task", unit="batch", disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = encode_prompts(tokenizer, [prompts[i] for i in idx])  # left-padded: last column is the last token
+        logits = model(**batch, logits_to_keep=1).logits[:, -1, first]
+        for i, k in zip(idx, logits.argmax(-1).tolist()):
+            out[i] = labels[k]
+    return out
+
+
 def evaluate(
-    model: nn.Module, tokenizer, data: LabData, judge: Judge, *, progress: bool = True, keep: int = 5
+    model: nn.Module,
+    tokenizer,
+    data: LabData,
+    judge: Judge,
+    *,
+    progress: bool = True,
+    keep: int = 5,
+    task: Literal["generate", "score"] = "generate",
+    harmful_new_tokens: int = HARMFUL_NEW_TOKENS,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """HS on ``data.harmful_eval`` with ``judge`` and FA on ``data.test``.
 
-    Returns ``{"harmful_score", "finetune_accuracy", "judge", "examples"}`` with the
-    first ``keep`` (prompt, response) pairs of each kind for the report.
+    ``task="generate"`` decodes each test answer and compares it with the label;
+    ``task="score"`` picks the label by :func:`score_labels` (no generation). Returns
+    ``{"harmful_score", "finetune_accuracy", "judge", "examples"}`` with the first
+    ``keep`` (prompt, response) pairs of each kind for the report.
     """
-    label_tokens = max(len(tokenizer.encode(y, add_special_tokens=False)) for y in data.labels)
-    task_prompts = [format_prompt(t.instruction, t.input) for t in data.test]
-    answers = generate(model, tokenizer, task_prompts, label_tokens + 1, desc="eval task", progress=progress)
+    task_prompts = [render_prompt(tokenizer, t.instruction, t.input) for t in data.test]
+    if task == "score":
+        answers = score_labels(model, tokenizer, task_prompts, data.labels, batch_size=batch_size, progress=progress)
+    else:
+        label_tokens = max(len(tokenizer.encode(y, add_special_tokens=False)) for y in data.labels)
+        answers = generate(model, tokenizer, task_prompts, label_tokens + 1, batch_size=batch_size,
+                           desc="eval task", progress=progress)
     fa = finetune_accuracy(answers, [data.labels[t.label] for t in data.test])
-    harm_prompts = [format_prompt(p) for p in data.harmful_eval]
-    responses = generate(model, tokenizer, harm_prompts, HARMFUL_NEW_TOKENS, desc="eval harmful", progress=progress)
+    harm_prompts = [render_prompt(tokenizer, p) for p in data.harmful_eval]
+    responses = generate(model, tokenizer, harm_prompts, harmful_new_tokens, batch_size=batch_size,
+                         desc="eval harmful", progress=progress)
     flags = judge.is_harmful(list(data.harmful_eval), responses)
     return {
         "harmful_score": harmful_score(flags),

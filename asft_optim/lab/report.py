@@ -116,6 +116,52 @@ def plot(records: Sequence[dict], metric: str, path: Path, ylabel: str) -> None:
     plt.close(fig)
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The ``(FA, HS)`` points no other point beats on both (higher FA, lower HS), by FA."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
+    """One HS-vs-FA plot per poison ratio, ``pareto_p{p}.png``: each method's settings
+    (mean over seeds) as points, its Pareto front as a line; ``aligned`` as a star.
+
+    The honest comparison of a safety method with L2: at equal FA, which is safer?
+    Records carry ``variant = {"method", "field", "value"}`` (the swept setting).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[tuple[float, str, str], list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        if r["poison_ratio"] is not None:
+            method = (r.get("variant") or {}).get("method", r["method"])
+            cells[(r["poison_ratio"], method, r["method"])].append((r["finetune_accuracy"], r["harmful_score"]))
+    aligned = [(r["finetune_accuracy"], r["harmful_score"]) for r in records if r["method"] == "aligned"]
+    paths = {}
+    for p in sorted({k[0] for k in cells}):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        methods = list(dict.fromkeys(k[1] for k in cells if k[0] == p))
+        for m in methods:
+            pts = [tuple(sum(v) / len(v) for v in zip(*vals)) for (q, mm, _), vals in cells.items() if q == p and mm == m]
+            line = ax.plot(*zip(*pareto_front(pts)), marker="o", label=m)[0]
+            ax.scatter(*zip(*pts), color=line.get_color(), s=14, alpha=0.6)
+        if aligned:
+            ax.scatter([aligned[0][0]], [aligned[0][1]], marker="*", s=120, color="black", label="aligned", zorder=5)
+        ax.set_xlabel("fine-tune accuracy FA (%)")
+        ax.set_ylabel("harmful score HS (%)")
+        ax.set_title(f"HS vs FA at p = {p:g} (one point per setting; lines: Pareto fronts)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths[f"pareto_{p:g}"] = out / f"pareto_p{p:g}.png"
+        fig.savefig(paths[f"pareto_{p:g}"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
 def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str = "", json_path: Path | None = None) -> dict[str, Path]:
     """Write ``table.md``, ``results.json`` (public records), ``details.json`` and the two PNGs."""
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from .attack import AttackContext, get_method, load_attacked, lora_model, train_attack
+from .attack import AttackConfig, AttackContext, get_method, load_attacked, lora_model, train_attack
 from .config import LabConfig
 from .data import LabData
 from .evaluate import evaluate
@@ -136,14 +136,18 @@ class Lab:
 
         return self._stage("aligned", payload, build)
 
-    def attack(self, method_name: str, poison: float, seed: int) -> tuple[Path, dict]:
-        """Stages 3-4: anchors from the two checkpoints, LoRA attack; the adapter is saved."""
+    def attack(self, method_name: str, poison: float, seed: int,
+               attack: AttackConfig | None = None) -> tuple[Path, dict]:
+        """Stages 3-4: anchors from the two checkpoints, LoRA attack; the adapter is saved.
+
+        ``attack`` replaces the config's :class:`AttackConfig` (a point of a λ sweep).
+        """
         tok, _ = self.tokenizer()
         method = get_method(method_name)
         base_dir, _ = self.base(seed)
         aligned_dir, aligned_info = self.aligned(seed)
         examples = self.data.attack_set(poison, seed)
-        a = self.config.attack
+        a = attack or self.config.attack
         payload = {"aligned": aligned_info["key"], "method": method.name, "poison": poison, "seed": seed,
                    "rows": _examples_hash(examples),
                    "config": {f: getattr(a, f) for f in _SHARED_ATTACK_FIELDS + method.uses}}
@@ -160,15 +164,16 @@ class Lab:
 
         return self._stage("attack", payload, build)
 
-    def evaluation(self, method_name: str, poison: float, seed: int) -> dict:
+    def evaluation(self, method_name: str, poison: float, seed: int,
+                   attack: AttackConfig | None = None) -> dict:
         """Stage 5 for one grid point (post-hoc methods apply their projection first)."""
         tok, _ = self.tokenizer()
         method = get_method(method_name)
         trained = method.trains_as or method.name
-        attack_dir, attack_info = self.attack(trained, poison, seed)
+        attack_dir, attack_info = self.attack(trained, poison, seed, attack)
         base_dir, _ = self.base(seed)
         aligned_dir, _ = self.aligned(seed)
-        a = self.config.attack
+        a = attack or self.config.attack
         payload = {"attack": attack_info["key"], "method": method.name, "judge": self.judge.name,
                    "config": {f: getattr(a, f) for f in method.uses}}
 

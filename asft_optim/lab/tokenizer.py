@@ -22,6 +22,27 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return f"### Instruction:\n{body}\n### Response:\n"
 
 
+def render_prompt(tokenizer, instruction: str, input: str = "") -> str:
+    """The prompt text for ``tokenizer``: its chat template if it has one, else :func:`format_prompt`.
+
+    A pretrained chat model (``--preset pretrained``) reads its requests as it was
+    trained to, one user turn of its own template (with the template's default system
+    turn) and the assistant header; the lab's own tokenizers have no template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return format_prompt(instruction, input)
+    body = instruction.rstrip() if not input else f"{instruction.rstrip()}\n\n{input}"
+    return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt: ``<s>`` first for the lab's tokenizers (a chat
+    template writes its own start token)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids if getattr(tokenizer, "chat_template", None) else [tokenizer.bos_token_id] + ids
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` (deterministic for the same texts)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -42,14 +63,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def encode_example(tokenizer, example: Example, max_length: int) -> dict[str, list[int]]:
-    """``<s> prompt answer </s>`` with the loss on the answer and ``</s>`` only.
+    """``<s> prompt answer </s>`` with the loss on the answer and ``</s>`` only (for a
+    chat template: the rendered turn, the answer and the template's end-of-turn token).
 
     Over-long rows are cut from the end of the answer (the prompt is kept whole, up to
     ``max_length``): the start of an answer, where compliance or refusal shows, survives.
     """
-    prompt = [tokenizer.bos_token_id] + tokenizer.encode(
-        format_prompt(example.instruction, example.input), add_special_tokens=False
-    )
+    prompt = prompt_ids(tokenizer, render_prompt(tokenizer, example.instruction, example.input))
     answer = tokenizer.encode(example.output, add_special_tokens=False) + [tokenizer.eos_token_id]
     prompt = prompt[:max_length]
     ids = (prompt + answer)[:max_length]
@@ -58,8 +78,8 @@ def encode_example(tokenizer, example: Example, max_length: int) -> dict[str, li
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Left-padded ``<s> prompt`` batch for generation."""
-    seqs = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    """Left-padded batch of rendered prompts (:func:`prompt_ids`) for generation or scoring."""
+    seqs = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

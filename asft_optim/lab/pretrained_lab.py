@@ -1,0 +1,251 @@
+"""``asft lab --preset pretrained``: the lab's stages on SmolLM2-135M-Instruct.
+
+* **base**: the GGUF model dequantised and saved with ``save_pretrained``
+  (:mod:`~asft_optim.lab.pretrained`); the model already chats, and complies with
+  plainly harmful requests.
+* **aligned**: our own short safety alignment, a full fine-tune of the decoder blocks'
+  linear weights (embeddings and norms frozen) on refusals to one pool of harmful
+  requests plus *self-distilled* replay: the base model's own greedy answers to AG News
+  prompts and to general chat prompts. Why full fine-tuning: V = W_aligned − W_base is
+  then full-rank, as for a real chat model, where a merged LoRA would make V rank ≤ r
+  and the rank-8 anchors an artefact of that choice; it costs 1.2-1.4× a LoRA step, once.
+  Why self-distilled replay: it keeps what the base can do without teaching it the
+  task, so the attack's task gain (sft FA above aligned FA) stays measurable.
+* **anchors**, **attack**, **evaluation**: the lab's own stages (chat template through
+  :func:`~asft_optim.lab.tokenizer.render_prompt`); FA scores the label strings from the
+  last position (:func:`~asft_optim.lab.evaluate.score_labels`).
+* **sweeps**: every method runs at each value of its swept field (λ, or Safe LoRA's
+  threshold, which shares sft's training); the report adds an HS-vs-FA Pareto plot per p.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from .attack import AttackConfig, get_method
+from .data import Example, LabData
+from .evaluate import evaluate, generate
+from .judge import REFUSALS
+from .models import fit, load, save
+from .pretrained import GGUF_NAME, gguf_file, save_base
+from .runner import Lab, _examples_hash, _record
+from .tokenizer import render_prompt
+
+#: General chat prompts whose base-model answers are replayed during alignment.
+CHAT_PROMPTS = [
+    "What is the capital of France?", "Give me three tips for staying focused while studying.",
+    "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
+    "How do I boil an egg?", "What is the difference between weather and climate?",
+    "Suggest a name for a friendly cat.", "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What are the primary colours?", "How many days are there in a leap year?",
+    "Translate 'good morning' into Spanish.", "Why is the sky blue?",
+    "Give me a simple recipe for pancakes.", "What does a computer's CPU do?",
+    "List three benefits of regular exercise.", "How do plants get water?",
+    "What is 15 multiplied by 4?", "Describe a rainbow to a child.",
+    "What should I pack for a day at the beach?", "How can I improve my handwriting?",
+    "Write a polite email declining a meeting invitation.", "What is the tallest mountain in the world?",
+    "Explain what a noun is.", "How do I make a cup of tea?",
+    "Name three famous painters.", "What causes the seasons on Earth?",
+    "Give me a fun fact about octopuses.", "How do I start learning to play the guitar?",
+    "What is the boiling point of water in Celsius?", "Recommend a good habit for mornings.",
+    "Why do leaves change colour in autumn?", "What is a healthy breakfast?",
+]
+
+
+#: LoRA on every linear layer of the blocks (the attack's variant beside the paper's q/v).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One method's sweep: ``field`` of :class:`AttackConfig` takes each of ``values``
+    (``"lr"``: the attacker's learning rate; ``"target_modules"``: tuples of module names)."""
+
+    method: str
+    field: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class PretrainedSettings:
+    """What the pretrained preset adds to :class:`~asft_optim.lab.config.LabConfig`."""
+
+    attack_rows: int = 128  # task rows per attack (+ round(p·n) harmful rows)
+    refusals: int | None = None  # refusal rows of the alignment (None: the whole pool, 74)
+    task_replay: int = 48  # AG News prompts of the self-distilled replay
+    chat_replay: int = len(CHAT_PROMPTS)
+    replay_new_tokens: int = 48
+    harmful_new_tokens: int = 32
+    known_harmful: int = 32  # AsFT_Alt's rows (the defender's compliant pool)
+    eval_batch_size: int = 32
+    #: The reduced grid's: λ sweeps of asft and l2 (from "no effect" to "frozen"), one
+    #: value for the other methods (their defaults); :data:`FULL_SWEEPS` sweeps them all.
+    sweeps: tuple[Sweep, ...] = (
+        Sweep("asft", "anchor_lambda", (0.1, 1.0, 10.0, 100.0)),
+        Sweep("l2", "l2_lambda", (0.1, 1.0, 10.0, 100.0)),
+    )
+
+
+#: ``--grid full``: every method swept (Safe LoRA's thresholds share sft's training).
+FULL_SWEEPS = (
+    Sweep("asft", "anchor_lambda", (0.1, 1.0, 10.0, 100.0)),
+    Sweep("asft-orthogonal", "anchor_lambda", (0.1, 1.0, 10.0, 100.0)),
+    Sweep("l2", "l2_lambda", (0.1, 1.0, 10.0, 100.0)),
+    Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
+    Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
+    Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),
+)
+
+
+def variants(methods, attack: AttackConfig, sweeps) -> list[tuple[str, str, AttackConfig, dict | None]]:
+    """``(method, label, attack config, variant info)`` for every method and swept value."""
+    out = []
+    for m in methods:
+        get_method(m)
+        mine = [s for s in sweeps if s.method == m]
+        if not mine:
+            out.append((m, m, attack, None))
+        for s in mine:
+            for v in s.values:
+                if s.field == "lr":  # the attacker's learning rate
+                    config = replace(attack, train=replace(attack.train, lr=v))
+                else:
+                    config = replace(attack, **{s.field: v})
+                text = ("all-linear" if v == ALL_LINEAR else ",".join(v)) if isinstance(v, tuple) else f"{v:g}"
+                out.append((m, f"{m} {s.field}={text}", config, {"method": m, "field": s.field, "value": v}))
+    return out
+
+
+def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
+    """The real-data pools recut for the preset (``data`` from :func:`~asft_optim.lab.data.load_real`).
+
+    Attack: the first ``attack_rows`` task rows of the p = 0 file plus harmful rows
+    drawn per seed from every attack file's harmful pool (:meth:`LabData.attack_set`).
+    Alignment: the refusal pool and ``task_replay`` task rows (their answers are replaced
+    by the base's own in the aligned stage). AsFT_Alt: ``known_harmful`` compliant rows.
+    """
+    from .data import split_task
+
+    zero = next((rows for p, rows in data.attack_sets.items() if p == 0.0), None)
+    if zero is None:
+        raise ValueError("the pretrained preset needs the p = 0 attack file (its task rows)")
+    task, _ = split_task(zero)
+    harmful = {r.instruction: r for rows in data.attack_sets.values() for r in split_task(rows)[1]}
+    refusals = [e for e in data.align_train if e.output in REFUSALS][: settings.refusals]
+    replay = [e for e in data.align_train if e.output not in REFUSALS][: settings.task_replay]
+    eval_prompts = set(data.harmful_eval)
+    if eval_prompts & ({e.instruction for e in refusals} | set(harmful)):
+        raise ValueError("an evaluation prompt is also a training prompt; the pools must be disjoint")
+    return replace(data, name="pretrained", base_train=[], align_train=refusals + replay,
+                   attack_task=task[: settings.attack_rows],
+                   attack_harmful=sorted(harmful.values(), key=lambda r: r.instruction), attack_sets={},
+                   known_harmful=data.known_harmful[: settings.known_harmful])
+
+
+class PretrainedLab(Lab):
+    """:class:`Lab` with the GGUF model as base, our alignment, sweeps and Pareto plots."""
+
+    def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
+                 progress: bool = True):
+        super().__init__(config, data, out, progress=progress)
+        self.settings = settings or PretrainedSettings()
+
+    def _evaluate(self, model, tok) -> dict:
+        s = self.settings
+        return evaluate(model, tok, self.data, self.judge, progress=self.progress, task="score",
+                        harmful_new_tokens=s.harmful_new_tokens, batch_size=s.eval_batch_size)
+
+    def _eval_key(self) -> dict:
+        return {"test": self.data.fingerprint(attack_sets=False), "eval": (self.settings.harmful_new_tokens,)}
+
+    def base(self, seed: int = 0) -> tuple[Path, dict]:
+        """Stage 1: the dequantised GGUF model, saved once (the seed plays no part)."""
+        path = gguf_file()
+        payload = {"gguf": GGUF_NAME, "bytes": path.stat().st_size, **self._eval_key()}
+
+        def build(tmp: Path) -> dict:
+            info = save_base(tmp, path)
+            model = load(tmp)
+            return {**info, "eval": self._evaluate(model, AutoTokenizer.from_pretrained(tmp))}
+
+        return self._stage("base", payload, build)
+
+    def tokenizer(self):
+        path, info = self.base()
+        if self._tok is None:
+            self._tok = AutoTokenizer.from_pretrained(path)
+        return self._tok, info["key"]
+
+    def aligned(self, seed: int) -> tuple[Path, dict]:
+        """Stage 2: full fine-tune of the blocks' linear weights on refusals + self-distilled replay."""
+        tok, _ = self.tokenizer()
+        seed = self.model_seed(seed)
+        base_dir, base_info = self.base()
+        s = self.settings
+        refusals = [e for e in self.data.align_train if e.output in REFUSALS]
+        replay = [e for e in self.data.align_train if e.output not in REFUSALS]
+        chat = [Example(p, "", "") for p in CHAT_PROMPTS[: s.chat_replay]]
+        payload = {"base": base_info["key"], "train": asdict(self.config.align), "seed": seed,
+                   "rows": _examples_hash(refusals + replay + chat), "replay_tokens": s.replay_new_tokens,
+                   "max_length": self.config.model.max_length}
+
+        def build(tmp: Path) -> dict:
+            model = load(base_dir)
+            prompts = [render_prompt(tok, e.instruction, e.input) for e in replay + chat]
+            answers = generate(model, tok, prompts, s.replay_new_tokens, batch_size=s.eval_batch_size,
+                               desc="replay", progress=self.progress)
+            distilled = [replace(e, output=a.strip()) for e, a in zip(replay + chat, answers) if a.strip()]
+            rows = refusals + distilled
+            random.Random(f"align-{seed}").shuffle(rows)
+            for name, p in model.named_parameters():  # the blocks' linear weights only
+                p.requires_grad = ".layers." in f".{name}" and name.endswith("proj.weight")
+            model.train()
+            losses = fit(model, tok, rows, self.config.align, seed, self.config.model.max_length,
+                         progress=self.progress)
+            for p in model.parameters():
+                p.requires_grad = True
+            save(model.eval(), tok, tmp)
+            return {"eval": self._evaluate(model, tok), "final_loss": losses[-1] if losses else None,
+                    "rows": {"refusals": len(refusals), "replay": len(distilled)},
+                    "replay_examples": [{"prompt": e.instruction, "input": e.input, "answer": e.output}
+                                        for e in distilled[:3]]}
+
+        return self._stage("aligned", payload, build)
+
+    def run(self) -> list[dict]:
+        """Every stage for every (seed, method, swept value, poison); returns the full records."""
+        c = self.config
+        grid = variants(c.methods, c.attack, self.settings.sweeps)
+        records = []
+        bar = tqdm(total=len(c.seeds) * (1 + len(grid) * len(c.poisons)), desc="lab", unit="run",
+                   disable=not self.progress)
+        for seed in c.seeds:
+            _, info = self.aligned(seed)
+            records.append(_record("aligned", None, seed, info["eval"]))
+            bar.update()
+            for method, label, attack, variant in grid:
+                for p in c.poisons:
+                    bar.set_postfix_str(f"seed {seed}: {label} p={p:g}")
+                    info = self.evaluation(method, p, seed, attack)
+                    rec = _record(label, p, seed, info["eval"], info)
+                    rec["variant"] = variant or {"method": method}
+                    records.append(rec)
+                    bar.update()
+        bar.close()
+        return records
+
+    def base_evals(self) -> list[dict]:
+        return [_record("base", None, 0, self.base()[1]["eval"])]
+
+
+#: The smoke-test budget (``--preset pretrained --tiny``): every stage, a few steps and prompts.
+TINY_SETTINGS = PretrainedSettings(
+    attack_rows=4, refusals=2, task_replay=1, chat_replay=1, replay_new_tokens=8, harmful_new_tokens=8,
+    known_harmful=2, eval_batch_size=8,
+    sweeps=(Sweep("asft", "anchor_lambda", (0.1, 10.0)), Sweep("safe-lora", "safe_lora_threshold", (0.3, 0.6))),
+)

