@@ -206,8 +206,8 @@ class Target:
         """The anchor on ``like``'s device and math dtype, and its Gram matrix ``FᵀF``.
 
         Both are computed once and reused across steps: anchors move lazily, once, to the
-        device and math dtype of what they anchor, and G (None unless
-        :attr:`Projection.gram_pays`) follows them. The cache is rebuilt when the anchor
+        device and math dtype of what they anchor, and G (:meth:`Projection.compact_gram`:
+        m×m for low rank, the vector ``diag(FᵀF)`` for orthogonal columns) follows them. The cache is rebuilt when the anchor
         object, the device, the dtype or the factor's contents (its in-place version
         counter) change. It holds no parameter: tensors are looked up at every step.
         """
@@ -215,7 +215,7 @@ class Target:
         cached = self._cache.get("proj")
         if cached is None or cached[0] != key or cached[1] is not proj:
             moved = proj.to(device=key[0], dtype=key[1])
-            gram = moved.gram() if moved.gram_pays else None
+            gram = moved.compact_gram()
             cached = self._cache["proj"] = (key, proj, moved, gram)
         return cached[2], cached[3]
 
