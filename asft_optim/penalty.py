@@ -2,10 +2,11 @@
 
 Target discovery and the shape checks (a device sync per anchor) run once per
 (model, anchors) pair and are cached (the model weakly referenced). The cache is dropped
-when the anchors object or any of its entries changes, or when any module anywhere
+when the anchors object or any of its entries changes, or when a module of a bound model
 registers a submodule or a parameter (PEFT wrapping the model later, an adapter added, a
-weight replaced): a global registration hook counts those events. Tensors are still looked
-up at every call, like the optimizer does.
+weight replaced): global registration hooks count those events (registrations on other
+modules, such as the temporary ``ModuleList`` a slice ``layers[:n]`` creates in a forward
+pass, are ignored). Tensors are still looked up at every call, like the optimizer does.
 """
 
 from __future__ import annotations
@@ -78,13 +79,15 @@ def target_penalty(target: Target, proj: Projection, reference: Tensor | None = 
 
 # -- (model, anchors) -> targets, checked once ------------------------------------------
 
-_registrations = 0  # modules/parameters registered anywhere since the hooks were installed
+_registrations = 0  # modules/parameters registered on a watched module since the hooks were installed
+_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every bound model
 _hooks: tuple | None = None
 
 
-def _count_registration(*_args) -> None:
+def _count_registration(module: nn.Module, *_args) -> None:
     global _registrations
-    _registrations += 1  # returns None: the hook never replaces what is registered
+    if module in _watched:
+        _registrations += 1  # returns None: the hook never replaces what is registered
 
 
 def _install_hooks() -> None:
@@ -124,6 +127,7 @@ def _bind(model: nn.Module, anchors: Mapping[str, Projection]) -> _Bound:
     count = _registrations
     targets, missing = find_targets(model, anchors)
     check_shapes(targets, anchors)
+    _watched.update(model.modules())
     bound = _Bound(anchors, tuple(anchors.items()), count, targets, missing)
     _BOUND[model] = bound  # one entry per model: a new anchors object replaces the old one
     return bound

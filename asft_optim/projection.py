@@ -127,7 +127,7 @@ class Projection:
         if self.gram_pays:
             return self.gram()
         if self.orthogonal_columns:
-            return self.factor.pow(2).sum(0)
+            return torch.linalg.vector_norm(self.factor, dim=0).square()  # no d×m temporary
         return None
 
     @property

@@ -234,3 +234,20 @@ def test_anchor_penalty_binds_once_and_rebinds_when_the_model_or_anchors_change(
     assert len(calls) == 4
     anchor_penalty(model, dict(anchors), reference=reference)  # another anchors object
     assert len(calls) == 5
+
+
+def test_anchor_penalty_stays_bound_across_forward_passes(monkeypatch):
+    """A forward pass that builds temporary containers (HF Llama slices its ModuleList) does
+    not drop the binding: only registrations on the model's own modules do."""
+    import asft_optim.penalty as penalty
+
+    calls = []
+    real = penalty.check_shapes
+    monkeypatch.setattr(penalty, "check_shapes", lambda *a: calls.append(1) or real(*a))
+    model, dims = _llama_lora()
+    anchors, _ = make_anchors(model, dims, "safelora", None)
+    for _ in range(3):
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        anchor_penalty(model, anchors).backward()
+        torch.nn.ModuleList([torch.nn.Linear(2, 2)])  # unrelated registrations
+    assert len(calls) == 1
