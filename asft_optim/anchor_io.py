@@ -1,10 +1,10 @@
 """Anchor files: safetensors with validated metadata; nothing is ever unpickled.
 
-Layout of a file (format version 1)::
+Layout of a file (format version 2)::
 
     tensors   {weight name: factor F (d_out, m)}  all in one storage dtype
     metadata  format          "asft-anchors"
-              format_version  "1"
+              format_version  "2"
               dtype           "float32" | "bfloat16" | "float16" | "float64"
               weights         JSON {name: {"shape", "layout", "mode", "rank", "energy"}}
               checksum        sha256 of every tensor's name, dtype, shape and bytes
@@ -15,6 +15,13 @@ Layout of a file (format version 1)::
 it as (out, in); ``rank`` is the number of columns of F and ``energy`` the fraction of
 ``‖V‖²_F`` it keeps. Every way a file can be wrong (truncated, edited, another format)
 raises :class:`~asft_optim.AnchorError`.
+
+Version 2 differs from version 1 in one guarantee: F has orthogonal columns,
+``F = U diag(√c)`` (C = F Fᵀ as before), which lets the step read F twice instead of four
+times. Version 1 files (exact ``safelora`` factors were ``V/√‖V‖_F``) still load: every
+factor is converted on reading by an SVD of F (same C; milliseconds for low-rank anchors,
+about 40 s for an exact 4096² one on one CPU thread), so save the loaded anchors once to
+skip it next time.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ if TYPE_CHECKING:
     from .anchors import Anchors
 
 FORMAT = "asft-anchors"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Older versions still read (and converted on loading).
+_OLD_VERSIONS = ("1",)
+_REBUILD = "rebuild the file with `asft anchors build --base BASE --aligned ALIGNED -o FILE`"
 _RESERVED = ("format", "format_version", "dtype", "weights", "checksum")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -68,10 +78,12 @@ def save_anchors(anchors: Anchors, path: str | os.PathLike) -> None:
     """Write ``anchors`` to ``path`` (atomically: a temporary file is renamed)."""
     from safetensors.torch import save_file
 
-    dtypes = {p.factor.dtype for p in anchors.values()}
+    # Version 2 guarantees orthogonal columns: a factor built elsewhere is converted (an SVD).
+    projections = {n: p.with_orthogonal_columns() for n, p in anchors.items()}
+    dtypes = {p.factor.dtype for p in projections.values()}
     if len(dtypes) != 1:
         raise AnchorError(f"anchors mix storage dtypes {sorted(map(str, dtypes))}; cast them with .to(dtype=...)")
-    tensors = {n: p.factor.detach().to("cpu").contiguous() for n, p in anchors.items()}
+    tensors = {n: p.factor.detach().to("cpu").contiguous() for n, p in projections.items()}
     weights = {
         n: {
             "shape": list(anchors.weights[n].shape),
@@ -80,7 +92,7 @@ def save_anchors(anchors: Anchors, path: str | os.PathLike) -> None:
             "rank": p.rank,
             "energy": float(p.energy),
         }
-        for n, p in anchors.items()
+        for n, p in projections.items()
     }
     meta = {k: str(v) for k, v in anchors.metadata.items() if k not in _RESERVED}
     meta.update(
@@ -134,8 +146,13 @@ def load_anchors(path: str | os.PathLike) -> Anchors:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, "not an anchor file (no 'format: asft-anchors' metadata)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise _fail(path, f"unsupported anchor format version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION and version not in _OLD_VERSIONS:
+        raise _fail(
+            path,
+            f"unsupported anchor format version {version!r} (this library reads "
+            f"{', '.join((*_OLD_VERSIONS, FORMAT_VERSION))}; a newer file needs a newer asft-optim, or {_REBUILD})",
+        )
     storage = meta.get("dtype")
     if storage not in STORAGE_DTYPES:
         raise _fail(path, f"bad storage dtype {storage!r}")
@@ -168,9 +185,11 @@ def load_anchors(path: str | os.PathLike) -> Anchors:
         if not torch.isfinite(t).all():
             raise _fail(path, f"{name}: factor has non-finite values")
         try:
-            projections[name] = Projection(t, mode, energy)
+            proj = Projection(t, mode, energy, orthogonal_columns=version == FORMAT_VERSION)
+            # Version 1: any F; converted to orthogonal columns (same C).
+            projections[name] = proj.with_orthogonal_columns()
         except AnchorError as exc:
-            raise _fail(path, str(exc)) from exc
+            raise _fail(path, f"{name}: {exc}" + ("" if version == FORMAT_VERSION else f"; {_REBUILD}")) from exc
         infos[name] = WeightInfo(shape, layout)
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
     return Anchors(projections, extra, infos)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -185,7 +185,7 @@ def module_name_matcher(target_modules: str | Iterable[str]):
 def _projection(v: Tensor, mode: Mode, rank, energy, dtype: torch.dtype, name: str) -> Projection:
     """The operator of one weight, in compact form, stored in ``dtype``."""
     p = projection_from_delta(v, mode, rank=rank, energy=energy, name=name)
-    return Projection(p.factor.to(dtype).contiguous(), p.mode, p.energy)
+    return replace(p, factor=p.factor.to(dtype).contiguous())
 
 
 def _build_metadata(mode, rank, energy, dtype, **extra) -> dict[str, str]:

@@ -204,7 +204,7 @@ def l2_anchors(model: nn.Module, target_modules: str | Iterable[str], *, dtype: 
     """Anchors with ``C = 0`` (penalty ``λ‖ΔW‖²``) for the targeted weights: shapes only."""
     weights = targeted_weights(model, target_modules)
     projections = {
-        n: Projection(torch.zeros(to_out_in(w, layout).shape[0], 0, dtype=dtype), "l2")
+        n: Projection(torch.zeros(to_out_in(w, layout).shape[0], 0, dtype=dtype), "l2", orthogonal_columns=True)
         for n, (w, layout) in weights.items()
     }
     return Anchors(projections, _metadata("l2", None, None, dtype, target_modules))
@@ -318,7 +318,7 @@ def harmful_anchors(
         if not bool(g.ne(0).any()):
             raise AnchorError(f"{name}: the harmful loss does not move this weight (zero {method}); drop it from target_modules")
         p = projection_from_delta(g, "subspace", rank=rank, energy=energy, name=name)
-        projections[name] = Projection(p.factor.to("cpu", dtype), "subspace", p.energy)
+        projections[name] = p.to("cpu", dtype)
     return Anchors(projections, _metadata("subspace", rank, energy, dtype, target_modules, source=f"harmful-{method}"))
 
 

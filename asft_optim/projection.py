@@ -14,19 +14,31 @@ The penalty of one weight is ``‖R ΔW‖²_F`` with ``R = I - C`` (modes ``saf
 directions, AsFT_Alt). Its gradient is ``2 RᵀR ΔW``. C is never formed as a
 d×d matrix: every product goes through ``F`` as ``F (Fᵀ X)``, costing O(d·m·n)
 for an (d, n) operand. ``C`` is symmetric but a projector only in the
-``orthogonal``/``subspace`` modes (and only up to rounding once a factor is stored in
-low precision), so ``RᵀR = I - 2C + C²`` in general: we never assume ``RᵀR = R``.
-With the Gram matrix ``G = FᵀF`` (m×m), ``C² = F G Fᵀ`` and ``RᵀR = I - F(2I - G)Fᵀ``:
-``R X`` and ``RᵀR X`` then take one pass over F for ``Y = Fᵀ X`` and one for
-``F [Y, 2Y - G Y]``, instead of four (R applied twice). Worth it when G is much
-smaller than F (low-rank anchors, tall weights); see :meth:`Projection.residual_and_metric`.
+``orthogonal``/``subspace`` modes, so ``RᵀR = I - 2C + C²`` in general: we never
+assume ``RᵀR = R``.
+
+Every anchor is built with *orthogonal columns*: ``F = U diag(√c)`` with U orthonormal
+(d_out, m) and c the eigenvalues of ``C = U diag(c) Uᵀ`` (``safelora``: ``c = s²/‖V‖_F``
+from the SVD ``V = U diag(s) W``; ``orthogonal``/``subspace``: ``c = 1``). Then the Gram
+matrix ``G = FᵀF = diag(c)`` is a vector, and with ``Y = Fᵀ X``::
+
+    R X    = X - F Y                    RᵀR X = X - F ((2 - c) ⊙ Y)     (I - C modes)
+    R X    = F Y                        RᵀR X = F (c ⊙ Y)               (subspace)
+
+so ``R X`` and ``RᵀR X`` take one pass over F for Y and one for ``F [Y, W]``: two passes
+in every mode, exact for any V, at the memory of F alone. For low-rank anchors
+(``m ≤ d_out/4``) the full m×m ``G = FᵀF`` of the *stored* factor is used instead
+(``RᵀR = I - F(2I - G)Fᵀ``, exact for any F, also once a factor stored in bf16 is only
+orthogonal to that precision); a factor not known to have orthogonal columns and too
+wide for G falls back to applying R twice (four passes). See
+:meth:`Projection.compact_gram` and :meth:`Projection.residual_and_metric`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
@@ -69,11 +81,15 @@ class Projection:
             ``"subspace"`` (C spans harmful directions; penalise ``‖C ΔW‖²``) or
             ``"l2"`` (C = 0; penalise all of ΔW).
         energy: fraction of ``‖V‖²_F`` kept by the factor (1.0 when exact).
+        orthogonal_columns: whether ``F = U diag(√c)`` has orthogonal columns, so that
+            ``FᵀF = diag(c)`` (default: False; every anchor built by this library, or
+            loaded from a file, has them; see :meth:`with_orthogonal_columns`).
     """
 
     factor: Tensor
     mode: Mode
     energy: float = 1.0
+    orthogonal_columns: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -95,9 +111,24 @@ class Projection:
         return 0 < self.rank and self.rank * _GRAM_MIN_RATIO <= self.d_out
 
     def gram(self) -> Tensor:
-        """``G = FᵀF`` (m×m), for :meth:`residual_and_metric`; cache it, it costs O(d·m²)."""
+        """``G = FᵀF`` (m×m); it costs O(d·m²). See :meth:`compact_gram`."""
         f = self.factor
         return f.transpose(0, 1) @ f
+
+    def compact_gram(self) -> Tensor | None:
+        """``G = FᵀF`` in the smallest exact form, for :meth:`residual_and_metric`; cache it.
+
+        The m×m matrix when it is small (:attr:`gram_pays`: low-rank anchors, exact for
+        any stored F); else its diagonal ``c`` (a vector of m column norms², one pass
+        over F) when the columns are orthogonal; else None (R is then applied twice).
+        """
+        if self.rank == 0:
+            return None
+        if self.gram_pays:
+            return self.gram()
+        if self.orthogonal_columns:
+            return torch.linalg.vector_norm(self.factor, dim=0).square()  # no d×m temporary
+        return None
 
     @property
     def is_projector(self) -> bool:
@@ -105,9 +136,28 @@ class Projection:
         return self.mode != "safelora"
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        return Projection(self.factor.to(device=device, dtype=dtype), self.mode, self.energy)
+        return replace(self, factor=self.factor.to(device=device, dtype=dtype))
+
+    def with_orthogonal_columns(self) -> Projection:
+        """The same operator C with ``F = U diag(√c)`` (orthogonal columns), by an SVD of F.
+
+        ``F = U diag(σ) Wᵀ`` gives ``C = F Fᵀ = U diag(σ²) Uᵀ``: the new factor is
+        ``U diag(σ)``, at most ``min(d_out, m)`` columns. Already orthogonal: ``self``.
+        """
+        if self.orthogonal_columns or self.rank == 0:
+            return self if self.orthogonal_columns else replace(self, orthogonal_columns=True)
+        f = self.factor
+        work = f.detach().to(torch.promote_types(f.dtype, torch.float32))
+        try:
+            u, sigma, _ = torch.linalg.svd(work, full_matrices=False)
+        except RuntimeError as exc:  # LAPACK did not converge
+            raise AnchorError(f"the SVD of an anchor factor {tuple(f.shape)} failed: {exc}") from exc
+        return replace(self, factor=(u * sigma).to(f.dtype).contiguous(), orthogonal_columns=True)
 
     # -- operator products, all O(d_out · m · n) ------------------------------------------
+    # ``apply_c``, ``residual`` and ``metric`` are the short readable definitions (R
+    # applied as written, twice for RᵀR); ``residual_and_metric`` is the fused form the
+    # step uses, tested against them and against the dense oracle.
     def apply_c(self, x: Tensor) -> Tensor:
         """``C x`` for ``x`` of shape (d_out, n)."""
         f = self.factor
@@ -132,11 +182,12 @@ class Projection:
     def residual_and_metric(self, x: Tensor, gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(R x, RᵀR x)`` for ``x`` of shape (d_out, n), in the fewest passes over F.
 
-        Without ``gram``: R applied twice, four skinny products (what :meth:`metric` does,
-        with the ``I - C`` subtractions fused into ``addmm``). With ``gram = FᵀF`` (from
-        :meth:`gram`, cached by the caller): ``Y = Fᵀ x`` and one product ``F [Y, W]``
-        give both, ``W = 2Y - GY`` (``I - C`` modes: ``RᵀR = I - F(2I - G)Fᵀ``) or
-        ``W = GY`` (``subspace``: ``RᵀR = C² = F G Fᵀ``); exact for any F, projector or not.
+        ``gram``: :meth:`compact_gram` (cached by the caller). With it, ``Y = Fᵀ x`` and one
+        product ``F [Y, W]`` give both: ``W = 2Y - GY`` (``I - C`` modes:
+        ``RᵀR = I - F(2I - G)Fᵀ``) or ``W = GY`` (``subspace``: ``RᵀR = C² = F G Fᵀ``),
+        ``GY`` being ``c ⊙ Y`` for the diagonal form. Without it: R applied twice, four
+        skinny products (what :meth:`metric` does, the ``I - C`` subtractions fused into
+        ``addmm``).
         """
         f = self.factor
         if f.shape[1] == 0:  # l2: R = I
@@ -150,8 +201,12 @@ class Projection:
             rx = torch.addmm(x, f, y, alpha=-1)
             return rx, torch.addmm(rx, f, _ft_mm(f, rx), alpha=-1)
         n = x.shape[1]
-        w = gram @ y if subspace else torch.addmm(y, gram, y, beta=2, alpha=-1)
-        # One pass over F for both columns blocks: F [Y, W] costs about what F Y does.
+        if gram.dim() == 1:  # G = diag(c)
+            c = gram.unsqueeze(1)
+            w = y * c if subspace else y * (2.0 - c)
+        else:
+            w = gram @ y if subspace else torch.addmm(y, gram, y, beta=2, alpha=-1)
+        # One pass over F for both column blocks: F [Y, W] costs about what F Y does.
         z = f @ torch.cat([y, w], 1)
         if subspace:
             return z[:, :n], z[:, n:]
@@ -209,7 +264,7 @@ class PenaltyTerms:
 def dense_terms(proj: Projection, delta: Tensor, gram: Tensor | None = None) -> PenaltyTerms:
     """Penalty of a dense update ``delta`` (d_out, d_in): grad ``2 RᵀR ΔW``.
 
-    ``gram``: ``proj.gram()`` if cached (see :meth:`Projection.residual_and_metric`).
+    ``gram``: ``proj.compact_gram()`` if cached (see :meth:`Projection.residual_and_metric`).
     """
     r, m = proj.residual_and_metric(delta, gram)
     # The values are O(d_out·d_in) reductions: computed now, so that r and delta
@@ -229,7 +284,7 @@ def lora_terms(
         lora_b: ``B`` of shape (d_out, r).
         lora_a: ``A`` of shape (r, d_in).
         scaling: ``s`` (α/r, or α/√r for rsLoRA).
-        gram: ``proj.gram()`` if cached (see :meth:`Projection.residual_and_metric`).
+        gram: ``proj.compact_gram()`` if cached (see :meth:`Projection.residual_and_metric`).
     """
     s2 = float(scaling) ** 2
     rb, mb = proj.residual_and_metric(lora_b, gram)
@@ -305,25 +360,29 @@ def projection_from_delta(
     if energy is not None and not (0.0 < energy <= 1.0):
         raise AnchorError(f"{name}: energy must lie in (0, 1], got {energy!r}")
     if mode == "l2":
-        return Projection(v.new_zeros(d_out, 0), "l2")
+        return Projection(v.new_zeros(d_out, 0), "l2", orthogonal_columns=True)
     norm = float(torch.linalg.matrix_norm(v))
     if norm == 0.0 and mode != "l2":
         raise AnchorError(f"{name}: the weight difference is zero; C is undefined (use mode='l2')")
     if mode == "safelora":
         if rank is None and energy is None:
-            # Exact: C = V Vᵀ/‖V‖_F = F Fᵀ with F = V/√‖V‖_F (Frobenius norm, not squared,
-            # as in the reference code and Safe LoRA).
-            f = v / math.sqrt(norm)
-            if d_in > d_out:
-                # Wide weight: store Rᵀ from Fᵀ = QR instead, F Fᵀ = Rᵀ R, so C is unchanged
-                # and the factor shrinks to (d_out, d_out).
-                f = torch.linalg.qr(f.t(), mode="r")[1].t().contiguous()
-            return Projection(f, "safelora")
+            # Exact: C = V Vᵀ/‖V‖_F (Frobenius norm, not squared, as in the reference code
+            # and Safe LoRA) = U diag(s²/‖V‖_F) Uᵀ from the full SVD V = U diag(s) W: the
+            # factor U diag(s/√‖V‖_F) has min(d_out, d_in) orthogonal columns (a wide
+            # weight's factor is (d_out, d_out)).
+            # The SVD runs in float64 (a one-off cost at build time): in float32 its rounding
+            # (~cond·eps) would make the "exact" C measurably differ from V Vᵀ/‖V‖_F.
+            try:
+                u, s, _ = torch.linalg.svd(v.double(), full_matrices=False)
+            except RuntimeError as exc:  # LAPACK did not converge
+                raise AnchorError(f"{name}: the SVD of the weight difference failed: {exc}") from exc
+            f = u * (s / math.sqrt(norm))
+            return Projection(f.to(v.dtype).contiguous(), "safelora", orthogonal_columns=True)
         u, s, kept = _top_left_singular(v, rank, energy)
-        return Projection(u * (s / math.sqrt(norm)), "safelora", kept)
+        return Projection(u * (s / math.sqrt(norm)), "safelora", kept, orthogonal_columns=True)
     if rank is None and energy is None:
         raise AnchorError(
             f"{name}: mode {mode!r} needs rank= or energy= (a full-rank V spans everything, so C = I)"
         )
     u, _, kept = _top_left_singular(v, rank, energy)
-    return Projection(u, mode, kept)
+    return Projection(u, mode, kept, orthogonal_columns=True)

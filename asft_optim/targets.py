@@ -214,10 +214,8 @@ class Target:
         """
         if self.kind == "full":
             w = self.base_weight()
-            wf, ref = _full(w.detach()), _full(reference)
-            dtype = math_dtype(wf)
-            delta = to_out_in(wf.to(dtype) - ref.to(wf.device, dtype), self.layout)
-            op, gram = self._operator(proj, wf)
+            delta = to_out_in(self._full_delta(w.detach(), reference), self.layout)
+            op, gram = self._operator(proj, delta)
             t = dense_terms(op, delta, gram)
             g = t.grads[0]
             g = g.t() if self.layout == "in_out" else g
@@ -310,8 +308,8 @@ class Target:
         """The anchor on ``like``'s device and math dtype, and its Gram matrix ``FᵀF``.
 
         Both are computed once and reused across steps: anchors move lazily, once, to the
-        device and math dtype of what they anchor, and G (None unless
-        :attr:`Projection.gram_pays`) follows them. The cache is rebuilt when the anchor
+        device and math dtype of what they anchor, and G (:meth:`Projection.compact_gram`:
+        m×m for low rank, the vector ``diag(FᵀF)`` for orthogonal columns) follows them. The cache is rebuilt when the anchor
         object, the device, the dtype or the factor's contents (its in-place version
         counter) change. It holds no parameter: tensors are looked up at every step.
         """
@@ -319,9 +317,43 @@ class Target:
         cached = self._cache.get("proj")
         if cached is None or cached[0] != key or cached[1] is not proj:
             moved = proj.to(device=key[0], dtype=key[1])
-            gram = moved.gram() if moved.gram_pays else None
+            gram = moved.compact_gram()
             cached = self._cache["proj"] = (key, proj, moved, gram)
         return cached[2], cached[3]
+
+    def _reference_on(self, reference: Tensor, like: Tensor) -> Tensor:
+        """``reference`` on ``like``'s device, sharded like it when ``like`` is a DTensor.
+
+        Moved (a CPU ``reference=`` on a GPU model) or sliced to the local shard (no
+        communication) once and cached, instead of a copy at every step; rebuilt when the
+        reference object, its contents (version counter) or the weight's device or
+        sharding change. Already in place: ``reference`` itself, nothing cached.
+        """
+        sharded = _is_dtensor(like)
+        where = (like.device_mesh, tuple(like.placements)) if sharded else None
+        if sharded == _is_dtensor(reference) and reference.device == like.device and (
+            not sharded or (reference.device_mesh, tuple(reference.placements)) == where
+        ):
+            return reference
+        key = (like.device, where, reference._version)
+        cached = self._cache.get("reference")
+        if cached is None or cached[0] is not reference or cached[1] != key:
+            moved = _full(reference).to(like.device)
+            if sharded:
+                from torch.distributed.tensor import distribute_tensor
+
+                moved = distribute_tensor(moved, like.device_mesh, like.placements, src_data_rank=None)
+            cached = self._cache["reference"] = (reference, key, moved)
+        return cached[2]
+
+    def _full_delta(self, w: Tensor, reference: Tensor) -> Tensor:
+        """``W - W_ref`` as a full tensor in the math dtype (``w`` detached).
+
+        FSDP2 (``w`` a DTensor): the shards are subtracted locally and the *difference* is
+        gathered, one all-gather per weight instead of one for W and one for W_ref.
+        """
+        dtype = math_dtype(w)
+        return _full(w.to(dtype) - self._reference_on(reference, w).to(dtype))
 
 
 # -- FSDP2: sharded (DTensor) parameters ----------------------------------------------

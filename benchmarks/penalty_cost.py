@@ -5,12 +5,14 @@ The reference AsFT code, reproduced faithfully: a dense d×d fp32 ``C`` kept on 
 every step, ``delta = B @ A`` (no α/r scaling), ``loss = λ·‖(I − C) @ delta‖²_F`` and
 autograd through it. Against it: what ``AnchoredAdamW.step()`` adds to the inner
 step, i.e. ``AnchoredOptimizer._apply_penalty(want_total=False)`` on a PEFT LoRA weight
-(r=8, α=32), for exact ``safelora`` anchors (F = V/√‖V‖_F, d×d, O(d²r): R applied
-twice, four skinny products over F), rank-256 ``orthogonal`` anchors (O(d·256·r): with
-the cached G = FᵀF, two passes over F) and exact anchors with ``coupling="decoupled"``.
-``floor_2_passes_exact`` is not the library: two skinny products that read the exact F
-twice (``(BᵀF)ᵀ``, then ``F [X, X]``), the least traffic an exact anchor can cost; the
-library reads it four times (a cached G would be another d×d matrix, see the README).
+(r=8, α=32), for exact ``safelora`` anchors (F = U diag(√c), d×d with orthogonal columns,
+O(d²r): ``R·B`` and ``RᵀR·B`` in two passes over F, G = FᵀF = diag(c) a vector), rank-256
+``orthogonal`` anchors (O(d·256·r), the cached 256×256 G, two passes) and exact anchors
+with ``coupling="decoupled"``. ``anchor_penalty_exact`` is the loss-level twin on the same
+model and anchors: ``anchor_penalty(model, anchors).backward()`` (its gradients, like the
+optimizer's). ``floor_2_passes_exact`` is not the library: two bare skinny products that
+read the exact F twice (``(BᵀF)ᵀ``, then ``F [X, X]``), the least traffic an exact anchor
+can cost, for comparison.
 
 The variants are interleaved round-robin; ratio = median(reference) / median(ours).
 A sanity check compares the two penalty values (ours = s²·reference, s = α/r).
@@ -39,7 +41,7 @@ from _common import (
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from asft_optim import AnchoredAdamW, projection_from_delta
+from asft_optim import AnchoredAdamW, anchor_penalty, projection_from_delta
 
 R, ALPHA = 8, 32
 NAME = "q_proj.weight"
@@ -72,7 +74,8 @@ def ours(d: int, proj, coupling: str, b0: torch.Tensor, a0: torch.Tensor, device
     with torch.no_grad():
         lora.lora_B["default"].weight.copy_(b0)
         lora.lora_A["default"].weight.copy_(a0)
-    opt = AnchoredAdamW(model, {NAME: proj}, anchor_lambda=1.0, lr=1e-6, weight_decay=0.0, coupling=coupling)
+    anchors = {NAME: proj}
+    opt = AnchoredAdamW(model, anchors, anchor_lambda=1.0, lr=1e-6, weight_decay=0.0, coupling=coupling)
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
@@ -82,7 +85,13 @@ def ours(d: int, proj, coupling: str, b0: torch.Tensor, a0: torch.Tensor, device
         # What step() runs: the gradients only; the penalty value is not summed.
         return opt._apply_penalty(want_total=False)
 
-    return opt, run
+    def twin():
+        # The loss-level twin, as a training loop uses it: value and backward (its gradients).
+        anchor_penalty(model, anchors, 1.0).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return opt, run, twin
 
 
 def profile(variants: dict, d: int, folder) -> dict:
@@ -127,7 +136,10 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device, profile_dir=
         (f"orthogonal_r{rank}", low, "coupled"),
         ("safelora_exact_decoupled", exact, "decoupled"),
     ):
-        opts[key], variants[key] = ours(d, proj.to(device), coupling, b0, a0, device)
+        opts[key], variants[key], twin = ours(d, proj.to(device), coupling, b0, a0, device)
+        if key == "safelora_exact":
+            twin_exact = twin
+    variants["anchor_penalty_exact"] = twin_exact
     # Not the library: the least memory traffic any exact-anchor implementation needs,
     # one pass over F for Fᵀ B and one for F [X, Y] (what a fused R, RᵀR would cost).
     f_dev, b_dev = exact.factor.to(device), b0.to(device)
@@ -155,17 +167,20 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device, profile_dir=
     ref_med = stats["reference"]["median_s"]
     for s in stats.values():
         s["ratio_vs_reference"] = ref_med / s["median_s"]
+    # The loss-level twin per call against the optimizer's _apply_penalty, same anchors.
+    twin_ratio = stats["anchor_penalty_exact"]["median_s"] / stats["safelora_exact"]["median_s"]
     flops = {
         "reference": 4 * d**3 + 4 * d * d * R,  # (I−C)·ΔW forward + its backward, B@A and its grads
-        "safelora_exact": 8 * d * d * R,  # R applied twice to B through F (d×d): 4 products
+        "safelora_exact": 6 * d * d * R,  # Fᵀ B, F [Y, W] (2R columns): two passes over F (d×d)
         # Fᵀ B, G Y (rank²), F [Y, W] (2R columns): two passes over F with the cached G.
         f"orthogonal_r{rank}": 6 * d * rank * R + 2 * rank * rank * R,
-        "safelora_exact_decoupled": 8 * d * d * R,
+        "safelora_exact_decoupled": 6 * d * d * R,
+        "anchor_penalty_exact": 6 * d * d * R,
         "floor_2_passes_exact": 6 * d * d * R,
     }
     out = {
         "d": d, "lora_r": R, "lora_alpha": ALPHA, "rank": rank,
-        "stats": stats, "flops_estimate": flops,
+        "stats": stats, "flops_estimate": flops, "anchor_penalty_over_apply_penalty": twin_ratio,
         "reference_bytes_per_step": {"C_dense_fp32": 4 * d * d, "eye": 4 * d * d, "h2d_copy": 4 * d * d if device.type == "cuda" else 0},
         "penalty_check": check,
     }
@@ -197,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "1" if k == "reference" else f"{s['ratio_vs_reference']:.0f}×",
                          f"{r['flops_estimate'][k] / 1e9:.3g}"])
     table = markdown_table(["d", "variant", "median", "p10 – p90", "n", "speed-up vs reference", "GFLOP (est.)"], rows)
+    table += "\n\n" + "; ".join(
+        f"d = {r['d']}: anchor_penalty + backward / _apply_penalty = {r['anchor_penalty_over_apply_penalty']:.2f}"
+        for r in results
+    ) + " (ratio of medians, same anchors and model)."
     cmd = "PYTHONPATH=. python benchmarks/penalty_cost.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     payload = {"environment": environment(device), "results": results}
     write(args.out, "penalty_cost", payload, table, cmd)

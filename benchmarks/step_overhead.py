@@ -5,7 +5,11 @@ stepped in interleaved rounds: ``adamw``, ``adamw_control`` (a second plain Adam
 noise floor), ``anchored`` (exact ``safelora``, coupled),
 ``anchored_decoupled`` and, on the 4096 model, ``anchored_r256`` (rank-256
 ``orthogonal``); plus ``penalty_only`` (``_apply_penalty(want_total=False)`` alone,
-what ``step()`` adds). Overhead = median over rounds of (variant / adamw) − 1, from the
+what ``step()`` adds), ``anchor_penalty`` (the loss-level twin on the same model and
+anchors, ``anchor_penalty(model, anchors).backward()``, what a loop using it adds) and
+``anchor_penalty_uncached`` (the same with its (model, anchors) binding dropped before
+every call: target discovery, shape checks and device copies every time, as before the
+cache). Overhead = median over rounds of (variant / adamw) − 1, from the
 same rounds; the ratio of medians is recorded too.
 
 Models: the lab model (the lab's LlamaForCausalLM: hidden 128, intermediate 256, 4
@@ -29,7 +33,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from asft_optim import AnchoredAdamW, Anchors
+from asft_optim import AnchoredAdamW, Anchors, anchor_penalty
+from asft_optim.penalty import clear_cache
 
 MODELS = {
     # The lab's own attack model and batch (asft_optim.lab: ModelConfig(), vocab 1024,
@@ -44,6 +49,7 @@ TINY = {
                      vocab_size=100, batch=2, seq=8, reps=3, rank=4),
 }
 LR = 5e-5
+PARTS = ("penalty_only", "anchor_penalty", "anchor_penalty_uncached")
 
 
 def build(cfg: dict, device):
@@ -99,17 +105,35 @@ def bench_model(name: str, cfg: dict, device, reps: int | None, profile_dir=None
         probe._apply_penalty(want_total=False)
         probe.zero_grad(set_to_none=True)
 
+    def twin(cached: bool):
+        def run():
+            if not cached:
+                clear_cache()
+            anchor_penalty(model, exact, 1.0).backward()
+            probe.zero_grad(set_to_none=True)
+        return run
+
     fns = {k: iteration(o) for k, o in opts.items()}
     fns["penalty_only"] = penalty_only
+    fns["anchor_penalty"] = twin(True)
+    fns["anchor_penalty_uncached"] = twin(False)
     reps = reps or cfg["reps"]
     samples = interleaved(fns, device, reps=reps, warmup=2)
     stats = {k: summary(v) for k, v in samples.items()}
     base = samples["adamw"]
     for k, s in stats.items():
+        share = k in PARTS  # a part of a step: its share of an AdamW step, not an overhead
         per_round = [a / b for a, b in zip(samples[k], base)]
-        s["overhead_median_of_ratios"] = statistics.median(per_round) - (0 if k == "penalty_only" else 1)
-        s["overhead_ratio_of_medians"] = s["median_s"] / stats["adamw"]["median_s"] - (0 if k == "penalty_only" else 1)
+        s["overhead_median_of_ratios"] = statistics.median(per_round) - (0 if share else 1)
+        s["overhead_ratio_of_medians"] = s["median_s"] / stats["adamw"]["median_s"] - (0 if share else 1)
+    # The loss-level twin per call against the optimizer's _apply_penalty (same rounds).
+    twin_vs = {}
+    for k in ("anchor_penalty", "anchor_penalty_uncached"):
+        per_round = [a / b for a, b in zip(samples[k], samples["penalty_only"])]
+        twin_vs[k] = {"median_of_ratios": statistics.median(per_round),
+                      "ratio_of_medians": stats[k]["median_s"] / stats["penalty_only"]["median_s"]}
     out = {"model": name, "config": cfg, "targets": len(exact), "stats": stats,
+           "anchor_penalty_over_penalty_only": twin_vs,
            "lora_params": sum(p.numel() for p in trainable)}
     if profile_dir is not None:
         out["profile"] = profile(model, fns, name, profile_dir)
@@ -122,7 +146,7 @@ def profile(model, fns, name: str, folder) -> dict:
     from torch.profiler import profile as tprofile
 
     tables = {}
-    for key in ("adamw", "anchored", "penalty_only"):
+    for key in ("adamw", "anchored", "penalty_only", "anchor_penalty"):
         with tprofile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 fns[key]()
@@ -160,8 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(["model", "variant", "median", "p10 – p90", "n",
                             "overhead (median of per-round ratios)", "overhead (ratio of medians)"], rows)
     table += ("\n\n`penalty_only`: `_apply_penalty(want_total=False)` alone, as a fraction of an AdamW "
-              "iteration. `adamw_control`: a second plain AdamW, i.e. the noise floor of the "
-              "full-iteration overheads.")
+              "iteration (`anchor_penalty*`: the loss-level twin with its backward, likewise). "
+              "`adamw_control`: a second plain AdamW, i.e. the noise floor of the full-iteration overheads.")
+    twin_rows = [[r["model"], k, f"{v['median_of_ratios']:.2f}", f"{v['ratio_of_medians']:.2f}"]
+                 for r in results for k, v in r["anchor_penalty_over_penalty_only"].items()]
+    table += "\n\nLoss-level twin per call / `_apply_penalty` per call (same rounds):\n\n" + markdown_table(
+        ["model", "variant", "median of per-round ratios", "ratio of medians"], twin_rows)
     cmd = "PYTHONPATH=. python benchmarks/step_overhead.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     payload = {"environment": environment(device), "lr": LR, "results": results}
     write(args.out, "step_overhead", payload, table, cmd)

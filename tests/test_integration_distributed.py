@@ -36,6 +36,7 @@ def test_fsdp2_penalty_gradient_equals_unsharded():
         assert res[case]["max_diff_unsharded"] == 0.0
         assert res[case]["max_diff_oracle"] <= 1e-10
         assert res[case]["n_grads"] > 0
+    assert res["full"]["n_gathers"] == res["full"]["n_grads"]  # one all-gather (of W - W_ref) per weight
     assert res["dora"] == "refused"
 
 

@@ -179,7 +179,7 @@ def test_residual_and_metric_with_and_without_gram(mode, shape, n, seed):
     proj = projection_from_delta(v, mode, rank=_rank_for(mode, d_out, d_in, k))
     r = ref.dense_r(v, mode, _rank_for(mode, d_out, d_in, k))
     x = _rand(seed + 3, d_out, n)
-    for gram in (None, proj.gram()):
+    for gram in (None, proj.gram(), proj.compact_gram()):
         rx, mx = proj.residual_and_metric(x, gram)
         torch.testing.assert_close(rx, r @ x, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(mx, r.T @ r @ x, atol=1e-10, rtol=1e-10)
@@ -194,25 +194,69 @@ def test_terms_with_cached_gram_equal_autograd(mode, shape, s, seed):
     proj = projection_from_delta(v, mode, rank=rank)
     b = _rand(seed + 1, d_out, r).requires_grad_()
     a = _rand(seed + 2, r, d_in).requires_grad_()
-    terms = lora_terms(proj, b.detach(), a.detach(), s, proj.gram())
+    terms = lora_terms(proj, b.detach(), a.detach(), s, proj.compact_gram())
     loss = ref.penalty_of(s * b @ a, v, mode, rank)
     gb, ga = torch.autograd.grad(loss, (b, a))
     torch.testing.assert_close(terms.penalty, loss.detach(), atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(terms.grads[0], gb, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(terms.grads[1], ga, atol=1e-9, rtol=1e-9)
     delta = _rand(seed + 4, d_out, d_in).requires_grad_()
-    dense = dense_terms(proj, delta.detach(), proj.gram())
+    dense = dense_terms(proj, delta.detach(), proj.compact_gram())
     (grad,) = torch.autograd.grad(ref.penalty_of(delta, v, mode, rank), delta)
     torch.testing.assert_close(dense.grads[0], grad, atol=1e-10, rtol=1e-10)
 
 
 def test_gram_is_cached_only_when_it_is_small():
-    """G = FᵀF costs m² memory: only for m ≤ d_out/4 (low rank), never for an exact square anchor."""
-    assert projection_from_delta(_rand(0, 16, 16), "orthogonal", rank=4).gram_pays
-    assert not projection_from_delta(_rand(0, 16, 16), "orthogonal", rank=5).gram_pays
-    assert not projection_from_delta(_rand(0, 16, 16), "safelora").gram_pays
-    assert projection_from_delta(_rand(0, 16, 3), "safelora").gram_pays  # tall weight: F is (16, 3)
-    assert not projection_from_delta(_rand(0, 16, 3), "l2").gram_pays
+    """G = FᵀF costs m² memory: the matrix only for m ≤ d_out/4 (low rank); else its diagonal."""
+    assert projection_from_delta(_rand(0, 16, 16), "orthogonal", rank=4).compact_gram().shape == (4, 4)
+    assert projection_from_delta(_rand(0, 16, 16), "orthogonal", rank=5).compact_gram().shape == (5,)
+    assert projection_from_delta(_rand(0, 16, 16), "safelora").compact_gram().shape == (16,)
+    assert projection_from_delta(_rand(0, 16, 3), "safelora").compact_gram().shape == (3, 3)  # tall: F is (16, 3)
+    assert projection_from_delta(_rand(0, 16, 3), "l2").compact_gram() is None
+    # A factor not known to have orthogonal columns, too wide for G: R is applied twice.
+    assert Projection(_rand(0, 16, 16), "safelora").compact_gram() is None
+
+
+@given(modes, shape_and_rank(), st.integers(1, 4), seeds)
+def test_orthogonal_columns_form_matches_the_dense_oracle(mode, shape, n, seed):
+    """The new form F = U diag(√c), float64: FᵀF = diag(c), C = F Fᵀ is the oracle's C, and
+    the two-pass (R x, RᵀR x) with G = diag(c) equals the dense R x and RᵀR x, in every mode."""
+    d_out, d_in, k = shape
+    rank = _rank_for(mode, d_out, d_in, k)
+    v = _rand(seed, d_out, d_in)
+    proj = projection_from_delta(v, mode, rank=rank)
+    assert proj.orthogonal_columns
+    f = proj.factor
+    assert f.shape[1] == (0 if mode == "l2" else min(d_out, d_in) if rank is None else k)
+    c = f.pow(2).sum(0)
+    torch.testing.assert_close(f.T @ f, torch.diag(c), atol=1e-10, rtol=0)
+    if mode in ("orthogonal", "subspace"):
+        torch.testing.assert_close(c, torch.ones_like(c), atol=1e-10, rtol=0)
+    torch.testing.assert_close(_dense_c_of(proj), ref.dense_c(v, mode, rank), atol=1e-10, rtol=1e-10)
+    r = ref.dense_r(v, mode, rank)
+    x = _rand(seed + 5, d_out, n)
+    # The diagonal form, also where the step would use the m×m G (low rank).
+    for gram in (None if mode == "l2" else c, proj.compact_gram()):
+        rx, mx = proj.residual_and_metric(x, gram)
+        torch.testing.assert_close(rx, r @ x, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(mx, r.T @ r @ x, atol=1e-10, rtol=1e-10)
+    # ... and the readable twin (R applied as written, twice).
+    torch.testing.assert_close(proj.residual(x), r @ x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(proj.metric(x), r.T @ r @ x, atol=1e-10, rtol=1e-10)
+
+
+@given(matrix_shapes(), st.sampled_from(["safelora", "orthogonal"]), seeds)
+def test_with_orthogonal_columns_keeps_the_operator(shape, mode, seed):
+    """Any factor (e.g. an old file's F = V/√‖V‖_F) converts to U diag(σ) with the same C."""
+    f = _rand(seed, *shape)
+    old = Projection(f, mode)
+    new = old.with_orthogonal_columns()
+    assert new.orthogonal_columns and new.mode == mode and new.rank == min(shape)
+    torch.testing.assert_close(_dense_c_of(new), f @ f.T, atol=1e-10, rtol=1e-10)
+    g = new.factor.T @ new.factor
+    torch.testing.assert_close(g, torch.diag(torch.diagonal(g)), atol=1e-10, rtol=0)
+    assert new.with_orthogonal_columns() is new
+    assert new.to(dtype=torch.float32).orthogonal_columns
 
 
 def test_lora_values_are_lazy_and_do_not_alias_the_factors():

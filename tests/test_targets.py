@@ -194,3 +194,60 @@ def test_hf_name_strips_wrappers():
     assert hf_name("base_model.model.model.layers.0.self_attn.q_proj") == "model.layers.0.self_attn.q_proj"
     assert hf_name("module._orig_mod.model.layers.0._fsdp_wrapped_module.mlp") == "model.layers.0.mlp"
     assert hf_name("model.layers.1._checkpoint_wrapped_module.self_attn.v_proj") == "model.layers.1.self_attn.v_proj"
+
+
+def test_anchor_penalty_binds_once_and_rebinds_when_the_model_or_anchors_change(monkeypatch):
+    """Discovery and shape checks run once per (model, anchors); a later PEFT wrap, a replaced
+    module, an edited or a new anchors mapping are seen (the value always equals the oracle)."""
+    import asft_optim.penalty as penalty
+
+    calls = []
+    real = penalty.check_shapes
+    monkeypatch.setattr(penalty, "check_shapes", lambda *a: calls.append(1) or real(*a))
+    model, dims = _full(tiny_llama, [Q, V], {Q: (8, 8), V: (4, 8)})
+    anchors, oracle = make_anchors(model, dims, "safelora", None)
+    anchors = dict(anchors)
+    reference = {n: dict(model.named_modules())[n[:-7]].weight.detach().clone() for n in dims}
+    _perturb_full_weights(model, dims)
+
+    def check():
+        got = anchor_penalty(model, anchors, reference=reference)
+        torch.testing.assert_close(got, ref.oracle_penalty(model, oracle, 1.0, reference).detach(), atol=1e-10, rtol=1e-9)
+
+    check(), check()
+    assert len(calls) == 1
+    other, other_oracle = make_anchors(model, {V: dims[V]}, "orthogonal", 2, seed=11)
+    anchors[V], oracle[V] = other[V], other_oracle[V]  # an edited entry
+    check()
+    assert len(calls) == 2
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = torch.nn.Linear(8, 8, bias=False, dtype=D)  # a replaced module
+    reference[Q] = attn.q_proj.weight.detach() - 0.1
+    check()
+    assert len(calls) == 3
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    check()  # the wrapped modules of the same model are found: ΔW is now s·B·A
+    assert len(calls) == 4
+    check()
+    assert len(calls) == 4
+    anchor_penalty(model, dict(anchors), reference=reference)  # another anchors object
+    assert len(calls) == 5
+
+
+def test_anchor_penalty_stays_bound_across_forward_passes(monkeypatch):
+    """A forward pass that builds temporary containers (HF Llama slices its ModuleList) does
+    not drop the binding: only registrations on the model's own modules do."""
+    import asft_optim.penalty as penalty
+
+    calls = []
+    real = penalty.check_shapes
+    monkeypatch.setattr(penalty, "check_shapes", lambda *a: calls.append(1) or real(*a))
+    model, dims = _llama_lora()
+    anchors, _ = make_anchors(model, dims, "safelora", None)
+    for _ in range(3):
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        anchor_penalty(model, anchors).backward()
+        torch.nn.ModuleList([torch.nn.Linear(2, 2)])  # unrelated registrations
+    assert len(calls) == 1

@@ -52,6 +52,24 @@ def penalty_grads(model, anchors, reference):
     return grads, opt
 
 
+def count_gathers(fn) -> int:
+    """How many ``full_tensor()`` all-gathers ``fn()`` makes."""
+    from torch.distributed.tensor import DTensor
+
+    gathers, full_tensor = [], DTensor.full_tensor
+
+    def counting(self, *args, **kwargs):
+        gathers.append(tuple(self.shape))
+        return full_tensor(self, *args, **kwargs)
+
+    DTensor.full_tensor = counting
+    try:
+        fn()
+    finally:
+        DTensor.full_tensor = full_tensor
+    return len(gathers)
+
+
 def shard(model):
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in root.model.layers:
@@ -100,7 +118,15 @@ def main():
         opt.step()
         summary = opt.anchor_summary()
         assert summary["anchor/penalty"] > 0
+        n_gathers = None
+        if case == "full":
+            # Default reference (the sharded weights at construction, DTensors): W - W_ref is
+            # subtracted shard by shard and gathered once per weight, W_ref never on its own.
+            fresh = AnchoredAdamW(sharded_model, anchors, LAM, lr=0.0, weight_decay=0.0)
+            n_gathers = count_gathers(fresh.step)
+            assert n_gathers == len(want), (n_gathers, sorted(want))
         results[case] = {"max_diff_unsharded": worst_unsharded, "max_diff_oracle": worst_oracle,
+                         "n_gathers": n_gathers,
                          "n_grads": len(nonzero), "penalty": summary["anchor/penalty"]}
 
     # DoRA on DTensors: refused, identically on every rank.
