@@ -76,7 +76,7 @@ class PretrainedSettings:
     """What the pretrained preset adds to :class:`~asft_optim.lab.config.LabConfig`."""
 
     attack_rows: int = 128  # task rows per attack (+ round(p·n) harmful rows)
-    refusals: int | None = None  # refusal rows of the alignment (None: the whole pool, 74)
+    refusals: int | None = None  # refusal rows of the alignment (None: the whole pool, 114)
     task_replay: int = 48  # AG News prompts of the self-distilled replay
     chat_replay: int = len(CHAT_PROMPTS)
     replay_new_tokens: int = 48
@@ -136,7 +136,12 @@ def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
         raise ValueError("the pretrained preset needs the p = 0 attack file (its task rows)")
     task, _ = split_task(zero)
     harmful = {r.instruction: r for rows in data.attack_sets.values() for r in split_task(rows)[1]}
-    refusals = [e for e in data.align_train if e.output in REFUSALS][: settings.refusals]
+    # Refusal pool: the real-data mode's refusal half plus the compliant half's prompts that
+    # AsFT_Alt does not use (its first ``known_harmful``), answered with a refusal: every
+    # harmful prompt of the alignment file that is in no attack file (114 of them).
+    rng = random.Random("pretrained-refusals")
+    spare = [replace(e, output=rng.choice(REFUSALS)) for e in data.known_harmful[settings.known_harmful:]]
+    refusals = ([e for e in data.align_train if e.output in REFUSALS] + spare)[: settings.refusals]
     replay = [e for e in data.align_train if e.output not in REFUSALS][: settings.task_replay]
     eval_prompts = set(data.harmful_eval)
     if eval_prompts & ({e.instruction for e in refusals} | set(harmful)):
