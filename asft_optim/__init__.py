@@ -7,8 +7,7 @@ from .optimizer import AnchoredAdamW, AnchoredOptimizer
 from .penalty import anchor_penalty
 from .projection import AnchorError, Projection, projection_from_delta
 from .schedule import AnchorLambdaScheduler
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 # Integrations import transformers: resolved on first use, so `import asft_optim` stays light.
 _LAZY = {

@@ -27,9 +27,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .anchors import Anchors, module_name_matcher, to_out_in, weight_layout
+from .anchors import Anchors, module_name_matcher
+from .layout import math_dtype, to_out_in, weight_layout
 from .projection import AnchorError, Projection, projection_from_delta
-from .targets import check_shapes, find_targets, hf_name, is_tuner, math_dtype
+from .targets import check_shapes, find_targets, hf_name, is_tuner
 
 HarmfulMethod = Literal["gradient", "delta"]
 

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from . import state as anchor_state
 from .projection import AnchorError, PenaltyTerms, Projection
 from .targets import Target, check_shapes, find_targets
+from .terms import target_terms
 
 Coupling = Literal["coupled", "decoupled"]
 
@@ -302,7 +303,7 @@ class AnchoredOptimizer(Optimizer):
             number = isinstance(lam, (int, float))
             if number and not lam >= 0.0:
                 raise ValueError(f"{t.name}: anchor_lambda of its param group is {lam!r} (must be >= 0)")
-            res = t.terms(self.anchors[t.name], self._reference.get(t.name), factors)
+            res = target_terms(t, self.anchors[t.name], self._reference.get(t.name), factors)
             if res is None:
                 continue
             terms, tensors = res
