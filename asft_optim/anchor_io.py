@@ -40,6 +40,16 @@ from .checkpoints import read_safetensors_header
 from .layout import WeightInfo, out_in_shape
 from .projection import MODES, AnchorError, Projection
 
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STORAGE_DTYPES",
+    "checksum",
+    "dtype_name",
+    "read_anchors",
+    "save_anchors",
+]
+
 FORMAT = "asft-anchors"
 FORMAT_VERSION = "2"
 #: Older versions still read (and converted on loading).

@@ -29,6 +29,18 @@ from torch import Tensor, nn
 from .layout import weight_layout
 from .projection import AnchorError
 
+__all__ = [
+    "SafetensorsSource",
+    "TensorSource",
+    "TorchBinSource",
+    "WeightSource",
+    "module_layouts",
+    "open_directory",
+    "open_source",
+    "read_safetensors_header",
+    "tied_aliases",
+]
+
 #: safetensors refuses headers larger than this; so do we.
 _MAX_HEADER = 100 * 1024 * 1024
 _SAMPLE = 32  # values sampled per tensor for in-memory fingerprints

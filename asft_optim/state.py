@@ -32,6 +32,20 @@ from torch import Tensor
 
 from .projection import AnchorError, Projection
 
+__all__ = [
+    "GROUP_KEYS",
+    "LEGACY_KEY",
+    "ORIGIN_KEY",
+    "REF_KEY",
+    "VERSION",
+    "add_entry",
+    "anchor_fingerprint",
+    "check_meta",
+    "param_index",
+    "saved_params",
+    "split",
+]
+
 VERSION = 2
 REF_KEY = "anchor_ref"
 ORIGIN_KEY = "anchor_origin"
