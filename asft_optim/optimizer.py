@@ -337,7 +337,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         sd = self.optimizer.state_dict()
         index = anchor_state.param_index(self.param_groups)
         for t in self._targets:
-            for p, values in self._anchor_entries(t):
+            for p, values in anchor_state.target_entries(t, self._reference):
                 if id(p) not in index:
                     raise AnchorError(
                         f"{t.name}: its trained tensor is no longer in the optimizer's param groups "
@@ -348,17 +348,6 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 "anchor_fingerprint": self.anchor_fingerprint()}
         sd["param_groups"] = [{**g, **meta} for g in sd["param_groups"]]
         return sd
-
-    def _anchor_entries(self, t: Target) -> list[tuple[Tensor, dict[str, Tensor]]]:
-        """``(param, {key: tensor})`` pairs of ``t``'s state to save."""
-        if t.kind == "full":
-            return [(t.base_weight(), {anchor_state.REF_KEY: self._reference[t.name]})]
-        out = []
-        for adapter in sorted(t.origin_adapters):
-            b0, a0 = t.origin[adapter]
-            bp, ap = t.factor_params(adapter)
-            out += [(bp, {anchor_state.ORIGIN_KEY: b0}), (ap, {anchor_state.ORIGIN_KEY: a0})]
-        return out
 
     def load_state_dict(
         self, state_dict: dict[str, Any], *, reset_reference: bool = False, check_anchors: bool = True
@@ -397,7 +386,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         origins: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         missing: list[str] = []
         for t in self._targets:
-            got = self._restore_target(t, restored, legacy, references, origins)
+            got = anchor_state.restore_target(t, restored, legacy, references, origins)
             if not got:
                 missing.append(t.name)
         if restored:
@@ -428,36 +417,6 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         for i, group in enumerate(self.param_groups):
             group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
             check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
-
-    def _restore_target(self, t, restored, legacy, references, origins) -> bool:
-        """Take ``t``'s saved state out of ``restored``; False when the dict has none for it."""
-        if t.kind == "full":
-            w = t.base_weight()
-            values = restored.pop(id(w), None)
-            ref = None if values is None else values.get(anchor_state.REF_KEY)
-            if ref is None and legacy is not None:
-                ref = legacy.get("reference", {}).get(t.name)
-            if ref is None:
-                return False
-            if tuple(ref.shape) != tuple(w.shape):
-                raise AnchorError(f"{t.name}: saved reference has shape {tuple(ref.shape)}, the weight {tuple(w.shape)}")
-            # The saved dtype is kept (torch would cast state to the parameter's dtype).
-            references[t.name] = ref.to(device=w.device)
-            return True
-        if not t.needs_origin:
-            return True  # ΔW = s·B·A lives in the adapter itself: nothing to restore
-        found = {}
-        for adapter in sorted(t.origin_adapters):
-            bp, ap = t.factor_params(adapter)
-            vb, va = restored.pop(id(bp), {}), restored.pop(id(ap), {})
-            if anchor_state.ORIGIN_KEY not in vb or anchor_state.ORIGIN_KEY not in va:
-                return False
-            b0, a0 = vb[anchor_state.ORIGIN_KEY], va[anchor_state.ORIGIN_KEY]
-            if b0.shape != bp.shape or a0.shape != ap.shape:
-                raise AnchorError(f"{t.name}: saved initial adapter factors of adapter {adapter!r} have other shapes")
-            found[adapter] = (b0.to(bp.device), a0.to(ap.device))
-        origins[t.name] = found
-        return True
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
