@@ -1,17 +1,26 @@
-"""asft-optim: safety-anchored fine-tuning (AsFT) as a drop-in PyTorch optimizer."""
+"""asft-optim: safety-anchored fine-tuning (AsFT) as a drop-in PyTorch optimizer.
+
+The public API comes in layers: the core (anchors, the optimizer, the loss-level penalty,
+the operator, the λ schedule) is imported here; the rest lives in its own package,
+``asft_optim.baselines``, ``asft_optim.integrations`` and ``asft_optim.lab``, whose
+best-known names are also reachable from here, resolved on first use.
+"""
 
 from .anchors import Anchors, build_anchors
-from .baselines import SafeLoRALayer, harmful_anchors, l2_anchors, safe_lora_project
 from .conversion import convert_reference_lambda, lora_scaling
 from .optimizer import AnchoredAdamW, AnchoredOptimizer
 from .penalty import anchor_penalty
 from .projection import AnchorError, Projection, projection_from_delta
 from .schedule import AnchorLambdaScheduler
+from .version import __version__ as __version__
 
-__version__ = "0.1.0"
-
-# Integrations import transformers: resolved on first use, so `import asft_optim` stays light.
+# Resolved on first use: the integrations import transformers, and the baselines are
+# their own layer (``asft_optim.baselines``), so `import asft_optim` loads the core only.
 _LAZY = {
+    "SafeLoRALayer": "asft_optim.baselines",
+    "harmful_anchors": "asft_optim.baselines",
+    "l2_anchors": "asft_optim.baselines",
+    "safe_lora_project": "asft_optim.baselines",
     "AnchorLambdaCallback": "asft_optim.integrations.hf",
     "AnchorLoggingCallback": "asft_optim.integrations.hf",
     "AnchoredAdamWFactory": "asft_optim.integrations.hf",

@@ -30,16 +30,25 @@ import hashlib
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .checkpoints import out_in_shape, read_safetensors_header
+from .checkpoints import read_safetensors_header
+from .layout import WeightInfo, out_in_shape
 from .projection import MODES, AnchorError, Projection
 
-if TYPE_CHECKING:
-    from .anchors import Anchors
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STORAGE_DTYPES",
+    "checksum",
+    "dtype_name",
+    "read_anchors",
+    "save_anchors",
+]
 
 FORMAT = "asft-anchors"
 FORMAT_VERSION = "2"
@@ -74,8 +83,12 @@ def checksum(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_anchors(anchors: Anchors, path: str | os.PathLike) -> None:
-    """Write ``anchors`` to ``path`` (atomically: a temporary file is renamed)."""
+def save_anchors(anchors: Mapping[str, Projection], path: str | os.PathLike) -> None:
+    """Write ``anchors`` to ``path`` (atomically: a temporary file is renamed).
+
+    ``anchors`` is an :class:`~asft_optim.Anchors` (any mapping with its ``weights`` and
+    ``metadata``): this module sits below it and does not import it.
+    """
     from safetensors.torch import save_file
 
     # Version 2 guarantees orthogonal columns: a factor built elsewhere is converted (an SVD).
@@ -138,10 +151,14 @@ def _check_entry(path: Any, name: str, entry: Any) -> tuple[tuple[int, ...], str
     return tuple(shape), layout, mode, rank, float(energy)
 
 
-def load_anchors(path: str | os.PathLike) -> Anchors:
-    """Read and validate an anchor file written by :func:`save_anchors`."""
-    from .anchors import Anchors, WeightInfo
+def read_anchors(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Projection], dict[str, str], dict[str, WeightInfo]]:
+    """Read and validate an anchor file written by :func:`save_anchors`.
 
+    Returns ``(projections, metadata, weights)``, the arguments of
+    :class:`~asft_optim.Anchors` (whose :meth:`~asft_optim.Anchors.load` calls this).
+    """
     header, _ = read_safetensors_header(path)  # cheap structural check before mapping
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -192,7 +209,7 @@ def load_anchors(path: str | os.PathLike) -> Anchors:
             raise _fail(path, f"{name}: {exc}" + ("" if version == FORMAT_VERSION else f"; {_REBUILD}")) from exc
         infos[name] = WeightInfo(shape, layout)
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
-    return Anchors(projections, extra, infos)
+    return projections, extra, infos
 
 
 def _read_tensors(path: Any, names: list[str]) -> dict[str, Tensor]:

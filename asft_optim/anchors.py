@@ -15,14 +15,18 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoints import WeightSource, open_source, out_in_shape, to_out_in, weight_layout
+from . import anchor_io
+from .binding import BindingReport, bind
+from .checkpoints import WeightSource, open_source
+from .layout import WeightInfo, to_out_in
 from .projection import AnchorError, Mode, Projection, projection_from_delta
+from .version import __version__
 
 __all__ = [
     "Anchors",
@@ -30,29 +34,7 @@ __all__ = [
     "WeightInfo",
     "build_anchors",
     "module_name_matcher",
-    "to_out_in",
-    "weight_layout",
 ]
-
-
-@dataclass(frozen=True)
-class WeightInfo:
-    """How an anchored weight is stored in the model: ``shape`` and ``layout``."""
-
-    shape: tuple[int, ...]
-    layout: str = "out_in"
-
-    @property
-    def out_in_shape(self) -> tuple[int, int]:
-        return out_in_shape(self.shape, self.layout)
-
-
-@dataclass
-class BindingReport:
-    """Result of :meth:`Anchors.bind`: anchored weights found and tuned weights left unanchored."""
-
-    found: list[str]
-    unanchored: list[str]
 
 
 class Anchors(Mapping[str, Projection]):
@@ -125,16 +107,12 @@ class Anchors(Mapping[str, Projection]):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors anchor file (see :mod:`asft_optim.anchor_io`)."""
-        from .anchor_io import save_anchors
-
-        save_anchors(self, path)
+        anchor_io.save_anchors(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Anchors:
         """Read and validate an anchor file; any defect raises :class:`AnchorError`."""
-        from .anchor_io import load_anchors
-
-        return load_anchors(path)
+        return cls(*anchor_io.read_anchors(path))
 
     # -- use --------------------------------------------------------------------------
     def bind(self, model: nn.Module, *, warn: bool = True) -> BindingReport:
@@ -145,8 +123,6 @@ class Anchors(Mapping[str, Projection]):
         being tuned (trainable LoRA modules or trainable weights) that carry no anchor;
         those are also reported with a warning when ``warn`` is true.
         """
-        from .binding import bind
-
         return bind(self, model, warn=warn)
 
     def summary(self) -> list[dict[str, Any]]:
@@ -189,8 +165,6 @@ def _projection(v: Tensor, mode: Mode, rank, energy, dtype: torch.dtype, name: s
 
 
 def _build_metadata(mode, rank, energy, dtype, **extra) -> dict[str, str]:
-    from . import __version__
-
     meta = {
         "mode": mode,
         "rank": "" if rank is None else str(rank),
@@ -273,9 +247,7 @@ def build_anchors(
     """
     from tqdm.auto import tqdm
 
-    from .anchor_io import dtype_name
-
-    dtype_name(dtype)  # reject unsupported storage dtypes before any work
+    anchor_io.dtype_name(dtype)  # reject unsupported storage dtypes before any work
     base_src, aligned_src = open_source(base), open_source(aligned)
     names = _match(base_src, aligned_src, target_modules)
     projections, weights = {}, {}

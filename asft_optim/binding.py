@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -10,13 +11,22 @@ from torch import nn
 from .projection import AnchorError
 from .targets import find_targets, hf_name, is_tuner
 
-if TYPE_CHECKING:
-    from .anchors import Anchors, BindingReport
+if TYPE_CHECKING:  # annotation only: anchors.py imports this module
+    from .anchors import Anchors
+
+__all__ = ["BindingReport", "bind", "tuned_weights"]
+
+
+@dataclass
+class BindingReport:
+    """Result of :meth:`Anchors.bind`: anchored weights found and tuned weights left unanchored."""
+
+    found: list[str]
+    unanchored: list[str]
 
 
 def bind(anchors: Anchors, model: nn.Module, *, warn: bool = True) -> BindingReport:
-    from .anchors import BindingReport
-
+    """See :meth:`Anchors.bind`."""
     targets, missing = find_targets(model, anchors)
     problems = [f"{n}: no such weight in the model" for n in missing]
     for t in targets:

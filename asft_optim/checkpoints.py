@@ -26,34 +26,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layout import weight_layout
 from .projection import AnchorError
+
+__all__ = [
+    "SafetensorsSource",
+    "TensorSource",
+    "TorchBinSource",
+    "WeightSource",
+    "module_layouts",
+    "open_directory",
+    "open_source",
+    "read_safetensors_header",
+    "tied_aliases",
+]
 
 #: safetensors refuses headers larger than this; so do we.
 _MAX_HEADER = 100 * 1024 * 1024
 _SAMPLE = 32  # values sampled per tensor for in-memory fingerprints
-
-
-def weight_layout(module: nn.Module) -> str:
-    """``"in_out"`` for modules storing W as (in, out), else ``"out_in"``."""
-    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return "in_out"
-    return "out_in"
-
-
-def to_out_in(weight: Tensor, layout: str) -> Tensor:
-    """View a stored weight in (out, in) layout (flattening conv kernels)."""
-    w = weight.t() if layout == "in_out" else weight
-    return w.flatten(1) if w.dim() > 2 else w
-
-
-def out_in_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
-    """Shape of :func:`to_out_in` of a weight of stored ``shape``."""
-    if layout == "in_out":
-        shape = (shape[1], shape[0], *shape[2:])
-    rest = 1
-    for s in shape[1:]:
-        rest *= s
-    return (shape[0], rest)
 
 
 def module_layouts(model: nn.Module) -> dict[str, str]:

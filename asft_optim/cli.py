@@ -1,35 +1,59 @@
 """The ``asft`` command line: a thin layer over the library.
 
 Each sub-command lives in the module that owns its feature and exposes
-``add_parser(subparsers)``; it is imported lazily so ``asft --help`` stays fast
-and optional dependencies load only when their command runs.
+``add_parser(subparsers)``. Only the module of the command being run is imported:
+``asft --help`` lists the commands from the table below, so it loads neither
+transformers nor the lab (``tests/test_layout.py`` checks it). The lab's command is
+named here as a string and imported by :mod:`importlib` only when ``asft lab`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
-# sub-command name -> module providing ``add_parser(subparsers)``
-_COMMANDS: dict[str, str] = {
-    "anchors": "asft_optim.anchors_cli",
-    "landscape": "asft_optim.landscape_cli",
-    "safe-lora": "asft_optim.baselines_cli",
-    "lab": "asft_optim.lab.cli",
+__all__ = ["build_parser", "main"]
+
+# sub-command name -> (module providing ``add_parser(subparsers)``, its line in ``asft --help``;
+# the same text as the module's own ``help=``, checked by tests/test_layout.py)
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "anchors": ("asft_optim.anchors_cli", "build or inspect anchor files"),
+    "landscape": (
+        "asft_optim.landscape_cli",
+        "cosines with d_aligned, 1-D/2-D safety landscapes and EPL (AsFT §3.2, §4.3)",
+    ),
+    "safe-lora": (
+        "asft_optim.baselines_cli",
+        "Safe LoRA: project the least aligned LoRA layers of a saved adapter onto the anchors",
+    ),
+    "lab": ("asft_optim.lab.cli", "the miniature safety lab (Table 2 at CPU scale)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``asft`` parser with ``command``'s full sub-parser (None: every command, each
+    as a stub that only lists it; nothing is imported)."""
     parser = argparse.ArgumentParser(prog="asft", description="AsFT: safety-anchored fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module_name in _COMMANDS.values():
-        importlib.import_module(module_name).add_parser(sub)
+    for name, (module_name, help_text) in _COMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` names: its first non-option word, if it is one."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in _COMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+__all__ = ["convert_reference_lambda", "lora_scaling"]
+
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """PEFT's LoRA scaling ``s``: ``α/r``, or ``α/√r`` with rsLoRA."""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .anchors import module_name_matcher
 from .checkpoints import open_source
+from .layout import to_out_in
 from .projection import AnchorError
 from .targets import hf_name, is_tuner
 
@@ -299,8 +300,6 @@ def off_anchor_fraction(direction: Mapping[str, Tensor], anchors: Mapping[str, A
     For an orthogonal (projector) anchor the value lies in [0, 1]; 1 means the update is
     entirely off the alignment subspace. Weights without an anchor are skipped.
     """
-    from .checkpoints import to_out_in
-
     layouts = getattr(anchors, "weights", {})
     out = {}
     for name, t in direction.items():

@@ -11,7 +11,8 @@ Cosines with d_aligned use the raw directions (Table 1). Landscapes use the dire
 normalised by ``--normalize`` (default ``layer``: α = 1 moves every targeted weight by
 its own norm). The score is ``--score MODULE:FACTORY``: ``FACTORY(aligned_dir)`` returns
 ``score(model) -> float``, lower is safer (a harmful score). Default: the lab's harmful
-score (refusal judge, greedy answers to the lab world's held-out harmful prompts).
+score (refusal judge, greedy answers to the lab world's held-out harmful prompts;
+``asft_optim.lab.landscape_score:lab_harmful_score``).
 """
 
 from __future__ import annotations
@@ -22,34 +23,9 @@ import json
 import sys
 from pathlib import Path
 
-#: used when --score is not given (the lab's refusal judge on held-out harmful prompts)
-DEFAULT_SCORE = "asft_optim.landscape_cli:lab_harmful_score"
-
-
-def lab_harmful_score(aligned_dir: str):
-    """The lab's harmful score (%): greedy answers to the default world's held-out harmful
-    prompts, flagged by the refusal judge, exactly as ``asft lab`` evaluates HS.
-
-    The tokenizer is read from ``aligned_dir`` (lab checkpoints carry theirs).
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    from .lab.config import default_config
-    from .lab.evaluate import HARMFUL_NEW_TOKENS, generate, harmful_score
-    from .lab.judge import get_judge
-    from .lab.tokenizer import format_prompt
-    from .lab.world import World
-
-    prompts = list(World(default_config().world).data().harmful_eval)
-    formatted = [format_prompt(p) for p in prompts]
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(aligned_dir)
-    judge = get_judge("refusal")
-
-    def score(model) -> float:
-        responses = generate(model, tokenizer, formatted, HARMFUL_NEW_TOKENS, progress=False)
-        return harmful_score(judge.is_harmful(prompts, responses))
-
-    return score
+#: used when --score is not given: the lab's refusal judge on held-out harmful prompts. A
+#: string resolved by importlib when the landscape runs, so the library never imports the lab.
+DEFAULT_SCORE = "asft_optim.lab.landscape_score:lab_harmful_score"
 
 
 def add_parser(subparsers) -> None:

@@ -4,36 +4,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import state as anchor_state
+from .diagnostics import AnchorDiagnostics
 from .projection import AnchorError, PenaltyTerms, Projection
 from .targets import Target, check_shapes, find_targets
+from .terms import target_terms
+from .validation import Coupling, check_inner, check_lambda
 
-Coupling = Literal["coupled", "decoupled"]
+__all__ = ["AnchoredAdamW", "AnchoredOptimizer", "Coupling"]
 
-
-def _same_lambda(a: Any, b: Any) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return False
-
-
-def _check_lambda(value: Any, where: str = "anchor_lambda") -> None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid {where}: {value!r} (must be a finite number >= 0)") from None
-    if not v >= 0.0 or v == float("inf"):
-        raise ValueError(f"Invalid {where}: {value!r} (must be finite and >= 0)")
-
-
-class AnchoredOptimizer(Optimizer):
+class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
     r"""Adds the AsFT penalty gradient to ``.grad`` inside ``step()`` of any optimizer.
 
     .. math::
@@ -105,30 +91,7 @@ class AnchoredOptimizer(Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, AnchoredOptimizer):
             raise ValueError("optimizer is already anchored")
-        previous = optimizer.defaults.get("anchor_lambda")  # set by an earlier wrapper
-        if anchor_lambda is None:
-            anchor_lambda = 1.0 if previous is None else previous
-        _check_lambda(anchor_lambda)
-        if previous is not None:
-            held = {g.get("anchor_lambda", previous) for g in optimizer.param_groups} | {previous}
-            if any(not _same_lambda(v, anchor_lambda) for v in held):
-                raise ValueError(
-                    f"this inner optimizer is already anchored with anchor_lambda={sorted(map(float, held))}; "
-                    f"re-wrapping it with anchor_lambda={anchor_lambda!r} would be ignored by its param "
-                    "groups: pass anchor_lambda=None to keep them, or set group['anchor_lambda'] to change λ"
-                )
-        if coupling not in ("coupled", "decoupled"):
-            raise ValueError(f"Invalid coupling: {coupling!r} (expected 'coupled' or 'decoupled')")
-        if coupling == "decoupled" and isinstance(optimizer, torch.optim.LBFGS):
-            # LBFGS re-evaluates the closure inside its step; a decoupled move of the
-            # weights between evaluations has no meaning there.
-            raise ValueError("coupling='decoupled' does not support LBFGS; use coupling='coupled'")
-        if any(g.get("fused") for g in optimizer.param_groups) or getattr(
-            optimizer, "_step_supports_amp_scaling", False
-        ):
-            # A fused step unscales AMP gradients itself, after ours would have been added to
-            # still-scaled gradients: the penalty would be off by the loss scale.
-            raise ValueError("fused inner optimizers are not supported; build it with fused=False")
+        anchor_lambda = check_inner(optimizer, anchor_lambda, coupling)
         # Optimizer.__init__ would rebuild param_groups; set up only its hook machinery.
         self.optimizer = optimizer
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -141,7 +104,7 @@ class AnchoredOptimizer(Optimizer):
         self.defaults.setdefault("anchor_lambda", anchor_lambda)
         for i, group in enumerate(self.param_groups):
             group.setdefault("anchor_lambda", anchor_lambda)
-            _check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
+            check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
         self.coupling = coupling
         self.anchors = anchors
         self._fingerprint: str | None = None  # of the anchors, computed on first save/load
@@ -234,7 +197,7 @@ class AnchoredOptimizer(Optimizer):
         (pass ``param_group["anchor_reference"] = {name: W_ref}`` to give another one).
         """
         param_group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
-        _check_lambda(param_group["anchor_lambda"], "anchor_lambda of the new param group")
+        check_lambda(param_group["anchor_lambda"], "anchor_lambda of the new param group")
         reference = param_group.pop("anchor_reference", None)
         self.optimizer.add_param_group(param_group)
         owned = self._param_ids()
@@ -302,7 +265,7 @@ class AnchoredOptimizer(Optimizer):
             number = isinstance(lam, (int, float))
             if number and not lam >= 0.0:
                 raise ValueError(f"{t.name}: anchor_lambda of its param group is {lam!r} (must be >= 0)")
-            res = t.terms(self.anchors[t.name], self._reference.get(t.name), factors)
+            res = target_terms(t, self.anchors[t.name], self._reference.get(t.name), factors)
             if res is None:
                 continue
             terms, tensors = res
@@ -345,49 +308,6 @@ class AnchoredOptimizer(Optimizer):
             total = value if total is None else total + value
         return total if total is not None else torch.zeros(())
 
-    # -- diagnostics -----------------------------------------------------------------
-    def anchor_stats(self) -> dict[str, dict[str, float]]:
-        """Per weight, from the last step (one device sync, here, not in ``step()``).
-
-        ``{"penalty": λ‖RΔW‖², "raw_penalty": ‖RΔW‖², "off_anchor_fraction": ‖RΔW‖/‖ΔW‖}``,
-        with R = I - C (or C in mode ``"subspace"``), all at the weights the step started from.
-        """
-        tensors = self.anchor_tensors()
-        if not tensors:
-            return {}
-        values = torch.stack(
-            [torch.stack([v.detach().double().cpu(), r.detach().double().cpu(), f.detach().double().cpu()])
-             for v, r, f in tensors.values()]
-        ).tolist()
-        return {
-            n: {"penalty": v[0], "raw_penalty": v[1], "off_anchor_fraction": v[2]}
-            for n, v in zip(tensors, values, strict=True)
-        }
-
-    def anchor_tensors(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """Like :meth:`anchor_stats` but as 0-d device tensors (no sync): ``(penalty, raw, fraction)``.
-
-        Computed on the first call after a step from the small tensors the step kept
-        (a few r×r products per LoRA weight), then reused until the next step.
-        """
-        if self._last_tensors is None:
-            self._last_tensors = {
-                n: (terms.penalty * lam, terms.penalty, terms.off_anchor_fraction()) for n, lam, terms in self._last
-            }
-        return dict(self._last_tensors)
-
-    def anchor_summary(self) -> dict[str, float]:
-        """``anchor/penalty`` (sum), ``anchor/off_anchor_mean`` and ``anchor/off_anchor_max``."""
-        stats = self.anchor_stats()
-        if not stats:
-            return {}
-        fr = [s["off_anchor_fraction"] for s in stats.values()]
-        return {
-            "anchor/penalty": sum(s["penalty"] for s in stats.values()),
-            "anchor/off_anchor_mean": sum(fr) / len(fr),
-            "anchor/off_anchor_max": max(fr),
-        }
-
     # -- the rest of the Optimizer contract ------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -417,7 +337,7 @@ class AnchoredOptimizer(Optimizer):
         sd = self.optimizer.state_dict()
         index = anchor_state.param_index(self.param_groups)
         for t in self._targets:
-            for p, values in self._anchor_entries(t):
+            for p, values in anchor_state.target_entries(t, self._reference):
                 if id(p) not in index:
                     raise AnchorError(
                         f"{t.name}: its trained tensor is no longer in the optimizer's param groups "
@@ -428,17 +348,6 @@ class AnchoredOptimizer(Optimizer):
                 "anchor_fingerprint": self.anchor_fingerprint()}
         sd["param_groups"] = [{**g, **meta} for g in sd["param_groups"]]
         return sd
-
-    def _anchor_entries(self, t: Target) -> list[tuple[Tensor, dict[str, Tensor]]]:
-        """``(param, {key: tensor})`` pairs of ``t``'s state to save."""
-        if t.kind == "full":
-            return [(t.base_weight(), {anchor_state.REF_KEY: self._reference[t.name]})]
-        out = []
-        for adapter in sorted(t.origin_adapters):
-            b0, a0 = t.origin[adapter]
-            bp, ap = t.factor_params(adapter)
-            out += [(bp, {anchor_state.ORIGIN_KEY: b0}), (ap, {anchor_state.ORIGIN_KEY: a0})]
-        return out
 
     def load_state_dict(
         self, state_dict: dict[str, Any], *, reset_reference: bool = False, check_anchors: bool = True
@@ -477,7 +386,7 @@ class AnchoredOptimizer(Optimizer):
         origins: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         missing: list[str] = []
         for t in self._targets:
-            got = self._restore_target(t, restored, legacy, references, origins)
+            got = anchor_state.restore_target(t, restored, legacy, references, origins)
             if not got:
                 missing.append(t.name)
         if restored:
@@ -507,37 +416,7 @@ class AnchoredOptimizer(Optimizer):
                 t.record_origin()
         for i, group in enumerate(self.param_groups):
             group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
-            _check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
-
-    def _restore_target(self, t, restored, legacy, references, origins) -> bool:
-        """Take ``t``'s saved state out of ``restored``; False when the dict has none for it."""
-        if t.kind == "full":
-            w = t.base_weight()
-            values = restored.pop(id(w), None)
-            ref = None if values is None else values.get(anchor_state.REF_KEY)
-            if ref is None and legacy is not None:
-                ref = legacy.get("reference", {}).get(t.name)
-            if ref is None:
-                return False
-            if tuple(ref.shape) != tuple(w.shape):
-                raise AnchorError(f"{t.name}: saved reference has shape {tuple(ref.shape)}, the weight {tuple(w.shape)}")
-            # The saved dtype is kept (torch would cast state to the parameter's dtype).
-            references[t.name] = ref.to(device=w.device)
-            return True
-        if not t.needs_origin:
-            return True  # ΔW = s·B·A lives in the adapter itself: nothing to restore
-        found = {}
-        for adapter in sorted(t.origin_adapters):
-            bp, ap = t.factor_params(adapter)
-            vb, va = restored.pop(id(bp), {}), restored.pop(id(ap), {})
-            if anchor_state.ORIGIN_KEY not in vb or anchor_state.ORIGIN_KEY not in va:
-                return False
-            b0, a0 = vb[anchor_state.ORIGIN_KEY], va[anchor_state.ORIGIN_KEY]
-            if b0.shape != bp.shape or a0.shape != ap.shape:
-                raise AnchorError(f"{t.name}: saved initial adapter factors of adapter {adapter!r} have other shapes")
-            found[adapter] = (b0.to(bp.device), a0.to(ap.device))
-        origins[t.name] = found
-        return True
+            check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

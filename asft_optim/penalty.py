@@ -19,9 +19,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .anchors import to_out_in
+from .layout import to_out_in
 from .projection import AnchorError, PenaltyTerms, Projection, dense_terms, lora_terms
 from .targets import Target, check_shapes, find_targets
+from .terms import effective_delta, operator, origin_blocks, reference_on
+
+__all__ = ["anchor_penalty", "clear_cache", "target_penalty"]
 
 
 class _ClosedForm(torch.autograd.Function):
@@ -57,9 +60,9 @@ def target_penalty(target: Target, proj: Projection, reference: Tensor | None = 
         factors = target.lora_factors()
         if not factors:
             return None
-        op, gram = target._operator(proj, factors[0][0])
+        op, gram = operator(target, proj, factors[0][0])
         dtype = op.factor.dtype
-        origins = target.origin_blocks(target.adapters()) if target.needs_origin else []
+        origins = origin_blocks(target, target.adapters()) if target.needs_origin else []
         if len(factors) == 1 and not origins:
             b, a, s = factors[0][0].to(dtype), factors[0][1].to(dtype), factors[0][2]
         else:  # ΔW = Σ sᵢBᵢAᵢ − s₀B₀A₀ = [s₁B₁, …, −s₀B₀] @ [A₁; …; A₀], s = 1
@@ -77,14 +80,14 @@ def target_penalty(target: Target, proj: Projection, reference: Tensor | None = 
         if reference is None:
             raise AnchorError(f"{target.name}: fully tuned weight needs a reference weight")
         w = target.base_weight()
-        op, gram = target._operator(proj, w)
+        op, gram = operator(target, proj, w)
         dtype = op.factor.dtype
-        delta = to_out_in(w.to(dtype) - target._reference_on(reference, w).to(dtype), target.layout)
+        delta = to_out_in(w.to(dtype) - reference_on(target, reference, w).to(dtype), target.layout)
         return _closed_form(lambda d: dense_terms(op, d, gram), delta)
-    delta = target.effective_delta()
+    delta = effective_delta(target)
     if delta is None:
         return None
-    proj = target._proj(proj, delta)
+    proj = operator(target, proj, delta)[0]
     return proj.residual(delta.to(proj.factor.dtype)).pow(2).sum()
 
 

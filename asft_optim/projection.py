@@ -44,6 +44,17 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+__all__ = [
+    "AnchorError",
+    "MODES",
+    "Mode",
+    "PenaltyTerms",
+    "Projection",
+    "dense_terms",
+    "lora_terms",
+    "projection_from_delta",
+]
+
 Mode = Literal["safelora", "orthogonal", "subspace", "l2"]
 MODES: tuple[str, ...] = get_args(Mode)
 

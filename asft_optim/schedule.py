@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+__all__ = ["AnchorLambdaScheduler", "LambdaFn"]
+
 LambdaFn = Callable[[int], float]
 
 

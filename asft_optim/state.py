@@ -32,6 +32,22 @@ from torch import Tensor
 
 from .projection import AnchorError, Projection
 
+__all__ = [
+    "GROUP_KEYS",
+    "LEGACY_KEY",
+    "ORIGIN_KEY",
+    "REF_KEY",
+    "VERSION",
+    "add_entry",
+    "anchor_fingerprint",
+    "check_meta",
+    "param_index",
+    "restore_target",
+    "saved_params",
+    "split",
+    "target_entries",
+]
+
 VERSION = 2
 REF_KEY = "anchor_ref"
 ORIGIN_KEY = "anchor_origin"
@@ -160,3 +176,51 @@ def check_meta(meta: Mapping[str, Any], coupling: str, fingerprint: str | None) 
             "resume with the anchors that run used (the same anchor file), or pass "
             "check_anchors=False to switch anchors on purpose"
         )
+
+
+# -- one target's saved state. Targets (asft_optim.targets) are duck-typed here: this module
+# holds the format and sits below them, so it imports nothing of the model side.
+
+
+def target_entries(t: Any, references: Mapping[str, Tensor]) -> list[tuple[Tensor, dict[str, Tensor]]]:
+    """``(param, {key: tensor})`` pairs of target ``t``'s state to save (``references``: W_ref by name)."""
+    if t.kind == "full":
+        return [(t.base_weight(), {REF_KEY: references[t.name]})]
+    out = []
+    for adapter in sorted(t.origin_adapters):
+        b0, a0 = t.origin[adapter]
+        bp, ap = t.factor_params(adapter)
+        out += [(bp, {ORIGIN_KEY: b0}), (ap, {ORIGIN_KEY: a0})]
+    return out
+
+
+def restore_target(t: Any, restored: dict, legacy: Mapping | None, references: dict, origins: dict) -> bool:
+    """Take target ``t``'s saved state out of ``restored`` into ``references`` (W_ref of a
+    full target) or ``origins`` (``{adapter: (B₀, A₀)}``); False when the dict has none for it."""
+    if t.kind == "full":
+        w = t.base_weight()
+        values = restored.pop(id(w), None)
+        ref = None if values is None else values.get(REF_KEY)
+        if ref is None and legacy is not None:
+            ref = legacy.get("reference", {}).get(t.name)
+        if ref is None:
+            return False
+        if tuple(ref.shape) != tuple(w.shape):
+            raise AnchorError(f"{t.name}: saved reference has shape {tuple(ref.shape)}, the weight {tuple(w.shape)}")
+        # The saved dtype is kept (torch would cast state to the parameter's dtype).
+        references[t.name] = ref.to(device=w.device)
+        return True
+    if not t.needs_origin:
+        return True  # ΔW = s·B·A lives in the adapter itself: nothing to restore
+    found = {}
+    for adapter in sorted(t.origin_adapters):
+        bp, ap = t.factor_params(adapter)
+        vb, va = restored.pop(id(bp), {}), restored.pop(id(ap), {})
+        if ORIGIN_KEY not in vb or ORIGIN_KEY not in va:
+            return False
+        b0, a0 = vb[ORIGIN_KEY], va[ORIGIN_KEY]
+        if b0.shape != bp.shape or a0.shape != ap.shape:
+            raise AnchorError(f"{t.name}: saved initial adapter factors of adapter {adapter!r} have other shapes")
+        found[adapter] = (b0.to(bp.device), a0.to(ap.device))
+    origins[t.name] = found
+    return True

@@ -22,6 +22,19 @@ from torch import nn
 
 from .projection import AnchorError
 
+__all__ = [
+    "DELTA_WEIGHT_TUNERS",
+    "ORIGIN_INITS",
+    "REFUSED",
+    "TunerKind",
+    "check_method",
+    "classify",
+    "is_quantized",
+    "origin_adapters",
+    "peft_configs",
+    "tuner_name",
+]
+
 TunerKind = Literal["lora", "autograd"]
 
 # get_delta_weight(adapter) == merged weight - base weight (value and gradient, Linear layers),

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from ..optimizer import AnchoredAdamW, Coupling
 from ..projection import Projection
 from ..schedule import AnchorLambdaScheduler, LambdaFn
-from . import unwrap_optimizer
+from .unwrap import unwrap_optimizer
 
 __all__ = ["AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory", "add_anchor_logging"]
 
