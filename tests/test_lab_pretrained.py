@@ -58,25 +58,26 @@ def test_every_stage_runs_on_the_real_model(run):
     records = json.loads((run / "results.json").read_text())
     assert all(tuple(r) == RECORD_KEYS for r in records)
     assert [r["method"] for r in records] == [
-        "aligned", "sft", "asft anchor_lambda=0.1", "asft anchor_lambda=10",
-        "safe-lora safe_lora_threshold=0.3", "safe-lora safe_lora_threshold=0.6"]
+        "aligned", "sft", "asft", "safe-lora safe_lora_threshold=0.3", "safe-lora safe_lora_threshold=0.6"]
     # 4 harmful prompts and 8 test rows: every score is a multiple of 25 resp. 12.5.
     assert all(r["harmful_score"] % 25 == 0 and r["finetune_accuracy"] % 12.5 == 0 for r in records)
     for name in ("table.md", "details.json", "run.json", "pareto_p0.25.png", "hs_vs_p.png"):
         assert (run / name).stat().st_size > 0
     details = {r["method"]: r for r in json.loads((run / "details.json").read_text())}
-    asft = details["asft anchor_lambda=10"]
-    assert asft["variant"] == {"method": "asft", "field": "anchor_lambda", "value": 10.0}
+    asft = details["asft"]
+    assert asft["variant"] == {"method": "asft"}
     assert asft["_detail"]["train"]["anchors"] == 4  # q/v of blocks 28-29, from the checkpoint dirs
-    assert asft["_detail"]["train"]["anchor_lambda"] == 10.0
+    assert asft["_detail"]["train"]["anchor_lambda"] == 1.0
+    swept = details["safe-lora safe_lora_threshold=0.6"]
+    assert swept["variant"] == {"method": "safe-lora", "field": "safe_lora_threshold", "value": 0.6}
     assert len(asft["_detail"]["geometry"]) == 4
     assert details["safe-lora safe_lora_threshold=0.3"]["_detail"]["post"]["layers"] == 4
     samples = details["sft"]["_detail"]["examples"]
     assert len(samples["harmful"]) == 4 and all(isinstance(s["response"], str) for s in samples["harmful"])
     assert {s["answer"] for s in samples["task"]} <= {"World", "Sports", "Business", "Sci/Tech"}
-    # Safe LoRA's thresholds share sft's training: 3 trainings, 5 evaluations, one base and aligned model.
+    # Safe LoRA's thresholds share sft's training: 2 trainings, 4 evaluations, one base and aligned model.
     kinds = _stages(run)
-    assert kinds.count("attack") == 3 and kinds.count("eval") == 5
+    assert kinds.count("attack") == 2 and kinds.count("eval") == 4
     assert kinds.count("base") == kinds.count("aligned") == 1 and "tokenizer" not in kinds
 
 

@@ -103,8 +103,8 @@ def pretrained_config() -> LabConfig:
 
 def pretrained_tiny_config() -> LabConfig:
     """A smoke-test budget of the pretrained preset: a step or two per stage, LoRA on
-    the last two blocks only, three methods (sft, a λ sweep of asft, safe-lora sharing
-    sft's training; the other methods' code is the embedded lab's), the numbers mean nothing."""
+    the last two blocks only, three methods (sft, asft, and safe-lora swept over two
+    thresholds that share sft's training; the other methods' code is the embedded lab's), the numbers mean nothing."""
     cfg = pretrained_config()
     last = [f"layers.{i}.self_attn.{m}" for i in (28, 29) for m in ("q_proj", "v_proj")]
     return replace(
