@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "100 harmful prompts) or full (p 0,0.05,0.1,0.2; every method swept; 200 and 250)")
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
     g.add_argument("--harmful-limit", type=int, help="judge the first N harmful evaluation prompts (default: all)")
+    g.add_argument("--sweep-values", type=_floats, metavar="V1,V2,...",
+                   help="pretrained preset: the values of every λ sweep (default: 0.1,1,10,100; asft-alt's: "
+                   "1,10,100,1000), e.g. to run the sweep's ends first; the cache keeps each point")
     g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", type=_names, help=f"comma separated, from {sorted(METHODS)}")
@@ -177,7 +180,12 @@ def _settings(args):
 
     if args.tiny:
         return TINY_SETTINGS
-    return PretrainedSettings(sweeps=FULL_SWEEPS) if args.grid == "full" else PretrainedSettings()
+    settings = PretrainedSettings(sweeps=FULL_SWEEPS) if args.grid == "full" else PretrainedSettings()
+    if args.sweep_values:
+        lam = ("anchor_lambda", "l2_lambda", "alt_lambda")
+        sweeps = tuple(replace(s, values=tuple(args.sweep_values)) if s.field in lam else s for s in settings.sweeps)
+        settings = replace(settings, sweeps=sweeps)
+    return settings
 
 
 def run(args) -> int:
