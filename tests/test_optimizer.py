@@ -8,7 +8,7 @@ import io
 import pytest
 import reference as ref
 import torch
-from tiny_models import D, lm_loss, lora, make_anchors, tiny_llama
+from tiny_models import DIMS, D, Q, V, lm_loss, lora, make_anchors, tiny_llama
 
 from asft_optim import (
     AnchoredAdamW,
@@ -18,9 +18,6 @@ from asft_optim import (
     convert_reference_lambda,
 )
 
-Q = "model.layers.0.self_attn.q_proj.weight"
-V = "model.layers.0.self_attn.v_proj.weight"
-DIMS = {Q: (8, 8), V: (4, 8)}
 INNER = {
     "sgd": lambda ps, **kw: torch.optim.SGD(ps, lr=0.05, momentum=0.9, **kw),
     "adam": lambda ps, **kw: torch.optim.Adam(ps, lr=1e-2, **kw),

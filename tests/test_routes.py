@@ -16,7 +16,7 @@ import pytest
 import reference as ref
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import lm_loss, lora, make_anchors, tiny_gpt2, tiny_llama
+from tiny_models import DIMS, Q, V, lm_loss, lora, make_anchors, tiny_gpt2, tiny_llama
 
 from asft_optim import (
     AnchoredAdamW,
@@ -28,9 +28,6 @@ from asft_optim import (
     anchor_summary,
 )
 
-Q = "model.layers.0.self_attn.q_proj.weight"
-V = "model.layers.0.self_attn.v_proj.weight"
-DIMS = {Q: (8, 8), V: (4, 8)}
 LAM = 0.7
 
 

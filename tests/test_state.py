@@ -15,7 +15,7 @@ import io
 import pytest
 import reference as ref
 import torch
-from tiny_models import lm_loss, lora, make_anchors, tiny_llama
+from tiny_models import DIMS, Q, V, lm_loss, lora, make_anchors, tiny_llama
 
 from asft_optim import (
     AnchoredAdamW,
@@ -25,10 +25,6 @@ from asft_optim import (
     anchor_penalty,
 )
 from asft_optim import state as anchor_state
-
-Q = "model.layers.0.self_attn.q_proj.weight"
-V = "model.layers.0.self_attn.v_proj.weight"
-DIMS = {Q: (8, 8), V: (4, 8)}
 
 
 def full_model(seed=0):

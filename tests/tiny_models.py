@@ -56,6 +56,13 @@ def out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+
+#: The two anchored weights of :func:`tiny_llama`'s first block, and their (d_out, d_in).
+Q = "model.layers.0.self_attn.q_proj.weight"
+V = "model.layers.0.self_attn.v_proj.weight"
+DIMS = {Q: (8, 8), V: (4, 8)}
+
+
 def make_anchors(model: nn.Module, names_and_dims: dict[str, int], mode: str, rank, seed: int = 7):
     """Random alignment directions V (d_out, d_in): library anchors + oracle dict."""
     g = torch.Generator().manual_seed(seed)
