@@ -57,8 +57,15 @@ def test_every_stage_and_method_runs_and_is_cached(tmp_path):
 
     # A rerun reads the cache (no stage is rebuilt) and gives the same records; a new
     # method trains only its attacks.
+    first = json.loads((out / "run.json").read_text())
+    assert first["used_stages"] == len(stages) and first["untimed_stages"] == 0
+    assert first["used_stage_seconds"] == pytest.approx(sum(first["stage_seconds"].values()), abs=0.1 * len(stages))
     assert _lab(out, "--methods", ALL, "--poison", "0,0.1", "--seeds", "0") == records
     assert _stages(out) == stages
+    # The cached rerun builds nothing but still reports what its stages cost to build.
+    again = json.loads((out / "run.json").read_text())
+    assert again["stage_seconds"] == {}
+    assert again["used_stage_seconds"] == first["used_stage_seconds"] > 0
     _lab(out, "--methods", "sft", "--poison", "0.2", "--seeds", "0")
     new = _stages(out) - stages
     assert sorted(s.split("-")[0] for s in new) == ["attack", "eval"]

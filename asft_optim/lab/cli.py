@@ -54,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
     g.add_argument("--harmful-limit", type=int, help="judge the first N harmful evaluation prompts (default: all)")
     g.add_argument("--sweep-values", type=_floats, metavar="V1,V2,...",
-                   help="pretrained preset: the values of every λ sweep (default: 0.1,1,10,100; asft-alt's: "
+                   help="pretrained preset: the values of every λ sweep (default: 0.001,0.01,0.1,1; asft-alt's: "
                    "1,10,100,1000), e.g. to run the sweep's ends first; the cache keeps each point")
     g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
@@ -228,8 +228,27 @@ def run(args) -> int:
 
         paths.update(pareto_plots(records, out))
     wall = time.perf_counter() - start
-    (out / "run.json").write_text(json.dumps({"wall_seconds": round(wall, 1), "stage_seconds": lab.timings,
-                                              "config": repr(cfg)}, indent=1) + "\n")
+    (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"config": repr(cfg)}, indent=1) + "\n")
     print((out / "table.md").read_text())
-    print(f"wall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def run_times(lab, wall: float) -> dict:
+    """run.json's timings: this run's wall time and per-kind build times, and the build
+    time of every stage it used, cached ones included (what the run costs from scratch)."""
+    used = lab.stage_seconds.values()
+    per_kind: dict[str, float] = {}
+    for (kind, _), sec in lab.stage_seconds.items():
+        per_kind[kind] = round(per_kind.get(kind, 0.0) + (sec or 0.0), 1)
+    return {"wall_seconds": round(wall, 1), "stage_seconds": {k: round(v, 1) for k, v in lab.timings.items()},
+            "used_stages": len(lab.stage_seconds), "used_stage_seconds": round(sum(s or 0.0 for s in used), 1),
+            "used_stage_seconds_per_kind": per_kind,
+            "untimed_stages": sum(s is None for s in used)}
+
+
+def _compute_text(lab) -> str:
+    secs = list(lab.stage_seconds.values())
+    text = f"{sum(s or 0.0 for s in secs):.0f} s to build ({len(secs)} stages"
+    missing = sum(s is None for s in secs)
+    return text + (f", {missing} of them cached without a recorded time)" if missing else ")")

@@ -57,7 +57,10 @@ class Lab:
         self.config, self.data, self.out, self.progress = config, data, Path(out), progress
         self.cache = self.out / "cache"
         self.judge = get_judge(config.judge)
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # stages built in this run, per kind
+        #: every stage this run used, built or cached: (kind, key) -> the seconds its build took
+        #: (None for a stage cached before builds recorded it); sums to the grid's compute.
+        self.stage_seconds: dict[tuple[str, str], float | None] = {}
         self._tok: PreTrainedTokenizerFast | None = None
 
     # -- cache -------------------------------------------------------------------------
@@ -66,14 +69,18 @@ class Lab:
         key = _key({"stage": kind, **payload})
         final = self.cache / f"{kind}-{key}"
         if (final / "done.json").exists():
-            return final, json.loads((final / "done.json").read_text())
+            info = json.loads((final / "done.json").read_text())
+            self.stage_seconds[(kind, key)] = info.get("seconds")
+            return final, info
         tmp = self.cache / f".{kind}-{key}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         start = time.perf_counter()
         info = build(tmp)
-        info = {"key": key, **info}
-        self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        info = {"key": key, **info, "seconds": round(elapsed, 1)}
+        self.timings[kind] = self.timings.get(kind, 0.0) + elapsed
+        self.stage_seconds[(kind, key)] = info["seconds"]
         (tmp / "done.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
