@@ -57,6 +57,7 @@ class AttackContext:
     data: LabData
     tokenizer: Any
     max_length: int
+    answer_logits: bool = False  # train with :func:`~asft_optim.lab.models.answer_loss`
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ def train_attack(ctx: AttackContext, method: Method, examples: list[Example], se
     else:
         callbacks = []
     losses = fit(ctx.model, ctx.tokenizer, examples, ctx.config.train, seed, ctx.max_length,
-                 optimizers=(optimizer, None), progress=progress, callbacks=callbacks)
+                 optimizers=(optimizer, None), progress=progress, callbacks=callbacks,
+                 answer_logits=ctx.answer_logits)
     return {**info, **stats, "final_loss": losses[-1] if losses else None}
 
 

@@ -161,6 +161,8 @@ def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
 class PretrainedLab(Lab):
     """:class:`Lab` with the GGUF model as base, our alignment, sweeps and Pareto plots."""
 
+    answer_logits = True  # a 49k-way LM head: project the answer positions only
+
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
                  progress: bool = True):
         super().__init__(config, data, out, progress=progress)

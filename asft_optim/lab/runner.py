@@ -53,6 +53,9 @@ class Lab:
         progress: show tqdm bars.
     """
 
+    #: Attacks train with :func:`~asft_optim.lab.models.answer_loss` (the pretrained preset).
+    answer_logits = False
+
     def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True):
         self.config, self.data, self.out, self.progress = config, data, Path(out), progress
         self.cache = self.out / "cache"
@@ -160,11 +163,14 @@ class Lab:
                    "config": {f: getattr(a, f) for f in _SHARED_ATTACK_FIELDS + method.uses}}
         if method.name == "asft-alt":
             payload["known_harmful"] = _examples_hash(self.data.known_harmful)
+        if self.answer_logits:  # the same loss by another computation: a stage of its own
+            payload["loss"] = "answer-logits"
 
         def build(tmp: Path) -> dict:
             seed_everything(seed)
             model = lora_model(aligned_dir, a)
-            ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length)
+            ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
+                                answer_logits=self.answer_logits)
             info = train_attack(ctx, method, examples, seed)
             model.save_pretrained(tmp / "adapter")
             return {"train": info, "rows": len(examples)}
@@ -188,7 +194,8 @@ class Lab:
             model = load_attacked(aligned_dir, attack_dir / "adapter")
             post = {}
             if method.post is not None:
-                ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length)
+                ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
+                                answer_logits=self.answer_logits)
                 post = method.post(ctx)
             geometry = update_geometry(model, base_dir, aligned_dir, rank=a.r)
             result = self._evaluate(model.merge_and_unload(), tok)
