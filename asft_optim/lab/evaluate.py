@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -11,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .data import LabData
 from .judge import Judge
-from .tokenizer import encode_prompts, render_prompt
+from .tokenizer import encode_prompts, prompt_ids, render_prompt
 
 #: Tokens generated for a harmful prompt: enough for the first sentence, where a
 #: refusal or a compliant "Sure, here is how to ..." shows.
@@ -67,6 +69,58 @@ def generate(
 
 
 @torch.no_grad()
+def label_logits(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    tokens: Sequence[int],
+    *,
+    batch_size: int = 32,
+    shared_prefix: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """``[len(prompts), len(tokens)]``: the next-token logits of ``tokens`` after each prompt.
+
+    The LM head runs at the last position only: with a 49k-token vocabulary the head
+    over every position would cost as much as the rest of the model. ``shared_prefix``:
+    the prompts' common token prefix (the chat template's system turn and the task's
+    instruction, 55 of an AG News row's 87 tokens) runs once, its KV cache is repeated
+    over each batch, and only the rows' own tokens run, right-padded so that their
+    positions are those of the whole prompt.
+    """
+    model.eval()
+    seqs = [prompt_ids(tokenizer, p) for p in prompts]
+    n = len(os.path.commonprefix(seqs)) if shared_prefix and len(seqs) > 1 else 0
+    n = min(n, min((len(q) for q in seqs), default=1) - 1)  # every row keeps a token of its own
+    cache = None
+    if n > 0:
+        cache = model(input_ids=torch.tensor([seqs[0][:n]]), use_cache=True).past_key_values
+    pick = torch.tensor(list(tokens))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), len(pick))
+    for start in tqdm(range(0, len(order), batch_size), desc="score task", unit="batch", disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        if cache is None:
+            batch = encode_prompts(tokenizer, [prompts[i] for i in idx])  # left-padded: last column is the last token
+            logits = model(**batch, logits_to_keep=1).logits[:, -1]
+        else:
+            own = [seqs[i][n:] for i in idx]
+            width = max(len(q) for q in own)
+            ids = torch.full((len(own), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(own), n + width), dtype=torch.long)
+            mask[:, :n] = 1
+            for j, q in enumerate(own):
+                ids[j, : len(q)] = torch.tensor(q)
+                mask[j, n : n + len(q)] = 1
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(own))
+            last = torch.tensor([[len(q) - 1] for q in own])
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True,
+                           logits_to_keep=last).logits[:, 0]
+        out[idx] = logits[:, pick].float()
+    return out
+
+
 def score_labels(
     model: nn.Module,
     tokenizer,
@@ -74,27 +128,21 @@ def score_labels(
     labels: Sequence[str],
     *,
     batch_size: int = 32,
+    shared_prefix: bool = True,
     progress: bool = True,
 ) -> list[str]:
-    """The label whose first token the model ranks highest after each prompt.
-
-    One forward pass per row and the LM head at the last position only
-    (``logits_to_keep=1``): with a 49k-token vocabulary the head over every position
-    would cost as much as the rest of the model. The labels' first tokens must differ.
+    """The label whose first token the model ranks highest after each prompt
+    (:func:`label_logits`: one forward pass per row, the shared prefix once).
+    The labels' first tokens must differ.
     """
     first = [tokenizer.encode(y, add_special_tokens=False)[0] for y in labels]
     if len(set(first)) != len(first):
         raise ValueError(f"labels {list(labels)} share a first token; scoring cannot tell them apart")
-    model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc="score task", unit="batch", disable=not progress, leave=False):
-        idx = order[start : start + batch_size]
-        batch = encode_prompts(tokenizer, [prompts[i] for i in idx])  # left-padded: last column is the last token
-        logits = model(**batch, logits_to_keep=1).logits[:, -1, first]
-        for i, k in zip(idx, logits.argmax(-1).tolist()):
-            out[i] = labels[k]
-    return out
+    if not prompts:
+        return []
+    scores = label_logits(model, tokenizer, prompts, first, batch_size=batch_size, shared_prefix=shared_prefix,
+                          progress=progress)
+    return [labels[k] for k in scores.argmax(-1).tolist()]
 
 
 def evaluate(

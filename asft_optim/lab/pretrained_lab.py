@@ -173,6 +173,11 @@ class PretrainedLab(Lab):
         return evaluate(model, tok, self.data, self.judge, progress=self.progress, task="score",
                         harmful_new_tokens=s.harmful_new_tokens, batch_size=s.eval_batch_size)
 
+    def _evaluation_key(self) -> dict:
+        # FA scored with the shared prefix's KV cache (the same scores by another
+        # computation): evaluations of their own. The base and aligned stages keep theirs.
+        return {"fa": "shared-prefix"}
+
     def _eval_key(self) -> dict:
         return {"test": self.data.fingerprint(attack_sets=False), "eval": (self.settings.harmful_new_tokens,)}
 

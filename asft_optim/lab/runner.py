@@ -188,7 +188,7 @@ class Lab:
         aligned_dir, _ = self.aligned(seed)
         a = attack or self.config.attack
         payload = {"attack": attack_info["key"], "method": method.name, "judge": self.judge.name,
-                   "config": {f: getattr(a, f) for f in method.uses}}
+                   "config": {f: getattr(a, f) for f in method.uses}, **self._evaluation_key()}
 
         def build(tmp: Path) -> dict:
             model = load_attacked(aligned_dir, attack_dir / "adapter")
@@ -205,6 +205,10 @@ class Lab:
 
     def _evaluate(self, model, tok) -> dict:
         return evaluate(model, tok, self.data, self.judge, progress=self.progress)
+
+    def _evaluation_key(self) -> dict:
+        """What an evaluation stage's key adds for this lab's way of evaluating."""
+        return {}
 
     # -- the whole grid ------------------------------------------------------------------
     def run(self) -> list[dict]:
