@@ -126,7 +126,8 @@ class Anchors(Mapping[str, Projection]):
         return bind(self, model, warn=warn)
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per weight: name, shape, mode, rank kept, energy kept, bytes."""
+        """One row per weight: name, shape, mode, rank kept, energy kept, the largest
+        eigenvalue of C (``c_max``: near 0, the penalty is nearly L2's), bytes."""
         return [
             {
                 "weight": n,
@@ -135,6 +136,7 @@ class Anchors(Mapping[str, Projection]):
                 "mode": p.mode,
                 "rank": p.rank,
                 "energy": p.energy,
+                "c_max": p.largest_eigenvalue(),
                 "dtype": str(p.factor.dtype).removeprefix("torch."),
                 "bytes": p.factor.numel() * p.factor.element_size(),
             }

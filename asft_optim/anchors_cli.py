@@ -73,10 +73,10 @@ def _info(args: argparse.Namespace) -> int:
                 "aligned_source", "base_fingerprint", "aligned_fingerprint", "library"):
         if anchors.metadata.get(key):
             print(f"{key + ':':<21}{anchors.metadata[key]}")
-    header = ("weight", "shape", "mode", "rank kept", "energy kept", "bytes")
+    header = ("weight", "shape", "mode", "rank kept", "energy kept", "max eig C", "bytes")
     table = [header] + [
         (r["weight"], "x".join(map(str, r["shape"])), r["mode"], str(r["rank"]),
-         f"{r['energy']:.4f}", _size(r["bytes"]))
+         f"{r['energy']:.4f}", f"{r['c_max']:.4f}", _size(r["bytes"]))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -84,6 +84,12 @@ def _info(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     print(f"\n{len(rows)} weights, {_size(anchors.nbytes)}")
+    if rows and all(r["mode"] == "safelora" for r in rows):
+        worst = max(r["c_max"] for r in rows)
+        # Why this line: C = V Vᵀ/‖V‖_F has eigenvalues summing to ‖V‖_F, so a small
+        # alignment update gives a C near 0, and the penalty then barely differs from L2's.
+        print(f"largest eigenvalue of C over all weights: {worst:.4f} (every direction keeps at least "
+              f"{(1 - min(worst, 1.0)) ** 2:.1%} of L2's penalty)")
     return 0
 
 

@@ -141,6 +141,19 @@ class Projection:
             return torch.linalg.vector_norm(self.factor, dim=0).square()  # no d×m temporary
         return None
 
+    def largest_eigenvalue(self) -> float:
+        """The largest eigenvalue of C (1 for a projector, 0 for an empty factor).
+
+        For ``safelora`` anchors it is ``σ_max²/‖V‖_F`` and it says how far the anchor is
+        from L2: every direction keeps at least ``(1 − c_max)²`` of the penalty L2 puts on it.
+        """
+        if self.rank == 0:
+            return 0.0
+        f = self.factor.double()
+        if self.orthogonal_columns:
+            return float(torch.linalg.vector_norm(f, dim=0).square().max())
+        return float(torch.linalg.matrix_norm(f, ord=2).square())
+
     @property
     def is_projector(self) -> bool:
         """Whether C is meant to be idempotent (orthonormal or empty factor)."""

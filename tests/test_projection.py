@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import lora_shapes, matrix_shapes, modes, scalings, seeds, shape_and_rank
 
@@ -291,3 +291,22 @@ def test_exact_safelora_from_float32_is_float32_accurate(shape):
     c = f.pow(2).sum(0)
     off = (f.T @ f - torch.diag(c)).abs().max() / c.max()
     assert off < 0.5 * torch.finfo(torch.float32).eps, float(off)  # float32 SVD: 1.3-2.7 eps
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_out=st.integers(1, 9), d_in=st.integers(1, 9), scale=st.floats(1e-3, 1e2), seed=st.integers(0, 2**16))
+def test_largest_eigenvalue_is_that_of_the_dense_operator(d_out, d_in, scale, seed):
+    """Oracle: eigvalsh of the dense float64 C (safelora: σ_max²/‖V‖_F, whatever the form)."""
+    g = torch.Generator().manual_seed(seed)
+    v = scale * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    p = projection_from_delta(v, "safelora")
+    dense = v @ v.T / torch.linalg.matrix_norm(v)
+    want = float(torch.linalg.eigvalsh(dense).max())
+    assert p.largest_eigenvalue() == pytest.approx(want, rel=1e-9)
+    mixed = Projection(p.factor @ torch.linalg.qr(torch.randn(p.rank, p.rank, generator=g, dtype=torch.float64))[0],
+                       "safelora")  # same C, columns no longer orthogonal: the spectral-norm path
+    assert not mixed.orthogonal_columns
+    assert mixed.largest_eigenvalue() == pytest.approx(want, rel=1e-9)
+    if min(d_out, d_in) > 1:
+        assert projection_from_delta(v, "orthogonal", rank=1).largest_eigenvalue() == pytest.approx(1.0)
+    assert projection_from_delta(v, "l2").largest_eigenvalue() == 0.0
