@@ -100,23 +100,21 @@ def label_logits(
     out = torch.empty(len(seqs), len(pick))
     for start in tqdm(range(0, len(order), batch_size), desc="score task", unit="batch", disable=not progress, leave=False):
         idx = order[start : start + batch_size]
-        if cache is None:
-            batch = encode_prompts(tokenizer, [prompts[i] for i in idx])  # left-padded: last column is the last token
-            logits = model(**batch, logits_to_keep=1).logits[:, -1]
-        else:
-            own = [seqs[i][n:] for i in idx]
-            width = max(len(q) for q in own)
-            ids = torch.full((len(own), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(own), n + width), dtype=torch.long)
-            mask[:, :n] = 1
-            for j, q in enumerate(own):
-                ids[j, : len(q)] = torch.tensor(q)
-                mask[j, n : n + len(q)] = 1
+        own = [seqs[i][n:] for i in idx]  # right-padded: positions are those of the whole prompt
+        width = max(len(q) for q in own)
+        ids = torch.full((len(own), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(own), n + width), dtype=torch.long)
+        mask[:, :n] = 1
+        for j, q in enumerate(own):
+            ids[j, : len(q)] = torch.tensor(q)
+            mask[j, n : n + len(q)] = 1
+        past = None
+        if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(own))
-            last = torch.tensor([[len(q) - 1] for q in own])
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True,
-                           logits_to_keep=last).logits[:, 0]
+        last = torch.tensor([[len(q) - 1] for q in own])
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=past is not None,
+                       logits_to_keep=last).logits[:, 0]
         out[idx] = logits[:, pick].float()
     return out
 
