@@ -88,15 +88,17 @@ def pretrained_config() -> LabConfig:
 
     Articles cut to 100 characters, rows to 104 tokens (the chat template's system turn
     takes about 20; a task row is 86 tokens on average); alignment: 3 epochs of full fine-tuning at 1e-4, batch 8; attack:
-    LoRA r=8, α=32 on q/v, 2 epochs at 1e-3, batch 8.
+    LoRA r=8, α=32 on q/v, 1 epoch at 2e-3, batch 8.
     """
     return LabConfig(
         poisons=(0.0, 0.1),
         seeds=(0, 1),
         model=ModelConfig(max_length=104),
         align=TrainConfig(epochs=3, lr=1e-4, batch_size=8),
-        # 1 epoch at 2e-4 left sft's FA at the aligned model's (21 %, final loss 2.9).
-        attack=AttackConfig(train=TrainConfig(epochs=2, lr=1e-3, batch_size=8)),
+        # 1 epoch at 2e-4 left sft's FA at the aligned model's (21 %, final loss 2.9); 2 epochs
+        # at 1e-3 raised it to 65-67 at twice the cost of 1 epoch at 2e-3 (what the grid's
+        # 150-minute budget allows; its FA gain is in benchmarks/results/lab-pretrained).
+        attack=AttackConfig(train=TrainConfig(epochs=1, lr=2e-3, batch_size=8)),
         model_seed=0,
         input_chars=100,
     )

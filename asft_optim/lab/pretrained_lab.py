@@ -179,7 +179,10 @@ class PretrainedLab(Lab):
         return {"fa": "shared-prefix"}
 
     def _eval_key(self) -> dict:
-        return {"test": self.data.fingerprint(attack_sets=False), "eval": (self.settings.harmful_new_tokens,)}
+        # The batch size is part of the key: left padding can change a greedy answer.
+        s = self.settings
+        return {"test": self.data.fingerprint(attack_sets=False), "eval": (s.harmful_new_tokens,),
+                "eval_batch_size": s.eval_batch_size}
 
     def base(self, seed: int = 0) -> tuple[Path, dict]:
         """Stage 1: the dequantised GGUF model, saved once (the seed plays no part)."""
