@@ -170,3 +170,20 @@ def test_pareto_front_keeps_the_points_no_other_beats():
     # (FA, HS): higher FA and lower HS are better.
     points = [(50.0, 10.0), (60.0, 20.0), (55.0, 30.0), (40.0, 5.0), (60.0, 25.0)]
     assert pareto_front(points) == [(40.0, 5.0), (50.0, 10.0), (60.0, 20.0)]
+
+
+def test_full_grid_sweeps_every_method_and_the_attackers_lr():
+    from asft_optim.lab.attack import AttackConfig
+    from asft_optim.lab.config import pretrained_config
+    from asft_optim.lab.pretrained_lab import FULL_SWEEPS, variants
+
+    attack = pretrained_config().attack
+    grid = variants(("sft", "asft", "asft-orthogonal", "l2", "asft-alt", "safe-lora"), attack, FULL_SWEEPS)
+    assert {m for m, *_ in grid} == {"sft", "asft", "asft-orthogonal", "l2", "asft-alt", "safe-lora"}
+    lrs = [c.train.lr for m, label, c, v in grid if v and v["field"] == "lr"]
+    assert lrs == pytest.approx([0.2 * attack.train.lr, attack.train.lr, 5 * attack.train.lr])
+    # The ×1 point is the q/v point of the target-module sweep: the same attack config,
+    # so the same cache key (one training, not two).
+    same = [c for m, label, c, v in grid if m == "sft" and v and v["value"] in (attack.train.lr, ("q_proj", "v_proj"))]
+    assert len(same) == 2 and same[0] == same[1] == attack
+    assert all(isinstance(c, AttackConfig) for _, _, c, _ in grid)

@@ -70,6 +70,25 @@ def test_every_stage_and_method_runs_and_is_cached(tmp_path):
     new = _stages(out) - stages
     assert sorted(s.split("-")[0] for s in new) == ["attack", "eval"]
 
+    # --cached-only builds nothing: it reports the cached grid points and lists the rest.
+    built = _stages(out)
+    partial = _lab(out, "--cached-only", "--methods", "sft,asft", "--poison", "0.1,0.3", "--seeds", "0,1")
+    assert _stages(out) == built
+    assert [(r["method"], r["poison_ratio"], r["seed"]) for r in partial] == [
+        ("aligned", None, 0), ("sft", 0.1, 0), ("asft", 0.1, 0)]
+    assert partial[1] == next(r for r in records if (r["method"], r["poison_ratio"]) == ("sft", 0.1))
+    not_run = json.loads((out / "run.json").read_text())["not_run"]
+    assert {(m["seed"], m["method"], m["poison_ratio"]) for m in not_run} == {
+        (0, "sft", 0.3), (0, "asft", 0.3), (1, "aligned", None)}
+    assert {m["missing_stage"] for m in not_run if m["seed"] == 0} == {"attack"}
+    assert "## Not run (3 grid points not in the cache" in (out / "table.md").read_text()
+
+
+def test_cached_only_with_an_empty_cache_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="no grid point of this command is in .*without --cached-only"):
+        main(["lab", "--tiny", "--no-progress", "--cached-only", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "cache").exists() or not any((tmp_path / "run" / "cache").iterdir())
+
 
 @pytest.mark.slow
 def test_same_seed_same_numbers(tmp_path):

@@ -78,6 +78,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--judge", default=None, help="harmful-score judge (default: refusal)")
     g.add_argument("--tiny", action="store_true", help="smoke-test budget: every stage, toy sizes")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--cached-only", action="store_true",
+                   help="build nothing: report the grid points whose stages are all in the cache and "
+                        "list the others as not run (a grid run over several sessions)")
     p.set_defaults(func=run)
     return p
 
@@ -215,20 +218,30 @@ def run(args) -> int:
     if preset == "pretrained":
         from .pretrained_lab import PretrainedLab
 
-        lab = PretrainedLab(cfg, data, out, _settings(args), progress=not args.no_progress)
+        lab = PretrainedLab(cfg, data, out, _settings(args), progress=not args.no_progress,
+                            cached_only=args.cached_only)
     else:
-        lab = Lab(cfg, data, out, progress=not args.no_progress)
+        lab = Lab(cfg, data, out, progress=not args.no_progress, cached_only=args.cached_only)
     records = lab.run()
+    if args.cached_only and not any(r["poison_ratio"] is not None for r in records):
+        raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {lab.cache}; "
+                         "run it without --cached-only to build them")
     base = lab.base_evals()
     extra = "\n## Base models (before alignment)\n\n" + "\n".join(
         f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}" for r in base) + "\n"
+    if lab.not_run:
+        extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
+                  + "\n".join(f"- seed {m['seed']}: {m['method']}"
+                               + ("" if m["poison_ratio"] is None else f" p={m['poison_ratio']:g}")
+                               + f" (no {m['missing_stage']} stage)" for m in lab.not_run) + "\n")
     paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json)
     if preset == "pretrained":
         from .report import pareto_plots
 
         paths.update(pareto_plots(records, out))
     wall = time.perf_counter() - start
-    (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"config": repr(cfg)}, indent=1) + "\n")
+    (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"config": repr(cfg), "not_run": lab.not_run},
+                                             indent=1) + "\n")
     print((out / "table.md").read_text())
     print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -33,7 +33,7 @@ from .evaluate import evaluate, generate
 from .judge import REFUSALS
 from .models import fit, load, save
 from .pretrained import GGUF_NAME, gguf_file, save_base
-from .runner import Lab, _examples_hash, _record
+from .runner import Lab, NotCached, _examples_hash, _record
 from .tokenizer import render_prompt
 
 #: General chat prompts whose base-model answers are replayed during alignment.
@@ -105,6 +105,8 @@ FULL_SWEEPS = (
     Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
     Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
     Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),
+    # The attacker's learning rate ×0.2, ×1, ×5 (×1 is the q/v point above: one training).
+    Sweep("sft", "lr", (4e-4, 2e-3, 1e-2)),
 )
 
 
@@ -164,8 +166,8 @@ class PretrainedLab(Lab):
     answer_logits = True  # a 49k-way LM head: project the answer positions only
 
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
-                 progress: bool = True):
-        super().__init__(config, data, out, progress=progress)
+                 progress: bool = True, cached_only: bool = False):
+        super().__init__(config, data, out, progress=progress, cached_only=cached_only)
         self.settings = settings or PretrainedSettings()
 
     def _evaluate(self, model, tok) -> dict:
@@ -246,13 +248,23 @@ class PretrainedLab(Lab):
         bar = tqdm(total=len(c.seeds) * (1 + len(grid) * len(c.poisons)), desc="lab", unit="run",
                    disable=not self.progress)
         for seed in c.seeds:
-            _, info = self.aligned(seed)
+            try:
+                _, info = self.aligned(seed)
+            except NotCached as e:
+                self._skip(seed, "aligned", None, e)
+                bar.update(1 + len(grid) * len(c.poisons))
+                continue
             records.append(_record("aligned", None, seed, info["eval"]))
             bar.update()
             for method, label, attack, variant in grid:
                 for p in c.poisons:
                     bar.set_postfix_str(f"seed {seed}: {label} p={p:g}")
-                    info = self.evaluation(method, p, seed, attack)
+                    try:
+                        info = self.evaluation(method, p, seed, attack)
+                    except NotCached as e:
+                        self._skip(seed, label, p, e)
+                        bar.update()
+                        continue
                     rec = _record(label, p, seed, info["eval"], info)
                     rec["variant"] = variant or {"method": method}
                     records.append(rec)
@@ -261,7 +273,10 @@ class PretrainedLab(Lab):
         return records
 
     def base_evals(self) -> list[dict]:
-        return [_record("base", None, 0, self.base()[1]["eval"])]
+        try:
+            return [_record("base", None, 0, self.base()[1]["eval"])]
+        except NotCached:
+            return []
 
 
 #: The smoke-test budget (``--preset pretrained --tiny``): every stage, a few steps and prompts.

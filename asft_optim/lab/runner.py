@@ -34,6 +34,10 @@ LAB_VERSION = 1
 _SHARED_ATTACK_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "train")
 
 
+class NotCached(LookupError):
+    """A stage a ``cached_only`` lab would have to build (its kind and key in ``args``)."""
+
+
 def _key(payload: dict[str, Any]) -> str:
     text = json.dumps({"lab_version": LAB_VERSION, **payload}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -51,13 +55,19 @@ class Lab:
         data: the world or the real-data files, loaded.
         out: output directory; the cache lives in ``out/cache`` (default ``./lab-runs/...``).
         progress: show tqdm bars.
+        cached_only: build nothing; :meth:`run` reports the grid points whose stages are
+            all cached and lists the others in :attr:`not_run` (a grid spanning sessions).
     """
 
     #: Attacks train with :func:`~asft_optim.lab.models.answer_loss` (the pretrained preset).
     answer_logits = False
 
-    def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True):
+    def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True,
+                 cached_only: bool = False):
         self.config, self.data, self.out, self.progress = config, data, Path(out), progress
+        self.cached_only = cached_only
+        #: grid points skipped by ``cached_only``: seed, method, poison and the missing stage
+        self.not_run: list[dict[str, Any]] = []
         self.cache = self.out / "cache"
         self.judge = get_judge(config.judge)
         self.timings: dict[str, float] = {}  # stages built in this run, per kind
@@ -75,6 +85,8 @@ class Lab:
             info = json.loads((final / "done.json").read_text())
             self.stage_seconds[(kind, key)] = info.get("seconds")
             return final, info
+        if self.cached_only:
+            raise NotCached(kind, key)
         tmp = self.cache / f".{kind}-{key}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -221,21 +233,39 @@ class Lab:
         bar = tqdm(total=len(grid) + len(c.seeds), desc="lab", unit="run", disable=not self.progress)
         for seed in c.seeds:
             bar.set_postfix_str(f"seed {seed}: base, aligned")
-            _, info = self.aligned(seed)
+            try:
+                _, info = self.aligned(seed)
+            except NotCached as e:
+                self._skip(seed, "aligned", None, e)
+                bar.update(1 + sum(g[0] == seed for g in grid))
+                continue
             records.append(_record("aligned", None, seed, info["eval"]))
             bar.update()
             for s, m, p in [g for g in grid if g[0] == seed]:
                 bar.set_postfix_str(f"seed {s}: {m} p={p:g}")
-                info = self.evaluation(m, p, s)
-                records.append(_record(m, p, s, info["eval"], info))
+                try:
+                    info = self.evaluation(m, p, s)
+                except NotCached as e:
+                    self._skip(s, m, p, e)
+                else:
+                    records.append(_record(m, p, s, info["eval"], info))
                 bar.update()
         bar.close()
         return records
 
+    def _skip(self, seed: int, method: str, poison: float | None, e: NotCached) -> None:
+        self.not_run.append({"seed": seed, "method": method, "poison_ratio": poison, "missing_stage": e.args[0]})
+
     def base_evals(self) -> list[dict]:
         """The base models' HS/FA (cached with stage 1), one per distinct model seed."""
         seeds = sorted({self.model_seed(s) for s in self.config.seeds})
-        return [_record("base", None, s, self.base(s)[1]["eval"]) for s in seeds]
+        out = []
+        for s in seeds:
+            try:
+                out.append(_record("base", None, s, self.base(s)[1]["eval"]))
+            except NotCached:
+                pass  # cached_only: the seed's aligned model is missing too, listed in not_run
+        return out
 
 
 def _record(method: str, poison: float | None, seed: int, ev: dict, info: dict | None = None) -> dict:
