@@ -175,15 +175,67 @@ def test_pareto_front_keeps_the_points_no_other_beats():
 def test_full_grid_sweeps_every_method_and_the_attackers_lr():
     from asft_optim.lab.attack import AttackConfig
     from asft_optim.lab.config import pretrained_config
-    from asft_optim.lab.pretrained_lab import FULL_SWEEPS, variants
+    from asft_optim.lab.pretrained_lab import FULL_SWEEPS, LR_FACTORS, variants
 
     attack = pretrained_config().attack
-    grid = variants(("sft", "asft", "asft-orthogonal", "l2", "asft-alt", "safe-lora"), attack, FULL_SWEEPS)
-    assert {m for m, *_ in grid} == {"sft", "asft", "asft-orthogonal", "l2", "asft-alt", "safe-lora"}
-    lrs = [c.train.lr for m, label, c, v in grid if v and v["field"] == "lr"]
-    assert lrs == pytest.approx([0.2 * attack.train.lr, attack.train.lr, 5 * attack.train.lr])
-    # The ×1 point is the q/v point of the target-module sweep: the same attack config,
-    # so the same cache key (one training, not two).
-    same = [c for m, label, c, v in grid if m == "sft" and v and v["value"] in (attack.train.lr, ("q_proj", "v_proj"))]
-    assert len(same) == 2 and same[0] == same[1] == attack
+    methods = ("sft", "asft", "asft-orthogonal", "l2", "asft-alt", "safe-lora")
+    grid = variants(methods, attack, FULL_SWEEPS, LR_FACTORS)
+    assert {m for m, *_ in grid} == set(methods)
+    lr = attack.train.lr
+    for m in methods:
+        lrs = sorted(c.train.lr for mm, label, c, v in grid if mm == m and v and v["field"] == "lr")
+        # ×1 is already in the grid (sft's q/v point, the others' swept value at their
+        # setting): one training, so it is not listed twice.
+        assert lrs == pytest.approx([0.2 * lr, 5 * lr]), m
+        assert [c for mm, _, c, _ in grid if mm == m].count(attack) == 1, m
     assert all(isinstance(c, AttackConfig) for _, _, c, _ in grid)
+    labels = [label for _, label, _, _ in grid]
+    assert len(labels) == len(set(labels))
+
+
+def test_lr_sweep_runs_each_method_at_its_configured_setting():
+    from dataclasses import replace
+
+    from asft_optim.lab.config import pretrained_config
+    from asft_optim.lab.pretrained_lab import PretrainedSettings, variants
+
+    attack = replace(pretrained_config().attack, anchor_lambda=0.1, l2_lambda=0.5)
+    grid = variants(("sft", "asft", "l2"), attack, PretrainedSettings().sweeps, (0.2, 1.0, 5.0))
+    points = {label: (c, v) for m, label, c, v in grid}
+    c, v = points["asft anchor_lambda=0.1 lr=0.0004"]
+    assert c.anchor_lambda == 0.1 and c.train.lr == 0.0004 and v["factor"] == 0.2
+    assert v["at"] == {"anchor_lambda": 0.1}
+    assert points["sft lr=0.01"][0].train.lr == 0.01
+    # asft's ×1 is the λ sweep's 0.1 point; l2's λ = 0.5 is not in its sweep, so its ×1 is new.
+    assert "asft anchor_lambda=0.1 lr=0.002" not in points and "sft lr=0.002" not in points
+    assert points["l2 l2_lambda=0.5 lr=0.002"][0] == attack
+    assert sum(1 for label in points if label.startswith("asft anchor_lambda=") and " lr=" not in label) == 4
+
+
+def test_lr_sweep_is_validated_and_belongs_to_the_pretrained_preset(tmp_path):
+    with pytest.raises(SystemExit, match="positive"):
+        main(["lab", "--preset", "pretrained", "--data", str(tmp_path), "--lr-sweep", "0,1",
+              "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--lr-sweep belong"):
+        main(["lab", "--tiny", "--lr-sweep", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--sweep-values belong"):
+        main(["lab", "--tiny", "--sweep-values", "0.1", "--out", str(tmp_path / "o")])
+
+
+def test_pareto_plots_leave_the_attackers_lr_out(tmp_path, monkeypatch):
+    from asft_optim.lab import report
+
+    def rec(method, fa, hs, variant):
+        return {"method": method, "poison_ratio": 0.1, "seed": 0, "finetune_accuracy": fa,
+                "harmful_score": hs, "variant": variant}
+
+    records = [rec("asft anchor_lambda=0.1", 50.0, 20.0, {"method": "asft", "field": "anchor_lambda", "value": 0.1}),
+               rec("asft anchor_lambda=1", 21.0, 20.0, {"method": "asft", "field": "anchor_lambda", "value": 1.0}),
+               rec("asft anchor_lambda=0.1 lr=0.01", 70.0, 60.0, {"method": "asft", "field": "lr", "value": 0.01}),
+               rec("sft", 60.0, 50.0, {"method": "sft"})]
+    fronts = []
+    real = report.pareto_front
+    monkeypatch.setattr(report, "pareto_front", lambda pts: fronts.append(sorted(pts)) or real(pts))
+    paths = report.pareto_plots(records, tmp_path)
+    assert paths["pareto_0.1"].stat().st_size > 0
+    assert sorted(fronts) == [[(21.0, 20.0), (50.0, 20.0)], [(60.0, 50.0)]]

@@ -56,6 +56,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sweep-values", type=_floats, metavar="V1,V2,...",
                    help="pretrained preset: the values of every λ sweep (default: 0.001,0.01,0.1,1; asft-alt's: "
                    "1,10,100,1000), e.g. to run the sweep's ends first; the cache keeps each point")
+    g.add_argument("--lr-sweep", type=_floats, nargs="?", const=(0.2, 1.0, 5.0), metavar="F1,F2,...",
+                   help="pretrained preset: also train every method at these multiples of the attack's LR "
+                   "(default when given without values: 0.2,1,5; on in --grid full), each at its one "
+                   "configured setting (--lambda, --l2-lambda, --alt-lambda): the attacker's side of the sweep")
     g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", type=_names, help=f"comma separated, from {sorted(METHODS)}")
@@ -179,11 +183,16 @@ def _data(args, cfg):
 
 
 def _settings(args):
-    from .pretrained_lab import FULL_SWEEPS, TINY_SETTINGS, PretrainedSettings
+    from .pretrained_lab import FULL_SWEEPS, LR_FACTORS, TINY_SETTINGS, PretrainedSettings
 
     if args.tiny:
-        return TINY_SETTINGS
-    settings = PretrainedSettings(sweeps=FULL_SWEEPS) if args.grid == "full" else PretrainedSettings()
+        settings = TINY_SETTINGS
+    elif args.grid == "full":
+        settings = PretrainedSettings(sweeps=FULL_SWEEPS, lr_factors=LR_FACTORS)
+    else:
+        settings = PretrainedSettings()
+    if args.lr_sweep is not None:
+        settings = replace(settings, lr_factors=args.lr_sweep)
     if args.sweep_values:
         lam = ("anchor_lambda", "l2_lambda", "alt_lambda")
         sweeps = tuple(replace(s, values=tuple(args.sweep_values)) if s.field in lam else s for s in settings.sweeps)
@@ -204,6 +213,11 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg = _config(args)
     preset = _preset(args)
+    given = [flag for flag, v in (("--sweep-values", args.sweep_values), ("--lr-sweep", args.lr_sweep)) if v is not None]
+    if given and preset != "pretrained":
+        raise SystemExit(f"asft lab: {', '.join(given)} belong to --preset pretrained (this run's preset: {preset})")
+    if args.lr_sweep is not None and (not args.lr_sweep or min(args.lr_sweep) <= 0):
+        raise SystemExit(f"asft lab: --lr-sweep takes positive multiples of the LR, got {args.lr_sweep}")
     if preset == "pretrained":  # fail before reading any data when the package is missing
         from .pretrained import PretrainedModelError, gguf_file, require_gguf
 

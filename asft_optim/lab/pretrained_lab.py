@@ -95,6 +95,8 @@ class PretrainedSettings:
         Sweep("asft", "anchor_lambda", LAMBDAS),
         Sweep("l2", "l2_lambda", LAMBDAS),
     )
+    #: Multiples of the attack's LR that every method is also trained at (``--lr-sweep``).
+    lr_factors: tuple[float, ...] = ()
 
 
 #: ``--grid full``: every method swept (Safe LoRA's thresholds share sft's training).
@@ -105,16 +107,26 @@ FULL_SWEEPS = (
     Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
     Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
     Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),
-    # The attacker's learning rate ×0.2, ×1, ×5 (×1 is the q/v point above: one training).
-    Sweep("sft", "lr", (4e-4, 2e-3, 1e-2)),
 )
 
+#: The attacker's learning rate as multiples of the preset's (``--lr-sweep``; ``--grid full``).
+LR_FACTORS = (0.2, 1.0, 5.0)
 
-def variants(methods, attack: AttackConfig, sweeps) -> list[tuple[str, str, AttackConfig, dict | None]]:
-    """``(method, label, attack config, variant info)`` for every method and swept value."""
+#: The defender's setting an attacker-LR point is run at (named in its label).
+_SETTING_FIELDS = ("anchor_lambda", "l2_lambda", "alt_lambda", "safe_lora_threshold")
+
+
+def variants(methods, attack: AttackConfig, sweeps, lr_factors=()) -> list[tuple[str, str, AttackConfig, dict | None]]:
+    """``(method, label, attack config, variant info)`` for every method and swept value.
+
+    ``lr_factors`` adds the attacker-LR sweep: every method, at its configured setting
+    (``--lambda`` and the like: the value a user would pick from the λ sweep), trained
+    at each multiple of the attack's learning rate. A point whose config is already in
+    the grid (×1 at a swept value) is not added twice: it is one cache entry anyway.
+    """
     out = []
     for m in methods:
-        get_method(m)
+        method = get_method(m)
         mine = [s for s in sweeps if s.method == m]
         if not mine:
             out.append((m, m, attack, None))
@@ -126,6 +138,20 @@ def variants(methods, attack: AttackConfig, sweeps) -> list[tuple[str, str, Atta
                     config = replace(attack, **{s.field: v})
                 text = ("all-linear" if v == ALL_LINEAR else ",".join(v)) if isinstance(v, tuple) else f"{v:g}"
                 out.append((m, f"{m} {s.field}={text}", config, {"method": m, "field": s.field, "value": v}))
+        if not lr_factors:
+            continue
+        have = [c for mm, _, c, _ in out if mm == m]
+        at = {f: getattr(attack, f) for f in method.uses if f in _SETTING_FIELDS}
+        setting = "".join(f" {f}={v:g}" for f, v in at.items())
+        for factor in lr_factors:
+            if factor <= 0:
+                raise ValueError(f"an attacker-LR factor must be positive, got {factor}")
+            lr = float(f"{attack.train.lr * factor:.12g}")  # 2e-3 × 0.2 is 4e-4, not 4.000000000000001e-4
+            config = replace(attack, train=replace(attack.train, lr=lr))
+            if config in have:
+                continue
+            out.append((m, f"{m}{setting} lr={lr:g}", config,
+                        {"method": m, "field": "lr", "value": lr, "factor": factor, "at": at}))
     return out
 
 
@@ -243,7 +269,7 @@ class PretrainedLab(Lab):
     def run(self) -> list[dict]:
         """Every stage for every (seed, method, swept value, poison); returns the full records."""
         c = self.config
-        grid = variants(c.methods, c.attack, self.settings.sweeps)
+        grid = variants(c.methods, c.attack, self.settings.sweeps, self.settings.lr_factors)
         records = []
         bar = tqdm(total=len(c.seeds) * (1 + len(grid) * len(c.poisons)), desc="lab", unit="run",
                    disable=not self.progress)

@@ -127,7 +127,9 @@ def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
     (mean over seeds) as points, its Pareto front as a line; ``aligned`` as a star.
 
     The honest comparison of a safety method with L2: at equal FA, which is safer?
-    Records carry ``variant = {"method", "field", "value"}`` (the swept setting).
+    Records carry ``variant = {"method", "field", "value"}`` (the swept setting). The
+    attacker-LR sweep's points (``field == "lr"``) are left out: a front traces the
+    defender's knob against one attacker, and a stronger attacker is another curve.
     """
     import matplotlib
 
@@ -136,7 +138,7 @@ def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
 
     cells: dict[tuple[float, str, str], list[tuple[float, float]]] = defaultdict(list)
     for r in records:
-        if r["poison_ratio"] is not None:
+        if r["poison_ratio"] is not None and (r.get("variant") or {}).get("field") != "lr":
             method = (r.get("variant") or {}).get("method", r["method"])
             cells[(r["poison_ratio"], method, r["method"])].append((r["finetune_accuracy"], r["harmful_score"]))
     aligned = [(r["finetune_accuracy"], r["harmful_score"]) for r in records if r["method"] == "aligned"]
