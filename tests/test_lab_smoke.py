@@ -157,3 +157,22 @@ def test_unknown_method_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["lab", "--methods", "sft,nope"])
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_unknown_target_module_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["lab", "--target-modules", "q_proj,mlp"])
+    assert "unknown module" in capsys.readouterr().err
+
+
+def test_all_linear_lora_reaches_the_anchors_and_the_mlp(tmp_path):
+    from asft_optim.lab.attack import ALL_LINEAR
+
+    out = tmp_path / "run"
+    records = _lab(out, "--methods", "sft,asft-orthogonal", "--poison", "0", "--seeds", "0",
+                   "--target-modules", "all-linear")
+    assert [r["method"] for r in records] == ["aligned", "sft", "asft-orthogonal"]
+    assert f"target_modules={ALL_LINEAR!r}" in json.loads((out / "run.json").read_text())["config"]
+    details = json.loads((out / "details.json").read_text())
+    layers = {g["weight"] for d in details if d["method"] == "asft-orthogonal" for g in d["_detail"]["geometry"]}
+    assert any("mlp.down_proj" in name for name in layers) and any("self_attn.k_proj" in name for name in layers)

@@ -46,6 +46,10 @@ class AttackConfig:
     safe_lora_threshold: float = 0.5
 
 
+#: LoRA on every linear layer of a Llama block (the lab's models), beside the paper's q/v.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class AttackContext:
     """What a method's builders may read."""

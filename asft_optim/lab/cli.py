@@ -16,7 +16,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .attack import METHODS
+from .attack import ALL_LINEAR, METHODS
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -25,6 +25,17 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    if text.strip() == "all-linear":
+        return ALL_LINEAR
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in ALL_LINEAR]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown module(s) {unknown or text!r}; give names from "
+                                         f"{', '.join(ALL_LINEAR)} or 'all-linear'")
+    return tuple(dict.fromkeys(names))
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -72,6 +83,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lambda", dest="anchor_lambda", type=float, help="anchor_lambda of asft / asft-orthogonal (library convention)")
     g.add_argument("--l2-lambda", type=float, help="λ of the l2 ablation")
     g.add_argument("--alt-lambda", type=float, help="λ of asft-alt")
+    g.add_argument("--target-modules", type=_modules, metavar="NAMES",
+                   help="the LoRA's (and the anchors') layers of every method, comma separated, or "
+                   "'all-linear' (default: q_proj,v_proj, as the paper)")
     g.add_argument("--lora-r", type=int, help="LoRA rank (default: 8)")
     g.add_argument("--lora-alpha", type=int, help="LoRA α (default: 32)")
     g.add_argument("--epochs", type=float, help="attack epochs")
@@ -135,7 +149,7 @@ def _config(args):
         cfg = replace(cfg, model=replace(cfg.model, max_length=args.max_length))
     a = cfg.attack
     attack = {"anchor_lambda": args.anchor_lambda, "l2_lambda": args.l2_lambda, "alt_lambda": args.alt_lambda,
-              "r": args.lora_r, "lora_alpha": args.lora_alpha}
+              "r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": args.target_modules}
     a = replace(a, **{k: v for k, v in attack.items() if v is not None})
     train = {"epochs": args.epochs, "lr": args.lr}
     a = replace(a, train=replace(a.train, **{k: v for k, v in train.items() if v is not None}))

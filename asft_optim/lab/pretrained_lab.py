@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from .attack import AttackConfig, get_method
+from .attack import ALL_LINEAR, AttackConfig, get_method
 from .data import Example, LabData
 from .evaluate import evaluate, generate
 from .judge import REFUSALS
@@ -57,8 +57,6 @@ CHAT_PROMPTS = [
 ]
 
 
-#: LoRA on every linear layer of the blocks (the attack's variant beside the paper's q/v).
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
