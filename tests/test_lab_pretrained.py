@@ -239,3 +239,33 @@ def test_pareto_plots_leave_the_attackers_lr_out(tmp_path, monkeypatch):
     paths = report.pareto_plots(records, tmp_path)
     assert paths["pareto_0.1"].stat().st_size > 0
     assert sorted(fronts) == [[(21.0, 20.0), (50.0, 20.0)], [(60.0, 50.0)]]
+
+
+def _lab_args(*argv):
+    import argparse
+
+    from asft_optim.lab import cli as lab_cli
+
+    parser = argparse.ArgumentParser()
+    lab_cli.add_parser(parser.add_subparsers())
+    return lab_cli._settings(parser.parse_args(["lab", *argv]))
+
+
+def test_sweep_picks_the_swept_methods_and_keeps_the_attackers_side():
+    from asft_optim.lab.pretrained_lab import LAMBDAS
+
+    s = _lab_args("--sweep", "asft-orthogonal,safe-lora")
+    assert [(w.method, w.field) for w in s.sweeps] == [("asft-orthogonal", "anchor_lambda"),
+                                                         ("safe-lora", "safe_lora_threshold")]
+    assert s.sweeps[0].values == LAMBDAS and s.lr_factors == ()
+    s = _lab_args("--sweep", "asft-alt", "--sweep-values", "1,100")
+    assert [(w.method, w.values) for w in s.sweeps] == [("asft-alt", (1.0, 100.0))]
+    full = _lab_args("--grid", "full", "--sweep", "l2")
+    assert [(w.method, w.field) for w in full.sweeps] == [("l2", "l2_lambda"), ("sft", "target_modules")]
+    assert full.lr_factors == (0.2, 1.0, 5.0)
+
+
+def test_sweep_of_a_method_without_a_setting_is_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="sft has no setting to sweep"):
+        main(["lab", "--preset", "pretrained", "--data", str(tmp_path), "--sweep", "sft,asft",
+              "--out", str(tmp_path / "o")])

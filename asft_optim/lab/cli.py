@@ -67,6 +67,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sweep-values", type=_floats, metavar="V1,V2,...",
                    help="pretrained preset: the values of every λ sweep (default: 0.001,0.01,0.1,1; asft-alt's: "
                    "1,10,100,1000), e.g. to run the sweep's ends first; the cache keeps each point")
+    g.add_argument("--sweep", type=_names, metavar="METHODS",
+                   help="pretrained preset: the methods whose setting is swept (λ; Safe LoRA's threshold), "
+                   "the others run at one value (default: asft,l2; --grid full: every method that has one)")
     g.add_argument("--lr-sweep", type=_floats, nargs="?", const=(0.2, 1.0, 5.0), metavar="F1,F2,...",
                    help="pretrained preset: also train every method at these multiples of the attack's LR "
                    "(default when given without values: 0.2,1,5; on in --grid full), each at its one "
@@ -197,7 +200,13 @@ def _data(args, cfg):
 
 
 def _settings(args):
-    from .pretrained_lab import FULL_SWEEPS, LR_FACTORS, TINY_SETTINGS, PretrainedSettings
+    from .pretrained_lab import (
+        ATTACKER_FIELDS,
+        FULL_SWEEPS,
+        LR_FACTORS,
+        TINY_SETTINGS,
+        PretrainedSettings,
+    )
 
     if args.tiny:
         settings = TINY_SETTINGS
@@ -207,6 +216,11 @@ def _settings(args):
         settings = PretrainedSettings()
     if args.lr_sweep is not None:
         settings = replace(settings, lr_factors=args.lr_sweep)
+    if args.sweep is not None:
+        table = {s.method: s for s in FULL_SWEEPS if s.field not in ATTACKER_FIELDS}
+        # The full grid's attacker-side sweep of sft's layers stays: it is not a method's setting.
+        attacker = tuple(s for s in settings.sweeps if s.field in ATTACKER_FIELDS)
+        settings = replace(settings, sweeps=tuple(table[m] for m in args.sweep) + attacker)
     if args.sweep_values:
         lam = ("anchor_lambda", "l2_lambda", "alt_lambda")
         sweeps = tuple(replace(s, values=tuple(args.sweep_values)) if s.field in lam else s for s in settings.sweeps)
@@ -227,11 +241,18 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg = _config(args)
     preset = _preset(args)
-    given = [flag for flag, v in (("--sweep-values", args.sweep_values), ("--lr-sweep", args.lr_sweep)) if v is not None]
+    given = [flag for flag, v in (("--sweep", args.sweep), ("--sweep-values", args.sweep_values),
+                                  ("--lr-sweep", args.lr_sweep)) if v is not None]
     if given and preset != "pretrained":
         raise SystemExit(f"asft lab: {', '.join(given)} belong to --preset pretrained (this run's preset: {preset})")
     if args.lr_sweep is not None and (not args.lr_sweep or min(args.lr_sweep) <= 0):
         raise SystemExit(f"asft lab: --lr-sweep takes positive multiples of the LR, got {args.lr_sweep}")
+    if args.sweep is not None:
+        from .pretrained_lab import ATTACKER_FIELDS, FULL_SWEEPS
+
+        swept = [s.method for s in FULL_SWEEPS if s.field not in ATTACKER_FIELDS]
+        if bad := [m for m in args.sweep if m not in swept]:
+            raise SystemExit(f"asft lab: --sweep: {', '.join(bad)} has no setting to sweep (the swept: {', '.join(swept)})")
     if preset == "pretrained":  # fail before reading any data when the package is missing
         from .pretrained import PretrainedModelError, gguf_file, require_gguf
 

@@ -97,6 +97,9 @@ class PretrainedSettings:
     lr_factors: tuple[float, ...] = ()
 
 
+#: Sweep fields on the attacker's side (not a method's setting; ``--sweep`` leaves them).
+ATTACKER_FIELDS = ("lr", "target_modules")
+
 #: ``--grid full``: every method swept (Safe LoRA's thresholds share sft's training).
 FULL_SWEEPS = (
     Sweep("asft", "anchor_lambda", LAMBDAS),
