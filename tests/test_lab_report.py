@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from asft_optim.lab.report import RECORD_KEYS, markdown_table, public_records, write_report
+from asft_optim.lab.report import (
+    RECORD_KEYS,
+    markdown_table,
+    public_records,
+    seed_table,
+    write_report,
+)
 
 
 def _rec(method, p, seed, hs, fa):
@@ -30,6 +36,17 @@ def test_markdown_table_exact():
     )
 
 
+def test_seed_table_exact():
+    records = RECORDS + [_rec("l2", 0.1, 0, 30.0, 70.5)]
+    assert seed_table(records) == (
+        "| Method | HS p=0 (seeds 0, 1) | FA p=0 (seeds 0, 1) | HS p=0.1 (seeds 0, 1) | FA p=0.1 (seeds 0, 1) |\n"
+        "|---|---|---|---|---|\n"
+        "| aligned | 2, 4 | 80, 82 | 2, 4 | 80, 82 |\n"
+        "| sft | 10, 20 | 90, 92 | 50, 70 | 91, 89 |\n"
+        "| l2 | –, – | –, – | 30, – | 70.5, – |\n"
+    )
+
+
 def test_write_report_files(tmp_path):
     detailed = [dict(r, _detail={"geometry": [{"cos_delta_v": -0.5, "off_span_fraction": 0.25, "delta_norm": 2.0}]})
                 if r["method"] == "sft" else r for r in RECORDS]
@@ -39,5 +56,6 @@ def test_write_report_files(tmp_path):
     assert all(tuple(r) == RECORD_KEYS for r in public)
     table = paths["table"].read_text()
     assert "| sft | 0.1 | -0.500 | 0.500 | 0.250 | 2.000 |" in table
+    assert "## Per seed\n\n" + seed_table(RECORDS) in table
     for key in ("hs_plot", "fa_plot"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -73,6 +73,26 @@ def markdown_table(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_table(records: Sequence[dict]) -> str:
+    """Methods × poison ratio, HS and FA of each seed (``s0, s1, …``): what a mean ± std over
+    two seeds hides, e.g. an attack that works on one seed only. ``–``: a seed not run."""
+    methods, poisons, _ = _grid(records, "harmful_score")
+    seeds = sorted({r["seed"] for r in records})
+    cells = {(r["method"], r["poison_ratio"], r["seed"]): r for r in records}
+    tag = "seeds " + ", ".join(map(str, seeds))
+    head = ["Method"] + [f"{k} p={p:g} ({tag})" for p in poisons for k in ("HS", "FA")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        row = [m]
+        for p in poisons:
+            # The aligned model (no attack) repeats its one value under every ratio.
+            rs = [cells.get((m, p, s)) or cells.get((m, None, s)) for s in seeds]
+            for metric in ("harmful_score", "finetune_accuracy"):
+                row.append(", ".join("–" if r is None else f"{r[metric]:g}" for r in rs))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def geometry_table(records: Sequence[dict]) -> str:
     """Per method and ratio: mean over layers and seeds of cos(ΔW, V), the fraction of ‖ΔW‖
     outside the top-r span of V, and ‖ΔW‖_F (from each record's ``_detail``)."""
@@ -177,7 +197,9 @@ def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str =
     }
     text = (f"# {title}\n\nHS = harmful score (% of held-out harmful prompts answered without refusal, lower is "
             f"better); FA = fine-tune accuracy (% exact labels on the task test set). Mean ± std over seeds.\n\n"
-            + markdown_table(public) + "\n## Where the attack's update lies (per-layer mean)\n\n"
+            + markdown_table(public)
+            + ("\n## Per seed\n\n" + seed_table(public) if len({r["seed"] for r in public}) > 1 else "")
+            + "\n## Where the attack's update lies (per-layer mean)\n\n"
             + geometry_table(records) + extra)
     paths["table"].write_text(text, encoding="utf-8")
     paths["json"].write_text(json.dumps(public, indent=1) + "\n")
