@@ -176,3 +176,38 @@ def test_all_linear_lora_reaches_the_anchors_and_the_mlp(tmp_path):
     details = json.loads((out / "details.json").read_text())
     layers = {g["weight"] for d in details if d["method"] == "asft-orthogonal" for g in d["_detail"]["geometry"]}
     assert any("mlp.down_proj" in name for name in layers) and any("self_attn.k_proj" in name for name in layers)
+
+
+def test_device_cuda_without_a_gpu_says_so(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda, but PyTorch sees no CUDA device"):
+        main(["lab", "--tiny", "--no-progress", "--device", "cuda", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before any stage
+
+
+def test_a_device_run_keeps_its_stages_apart_and_cpu_keys_stay(tmp_path):
+    # The key of a stage on another device differs (other kernels, other numbers); the
+    # CPU key is the one the lab always had (no "device" in it), so CPU caches stay valid.
+    from asft_optim.lab.config import tiny_config
+    from asft_optim.lab.runner import LAB_VERSION, Lab, NotCached, _key
+    from asft_optim.lab.world import World
+
+    cfg = tiny_config()
+    data = World(cfg.world).data()
+    keys = {}
+    for device in ("cpu", "cuda"):
+        with pytest.raises(NotCached) as e:
+            Lab(cfg, data, tmp_path, cached_only=True, device=device).tokenizer()
+        keys[device] = e.value.args[1]
+    payload = {"stage": "tokenizer", "data": data.fingerprint(attack_sets=False), "vocab": cfg.vocab_size}
+    assert LAB_VERSION == 1 and keys["cpu"] == _key(payload)
+    assert keys["cuda"] == _key({**payload, "device": "cuda"}) != keys["cpu"]
+
+
+def test_cpu_run_records_its_device(tmp_path):
+    out = tmp_path / "run"
+    _lab(out, "--methods", "sft", "--poison", "0", "--seeds", "0", "--device", "cpu")
+    assert json.loads((out / "run.json").read_text())["device"] == "cpu"
+    assert "Device: cpu." in (out / "table.md").read_text()

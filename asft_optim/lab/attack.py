@@ -20,7 +20,7 @@ from torch import nn
 from asft_optim import AnchoredAdamW, build_anchors, harmful_anchors, l2_anchors, safe_lora_project
 
 from .data import Example, LabData
-from .models import TrainConfig, fit, load
+from .models import TrainConfig, fit, load, model_device
 from .tokenizer import Collator, encode_example
 
 
@@ -122,7 +122,8 @@ def _asft_alt(ctx):
     # model's compliant pool, disjoint from the attack's and the evaluation's prompts).
     rows = [encode_example(ctx.tokenizer, e, ctx.max_length) for e in ctx.data.known_harmful]
     collate = Collator(ctx.tokenizer.pad_token_id)
-    batches = [collate(rows[i : i + 16]) for i in range(0, len(rows), 16)]
+    device = model_device(ctx.model)
+    batches = [{k: v.to(device) for k, v in collate(rows[i : i + 16]).items()} for i in range(0, len(rows), 16)]
     anchors = harmful_anchors(ctx.model, batches, target_modules=list(ctx.config.target_modules),
                               rank=ctx.config.alt_rank)
     return _anchored(ctx, anchors, ctx.config.alt_lambda)
@@ -158,11 +159,11 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None
 
 
-def lora_model(aligned_dir: Path, config: AttackConfig) -> nn.Module:
-    """The aligned model with fresh LoRA adapters on the target modules."""
+def lora_model(aligned_dir: Path, config: AttackConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """The aligned model on ``device`` with fresh LoRA adapters on the target modules."""
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(load(aligned_dir), lora)
+    return get_peft_model(load(aligned_dir, device), lora)
 
 
 def train_attack(ctx: AttackContext, method: Method, examples: list[Example], seed: int,
@@ -186,6 +187,6 @@ def train_attack(ctx: AttackContext, method: Method, examples: list[Example], se
     return {**info, **stats, "final_loss": losses[-1] if losses else None}
 
 
-def load_attacked(aligned_dir: Path, adapter_dir: Path) -> PeftModel:
+def load_attacked(aligned_dir: Path, adapter_dir: Path, device: str | torch.device = "cpu") -> PeftModel:
     """The aligned model with a trained adapter from disk (for post-hoc methods and evaluation)."""
-    return PeftModel.from_pretrained(load(aligned_dir), adapter_dir, is_trainable=False)
+    return PeftModel.from_pretrained(load(aligned_dir, device), adapter_dir, is_trainable=False)

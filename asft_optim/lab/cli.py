@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -93,6 +94,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", type=int, help="LoRA α (default: 32)")
     g.add_argument("--epochs", type=float, help="attack epochs")
     g.add_argument("--lr", type=float, help="attack learning rate")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where every stage trains and evaluates (default: cpu); a cuda run's stages are "
+                   "cached apart from a cpu run's")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, help="output and cache directory (default: ./lab-runs/default or ./lab-runs/real)")
     g.add_argument("--json", type=Path, help="also write the records here")
@@ -241,6 +245,7 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg = _config(args)
     preset = _preset(args)
+    device = _device(args.device)
     given = [flag for flag, v in (("--sweep", args.sweep), ("--sweep-values", args.sweep_values),
                                   ("--lr-sweep", args.lr_sweep)) if v is not None]
     if given and preset != "pretrained":
@@ -268,15 +273,16 @@ def run(args) -> int:
         from .pretrained_lab import PretrainedLab
 
         lab = PretrainedLab(cfg, data, out, _settings(args), progress=not args.no_progress,
-                            cached_only=args.cached_only)
+                            cached_only=args.cached_only, device=args.device)
     else:
-        lab = Lab(cfg, data, out, progress=not args.no_progress, cached_only=args.cached_only)
+        lab = Lab(cfg, data, out, progress=not args.no_progress, cached_only=args.cached_only, device=args.device)
     records = lab.run()
     if args.cached_only and not any(r["poison_ratio"] is not None for r in records):
         raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {lab.cache}; "
                          "run it without --cached-only to build them")
     base = lab.base_evals()
-    extra = "\n## Base models (before alignment)\n\n" + "\n".join(
+    extra = f"\nDevice: {device}.\n"
+    extra += "\n## Base models (before alignment)\n\n" + "\n".join(
         f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}" for r in base) + "\n"
     if lab.not_run:
         extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
@@ -289,11 +295,26 @@ def run(args) -> int:
 
         paths.update(pareto_plots(records, out))
     wall = time.perf_counter() - start
-    (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"config": repr(cfg), "not_run": lab.not_run},
+    (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"device": device, "config": repr(cfg), "not_run": lab.not_run},
                                              indent=1) + "\n")
     print((out / "table.md").read_text())
     print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _device(name: str) -> str:
+    """The device's description for the records; a clear error when ``cuda`` is not there."""
+    import torch
+
+    if name == "cpu":
+        return "cpu"
+    # Before CUDA starts: cuBLAS is deterministic only with a fixed workspace (the lab
+    # asks torch for deterministic algorithms, warning where one has none).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"asft lab: --device cuda, but PyTorch sees no CUDA device (torch {torch.__version__}, "
+                         f"built for CUDA {torch.version.cuda}); leave --device out to run on the CPU")
+    return f"cuda ({torch.cuda.get_device_name(0)}, torch {torch.__version__})"
 
 
 def run_times(lab, wall: float) -> dict:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .data import LabData
 from .judge import Judge
+from .models import model_device
 from .tokenizer import encode_prompts, prompt_ids, render_prompt
 
 #: Tokens generated for a harmful prompt: enough for the first sentence, where a
@@ -54,7 +55,7 @@ def generate(
     out: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         idx = order[start : start + batch_size]
-        batch = encode_prompts(tokenizer, [prompts[i] for i in idx])
+        batch = {k: v.to(model_device(model)) for k, v in encode_prompts(tokenizer, [prompts[i] for i in idx]).items()}
         gen = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -89,12 +90,13 @@ def label_logits(
     positions are those of the whole prompt.
     """
     model.eval()
+    device = model_device(model)
     seqs = [prompt_ids(tokenizer, p) for p in prompts]
     n = len(os.path.commonprefix(seqs)) if shared_prefix and len(seqs) > 1 else 0
     n = min(n, min((len(q) for q in seqs), default=1) - 1)  # every row keeps a token of its own
     cache = None
     if n > 0:
-        cache = model(input_ids=torch.tensor([seqs[0][:n]]), use_cache=True).past_key_values
+        cache = model(input_ids=torch.tensor([seqs[0][:n]], device=device), use_cache=True).past_key_values
     pick = torch.tensor(list(tokens))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.empty(len(seqs), len(pick))
@@ -113,9 +115,9 @@ def label_logits(
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(own))
         last = torch.tensor([[len(q) - 1] for q in own])
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=past is not None,
-                       logits_to_keep=last).logits[:, 0]
-        out[idx] = logits[:, pick].float()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=past,
+                       use_cache=past is not None, logits_to_keep=last.to(device)).logits[:, 0]
+        out[idx] = logits[:, pick.to(device)].float().cpu()
     return out
 
 

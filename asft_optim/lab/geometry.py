@@ -33,7 +33,7 @@ def update_geometry(model, base_dir: Path, aligned_dir: Path, rank: int = 8) -> 
         key = name.removeprefix("base_model.model.") + ".weight"
         if key not in base:
             continue
-        delta = sum(module.get_delta_weight(a) for a in module.active_adapters).double()
+        delta = sum(module.get_delta_weight(a) for a in module.active_adapters).double().cpu()
         v = (aligned[key].double() - base[key].double())
         u = torch.linalg.svd(v, full_matrices=False).U[:, :rank]
         outside = delta - u @ (u.T @ delta)

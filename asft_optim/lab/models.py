@@ -117,6 +117,9 @@ def fit(
 ) -> list[float]:
     """Train ``model`` on ``examples`` with the HF ``Trainer``; returns the logged losses.
 
+    The model trains where it is: on the CPU, or on the GPU the Trainer picks when the
+    model is already on one (the optimizer, built beforehand, holds its parameters there).
+
     ``optimizers`` is handed to the Trainer as is: ``(AnchoredAdamW(...), None)`` lets
     the Trainer build its LR schedule around the library's optimizer. ``answer_logits``:
     compute the loss with :func:`answer_loss` (the pretrained preset's attacks; the
@@ -143,7 +146,7 @@ def fit(
             report_to="none",
             seed=seed,
             data_seed=seed,
-            use_cpu=True,
+            use_cpu=model_device(model).type == "cpu",
             dataloader_num_workers=0,
             remove_unused_columns=False,
             disable_tqdm=not progress,
@@ -170,6 +173,11 @@ def save(model: nn.Module, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def load(directory: Path) -> LlamaForCausalLM:
-    """A saved lab model in float32, eval mode."""
-    return LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+def load(directory: Path, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """A saved lab model in float32, eval mode, on ``device``."""
+    return LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are (the lab keeps a model on one device)."""
+    return next(model.parameters()).device

@@ -193,8 +193,8 @@ class PretrainedLab(Lab):
     answer_logits = True  # a 49k-way LM head: project the answer positions only
 
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
-                 progress: bool = True, cached_only: bool = False):
-        super().__init__(config, data, out, progress=progress, cached_only=cached_only)
+                 progress: bool = True, cached_only: bool = False, device: str = "cpu"):
+        super().__init__(config, data, out, progress=progress, cached_only=cached_only, device=device)
         self.settings = settings or PretrainedSettings()
 
     def _evaluate(self, model, tok) -> dict:
@@ -220,7 +220,7 @@ class PretrainedLab(Lab):
 
         def build(tmp: Path) -> dict:
             info = save_base(tmp, path)
-            model = load(tmp)
+            model = load(tmp, self.device)
             return {**info, "eval": self._evaluate(model, AutoTokenizer.from_pretrained(tmp))}
 
         return self._stage("base", payload, build)
@@ -245,7 +245,7 @@ class PretrainedLab(Lab):
                    "max_length": self.config.model.max_length}
 
         def build(tmp: Path) -> dict:
-            model = load(base_dir)
+            model = load(base_dir, self.device)
             prompts = [render_prompt(tok, e.instruction, e.input) for e in replay + chat]
             answers = generate(model, tok, prompts, s.replay_new_tokens, batch_size=s.eval_batch_size,
                                desc="replay", progress=self.progress)

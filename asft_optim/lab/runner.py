@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -57,15 +58,19 @@ class Lab:
         progress: show tqdm bars.
         cached_only: build nothing; :meth:`run` reports the grid points whose stages are
             all cached and lists the others in :attr:`not_run` (a grid spanning sessions).
+        device: where the models train and are evaluated (``"cpu"`` or ``"cuda"``). Not
+            ``"cpu"``: part of every stage's key, so a GPU run never reuses a CPU run's
+            stages (other kernels, other numbers) and CPU keys stay what they were.
     """
 
     #: Attacks train with :func:`~asft_optim.lab.models.answer_loss` (the pretrained preset).
     answer_logits = False
 
     def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True,
-                 cached_only: bool = False):
+                 cached_only: bool = False, device: str = "cpu"):
         self.config, self.data, self.out, self.progress = config, data, Path(out), progress
         self.cached_only = cached_only
+        self.device = device
         #: grid points skipped by ``cached_only``: seed, method, poison and the missing stage
         self.not_run: list[dict[str, Any]] = []
         self.cache = self.out / "cache"
@@ -79,6 +84,8 @@ class Lab:
     # -- cache -------------------------------------------------------------------------
     def _stage(self, kind: str, payload: dict[str, Any], build) -> tuple[Path, dict]:
         """Return ``(dir, done.json content)``, running ``build(tmp_dir) -> dict`` if not cached."""
+        if self.device != "cpu":
+            payload = {**payload, "device": self.device}
         key = _key({"stage": kind, **payload})
         final = self.cache / f"{kind}-{key}"
         if (final / "done.json").exists():
@@ -87,7 +94,9 @@ class Lab:
             return final, info
         if self.cached_only:
             raise NotCached(kind, key)
-        tmp = self.cache / f".{kind}-{key}.tmp"
+        # A temporary directory per process: lab processes sharing one cache (a grid run
+        # in parallel, benchmarks/lab_parallel.sh) never write into each other's stage.
+        tmp = self.cache / f".{kind}-{key}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         start = time.perf_counter()
@@ -97,9 +106,17 @@ class Lab:
         self.timings[kind] = self.timings.get(kind, 0.0) + elapsed
         self.stage_seconds[(kind, key)] = info["seconds"]
         (tmp / "done.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        return final, info
+        if not (final / "done.json").exists():
+            shutil.rmtree(final, ignore_errors=True)  # an older, unfinished copy
+            try:
+                tmp.rename(final)
+                return final, info
+            except OSError:  # another process finished the same stage a moment ago
+                if not (final / "done.json").exists():
+                    raise
+        # Another process built this stage first: keep its copy, the one every reader sees.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final, json.loads((final / "done.json").read_text())
 
     # -- stages ------------------------------------------------------------------------
     def tokenizer(self) -> tuple[PreTrainedTokenizerFast, str]:
@@ -133,7 +150,7 @@ class Lab:
                    "rows": _examples_hash(self.data.base_train)}
 
         def build(tmp: Path) -> dict:
-            model = new_model(c.model, tok, seed)
+            model = new_model(c.model, tok, seed).to(self.device)
             losses = fit(model, tok, self.data.base_train, c.base, seed, c.model.max_length, progress=self.progress)
             save(model, tok, tmp)
             return {"eval": self._evaluate(model, tok), "final_loss": losses[-1] if losses else None,
@@ -150,7 +167,7 @@ class Lab:
                    "rows": _examples_hash(self.data.align_train)}
 
         def build(tmp: Path) -> dict:
-            model = load(base_dir).train()
+            model = load(base_dir, self.device).train()
             losses = fit(model, tok, self.data.align_train, self.config.align, seed,
                          self.config.model.max_length, progress=self.progress)
             save(model, tok, tmp)
@@ -180,7 +197,7 @@ class Lab:
 
         def build(tmp: Path) -> dict:
             seed_everything(seed)
-            model = lora_model(aligned_dir, a)
+            model = lora_model(aligned_dir, a, self.device)
             ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
                                 answer_logits=self.answer_logits)
             info = train_attack(ctx, method, examples, seed)
@@ -203,7 +220,7 @@ class Lab:
                    "config": {f: getattr(a, f) for f in method.uses}, **self._evaluation_key()}
 
         def build(tmp: Path) -> dict:
-            model = load_attacked(aligned_dir, attack_dir / "adapter")
+            model = load_attacked(aligned_dir, attack_dir / "adapter", self.device)
             post = {}
             if method.post is not None:
                 ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
