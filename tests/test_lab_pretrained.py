@@ -67,7 +67,7 @@ def test_every_stage_runs_on_the_real_model(run):
     asft = details["asft"]
     assert asft["variant"] == {"method": "asft"}
     assert asft["_detail"]["train"]["anchors"] == 4  # q/v of blocks 28-29, from the checkpoint dirs
-    assert asft["_detail"]["train"]["anchor_lambda"] == 1.0
+    assert asft["_detail"]["train"]["anchor_lambda"] == 0.1  # the preset's λ
     swept = details["safe-lora safe_lora_threshold=0.6"]
     assert swept["variant"] == {"method": "safe-lora", "field": "safe_lora_threshold", "value": 0.6}
     assert len(asft["_detail"]["geometry"]) == 4

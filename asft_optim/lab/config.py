@@ -88,7 +88,7 @@ def pretrained_config() -> LabConfig:
 
     Articles cut to 100 characters, rows to 104 tokens (the chat template's system turn
     takes about 20; a task row is 86 tokens on average); alignment: 3 epochs of full fine-tuning at 1e-4, batch 8; attack:
-    LoRA r=8, α=32 on q/v, 1 epoch at 2e-3, batch 8.
+    LoRA r=8, α=32 on q/v, 1 epoch at 2e-3, batch 8; λ = 0.1 (asft, asft-orthogonal, l2).
     """
     return LabConfig(
         poisons=(0.0, 0.1),
@@ -98,7 +98,10 @@ def pretrained_config() -> LabConfig:
         # 1 epoch at 2e-4 left sft's FA at the aligned model's (21 %, final loss 2.9); 2 epochs
         # at 1e-3 raised it to 65-67 at twice the cost of 1 epoch at 2e-3 (what the grid's
         # 150-minute budget allows; its FA gain is in benchmarks/results/lab-pretrained).
-        attack=AttackConfig(train=TrainConfig(epochs=1, lr=2e-3, batch_size=8)),
+        # λ = 0.1 for asft, asft-orthogonal and l2: the largest λ of the reduced grid's sweep
+        # that still gains task accuracy (λ = 1 freezes the adapter: FA stays the aligned
+        # model's), so the methods that run at one value, and the attacker-LR sweep, run there.
+        attack=AttackConfig(train=TrainConfig(epochs=1, lr=2e-3, batch_size=8), anchor_lambda=0.1, l2_lambda=0.1),
         model_seed=0,
         input_chars=100,
     )
