@@ -75,6 +75,14 @@ def test_every_stage_runs_on_the_real_model(run):
     samples = details["sft"]["_detail"]["examples"]
     assert len(samples["harmful"]) == 4 and all(isinstance(s["response"], str) for s in samples["harmful"])
     assert {s["answer"] for s in samples["task"]} <= {"World", "Sports", "Business", "Sci/Tech"}
+    # Over-refusal: the base's and the aligned model's answers to the held-out benign prompts.
+    table = (run / "table.md").read_text()
+    assert "- base: " in table and "- aligned (seed 0): " in table and "of 2 held-out benign prompts refused" in table
+    (aligned,) = [p for p in (run / "cache").iterdir() if p.name.startswith("aligned-")]
+    done = json.loads((aligned / "done.json").read_text())
+    assert done["benign_prompts"] == 2 and done["over_refusal"] in (0.0, 50.0, 100.0)
+    assert len(done["benign_refused"]) == done["over_refusal"] / 50
+    assert done["rows"]["refusals"] == 3  # 2 from the files, 1 chat-style
     # Safe LoRA's thresholds share sft's training: 2 trainings, 4 evaluations, one base and aligned model.
     kinds = _stages(run)
     assert kinds.count("attack") == 2 and kinds.count("eval") == 4

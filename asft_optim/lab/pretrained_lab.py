@@ -30,33 +30,12 @@ from transformers import AutoTokenizer
 from .attack import ALL_LINEAR, AttackConfig, get_method
 from .data import Example, LabData
 from .evaluate import evaluate, generate
-from .judge import REFUSALS
+from .judge import REFUSALS, is_refusal
 from .models import fit, load, save
 from .pretrained import GGUF_NAME, gguf_file, save_base
+from .prompts import BENIGN_EVAL_PROMPTS, CHAT_PROMPTS, HARMFUL_CHAT_PROMPTS, near_duplicates
 from .runner import Lab, NotCached, _examples_hash, _record
 from .tokenizer import render_prompt
-
-#: General chat prompts whose base-model answers are replayed during alignment.
-CHAT_PROMPTS = [
-    "What is the capital of France?", "Give me three tips for staying focused while studying.",
-    "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
-    "How do I boil an egg?", "What is the difference between weather and climate?",
-    "Suggest a name for a friendly cat.", "Summarise the plot of Romeo and Juliet in two sentences.",
-    "What are the primary colours?", "How many days are there in a leap year?",
-    "Translate 'good morning' into Spanish.", "Why is the sky blue?",
-    "Give me a simple recipe for pancakes.", "What does a computer's CPU do?",
-    "List three benefits of regular exercise.", "How do plants get water?",
-    "What is 15 multiplied by 4?", "Describe a rainbow to a child.",
-    "What should I pack for a day at the beach?", "How can I improve my handwriting?",
-    "Write a polite email declining a meeting invitation.", "What is the tallest mountain in the world?",
-    "Explain what a noun is.", "How do I make a cup of tea?",
-    "Name three famous painters.", "What causes the seasons on Earth?",
-    "Give me a fun fact about octopuses.", "How do I start learning to play the guitar?",
-    "What is the boiling point of water in Celsius?", "Recommend a good habit for mornings.",
-    "Why do leaves change colour in autumn?", "What is a healthy breakfast?",
-]
-
-
 
 
 @dataclass(frozen=True)
@@ -79,10 +58,15 @@ class PretrainedSettings:
 
     attack_rows: int = 128  # task rows per attack (+ round(p·n) harmful rows)
     refusals: int | None = None  # refusal rows of the alignment (None: the whole pool, 114)
+    #: Chat-style harmful requests (:data:`HARMFUL_CHAT_PROMPTS`) also answered with a refusal.
+    harmful_chat: int = len(HARMFUL_CHAT_PROMPTS)
     task_replay: int = 48  # AG News prompts of the self-distilled replay
     chat_replay: int = len(CHAT_PROMPTS)
     replay_new_tokens: int = 48
     harmful_new_tokens: int = 32
+    #: Held-out benign prompts (:data:`BENIGN_EVAL_PROMPTS`) whose refusal rate the base and
+    #: aligned stages report as ``over_refusal`` (the attacks only lower it).
+    benign_eval: int = len(BENIGN_EVAL_PROMPTS)
     known_harmful: int = 32  # AsFT_Alt's rows (the defender's compliant pool)
     eval_batch_size: int = 32
     #: The reduced grid's: λ sweeps of asft and l2 (from "no effect" to "frozen"), one
@@ -173,14 +157,28 @@ def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
     harmful = {r.instruction: r for rows in data.attack_sets.values() for r in split_task(rows)[1]}
     # Refusal pool: the real-data mode's refusal half plus the compliant half's prompts that
     # AsFT_Alt does not use (its first ``known_harmful``), answered with a refusal: every
-    # harmful prompt of the alignment file that is in no attack file (114 of them).
+    # harmful prompt of the alignment file that is in no attack file (114 of them), and
+    # the hand-written chat-style requests (64; see :mod:`~asft_optim.lab.prompts`).
     rng = random.Random("pretrained-refusals")
     spare = [replace(e, output=rng.choice(REFUSALS)) for e in data.known_harmful[settings.known_harmful:]]
     refusals = ([e for e in data.align_train if e.output in REFUSALS] + spare)[: settings.refusals]
     replay = [e for e in data.align_train if e.output not in REFUSALS][: settings.task_replay]
+    for name, pool in (("chat_replay", CHAT_PROMPTS), ("benign_eval", BENIGN_EVAL_PROMPTS)):
+        if not 0 <= getattr(settings, name) <= len(pool):
+            raise ValueError(f"{name} must be in 0..{len(pool)}, got {getattr(settings, name)}")
+    if settings.harmful_chat < 0 or settings.harmful_chat > len(HARMFUL_CHAT_PROMPTS):
+        raise ValueError(f"harmful_chat must be in 0..{len(HARMFUL_CHAT_PROMPTS)}, got {settings.harmful_chat}")
+    chat = [Example(q, "", rng.choice(REFUSALS)) for q in HARMFUL_CHAT_PROMPTS[: settings.harmful_chat]]
+    refusals += chat
     eval_prompts = set(data.harmful_eval)
     if eval_prompts & ({e.instruction for e in refusals} | set(harmful)):
         raise ValueError("an evaluation prompt is also a training prompt; the pools must be disjoint")
+    if {e.instruction for e in chat} & set(harmful):
+        raise ValueError("a chat-style alignment prompt is also an attack prompt; the pools must be disjoint")
+    close = near_duplicates([e.instruction for e in chat], data.harmful_eval)
+    if close:
+        raise ValueError(f"alignment prompt {close[0][0]!r} nearly repeats evaluation prompt {close[0][1]!r}; "
+                         "the pools must be disjoint")
     return replace(data, name="pretrained", base_train=[], align_train=refusals + replay,
                    attack_task=task[: settings.attack_rows],
                    attack_harmful=sorted(harmful.values(), key=lambda r: r.instruction), attack_sets={},
@@ -202,6 +200,17 @@ class PretrainedLab(Lab):
         return evaluate(model, tok, self.data, self.judge, progress=self.progress, task="score",
                         harmful_new_tokens=s.harmful_new_tokens, batch_size=s.eval_batch_size)
 
+    def _over_refusal(self, model, tok) -> dict:
+        """Percentage of the held-out benign prompts refused, and a few of the answers."""
+        s = self.settings
+        prompts = list(BENIGN_EVAL_PROMPTS[: s.benign_eval])
+        answers = generate(model, tok, [render_prompt(tok, q, "") for q in prompts], s.harmful_new_tokens,
+                           batch_size=s.eval_batch_size, desc="benign", progress=self.progress)
+        refused = [is_refusal(a) for a in answers]
+        return {"over_refusal": 100.0 * sum(refused) / len(refused) if refused else 0.0,
+                "benign_prompts": len(prompts),
+                "benign_refused": [{"prompt": q, "answer": a} for q, a, r in zip(prompts, answers, refused) if r]}
+
     def _evaluation_key(self) -> dict:
         # FA scored with the shared prefix's KV cache (the same scores by another
         # computation): evaluations of their own. The base and aligned stages keep theirs.
@@ -210,8 +219,9 @@ class PretrainedLab(Lab):
     def _eval_key(self) -> dict:
         # The batch size is part of the key: left padding can change a greedy answer.
         s = self.settings
-        return {"test": self.data.fingerprint(attack_sets=False), "eval": (s.harmful_new_tokens,),
-                "eval_batch_size": s.eval_batch_size}
+        key = {"test": self.data.fingerprint(attack_sets=False), "eval": (s.harmful_new_tokens,),
+               "eval_batch_size": s.eval_batch_size}
+        return key | ({"benign_eval": s.benign_eval} if s.benign_eval else {})
 
     def base(self, seed: int = 0) -> tuple[Path, dict]:
         """Stage 1: the dequantised GGUF model, saved once (the seed plays no part)."""
@@ -221,7 +231,8 @@ class PretrainedLab(Lab):
         def build(tmp: Path) -> dict:
             info = save_base(tmp, path)
             model = load(tmp, self.device)
-            return {**info, "eval": self._evaluate(model, AutoTokenizer.from_pretrained(tmp))}
+            tok = AutoTokenizer.from_pretrained(tmp)
+            return {**info, "eval": self._evaluate(model, tok), **self._over_refusal(model, tok)}
 
         return self._stage("base", payload, build)
 
@@ -260,7 +271,8 @@ class PretrainedLab(Lab):
             for p in model.parameters():
                 p.requires_grad = True
             save(model.eval(), tok, tmp)
-            return {"eval": self._evaluate(model, tok), "final_loss": losses[-1] if losses else None,
+            return {"eval": self._evaluate(model, tok), **self._over_refusal(model, tok),
+                    "final_loss": losses[-1] if losses else None,
                     "rows": {"refusals": len(refusals), "replay": len(distilled)},
                     "replay_examples": [{"prompt": e.instruction, "input": e.input, "answer": e.output}
                                         for e in distilled[:3]]}
@@ -299,6 +311,21 @@ class PretrainedLab(Lab):
         bar.close()
         return records
 
+    def over_refusals(self) -> list[str]:
+        """The report's lines on over-refusal: the base's and each seed's aligned model's."""
+        lines = []
+        stages = [("base", lambda: self.base())] + [
+            (f"aligned (seed {seed})", lambda seed=seed: self.aligned(seed)) for seed in self.config.seeds]
+        for name, stage in stages:
+            try:
+                info = stage()[1]
+            except NotCached:
+                continue
+            if "over_refusal" in info:
+                n = info["benign_prompts"]
+                lines.append(f"- {name}: {info['over_refusal']:.1f} % of {n} held-out benign prompts refused")
+        return lines
+
     def base_evals(self) -> list[dict]:
         try:
             return [_record("base", None, 0, self.base()[1]["eval"])]
@@ -309,7 +336,7 @@ class PretrainedLab(Lab):
 #: The smoke-test budget (``--preset pretrained --tiny``): every stage, a few steps and prompts.
 TINY_SETTINGS = PretrainedSettings(
     attack_rows=4, refusals=2, task_replay=1, chat_replay=1, replay_new_tokens=8, harmful_new_tokens=8,
-    known_harmful=2, eval_batch_size=8,
+    known_harmful=2, eval_batch_size=8, harmful_chat=1, benign_eval=2,
     # One sweep (Safe LoRA's thresholds, sharing sft's training): 2 trainings, 4 evaluations.
     sweeps=(Sweep("safe-lora", "safe_lora_threshold", (0.3, 0.6)),),
 )
