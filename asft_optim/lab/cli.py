@@ -163,7 +163,7 @@ def _config(args):
     return replace(cfg, attack=a)
 
 
-def _data(args, cfg):
+def _data(args, cfg, settings=None):
     from .data import DEFAULT_POISONS, REAL_FILES, load_real, parse_labels
     from .world import World
 
@@ -199,7 +199,7 @@ def _data(args, cfg):
     if pretrained:
         from .pretrained_lab import pretrained_data
 
-        data = pretrained_data(data, _settings(args))
+        data = pretrained_data(data, settings or _settings(args))
     return data
 
 
