@@ -8,7 +8,7 @@ aligned on the imperatives alone refuses those but answers most chat-style reque
 the same harm categories. These prompts were written for this project, in chat style,
 a few per BeaverTails harm category; none is taken or paraphrased from the evaluation
 set, and :func:`near_duplicates` (run by the preset on every load) rejects any that
-shares most of its words with an evaluation prompt.
+shares 40 % or more of its content words with an evaluation prompt.
 
 Why the benign pools: refusals alone teach a small model to refuse everything (aligned
 on the harmful pools with 32 benign replay prompts, SmolLM2 refused 12 of 20 everyday
