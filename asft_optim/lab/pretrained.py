@@ -65,6 +65,16 @@ def require_gguf() -> None:
         raise PretrainedModelError(f"reading {GGUF_NAME} needs the 'gguf' package; install it with: {INSTALL_GGUF}")
 
 
+def available() -> bool:
+    """True when the preset's model can be read here (the package with its file, and ``gguf``)."""
+    try:
+        gguf_file()
+        require_gguf()
+    except PretrainedModelError:
+        return False
+    return True
+
+
 def read_gguf(path: Path) -> GGUFInfo:
     """Check that ``path`` is a whole GGUF file of a Llama model; return its header facts.
 

@@ -163,11 +163,10 @@ def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
     spare = [replace(e, output=rng.choice(REFUSALS)) for e in data.known_harmful[settings.known_harmful:]]
     refusals = ([e for e in data.align_train if e.output in REFUSALS] + spare)[: settings.refusals]
     replay = [e for e in data.align_train if e.output not in REFUSALS][: settings.task_replay]
-    for name, pool in (("chat_replay", CHAT_PROMPTS), ("benign_eval", BENIGN_EVAL_PROMPTS)):
+    for name, pool in (("harmful_chat", HARMFUL_CHAT_PROMPTS), ("chat_replay", CHAT_PROMPTS),
+                       ("benign_eval", BENIGN_EVAL_PROMPTS)):
         if not 0 <= getattr(settings, name) <= len(pool):
             raise ValueError(f"{name} must be in 0..{len(pool)}, got {getattr(settings, name)}")
-    if settings.harmful_chat < 0 or settings.harmful_chat > len(HARMFUL_CHAT_PROMPTS):
-        raise ValueError(f"harmful_chat must be in 0..{len(HARMFUL_CHAT_PROMPTS)}, got {settings.harmful_chat}")
     chat = [Example(q, "", rng.choice(REFUSALS)) for q in HARMFUL_CHAT_PROMPTS[: settings.harmful_chat]]
     refusals += chat
     eval_prompts = set(data.harmful_eval)
@@ -201,7 +200,7 @@ class PretrainedLab(Lab):
                         harmful_new_tokens=s.harmful_new_tokens, batch_size=s.eval_batch_size)
 
     def _over_refusal(self, model, tok) -> dict:
-        """Percentage of the held-out benign prompts refused, and a few of the answers."""
+        """Percentage of the held-out benign prompts refused, and the refused prompts' answers."""
         s = self.settings
         prompts = list(BENIGN_EVAL_PROMPTS[: s.benign_eval])
         answers = generate(model, tok, [render_prompt(tok, q, "") for q in prompts], s.harmful_new_tokens,
@@ -221,6 +220,7 @@ class PretrainedLab(Lab):
         s = self.settings
         key = {"test": self.data.fingerprint(attack_sets=False), "eval": (s.harmful_new_tokens,),
                "eval_batch_size": s.eval_batch_size}
+        # Without the benign check the key is the one it had before the check existed.
         return key | ({"benign_eval": s.benign_eval} if s.benign_eval else {})
 
     def base(self, seed: int = 0) -> tuple[Path, dict]:

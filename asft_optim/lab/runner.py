@@ -273,6 +273,10 @@ class Lab:
     def _skip(self, seed: int, method: str, poison: float | None, e: NotCached) -> None:
         self.not_run.append({"seed": seed, "method": method, "poison_ratio": poison, "missing_stage": e.args[0]})
 
+    def over_refusals(self) -> list[str]:
+        """The report's over-refusal lines (none here: the world's models have no benign chat)."""
+        return []
+
     def base_evals(self) -> list[dict]:
         """The base models' HS/FA (cached with stage 1), one per distinct model seed."""
         seeds = sorted({self.model_seed(s) for s in self.config.seeds})
