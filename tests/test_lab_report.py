@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from asft_optim.lab.report import (
     RECORD_KEYS,
     markdown_table,
@@ -59,3 +62,69 @@ def test_write_report_files(tmp_path):
     assert "## Per seed\n\n" + seed_table(RECORDS) in table
     for key in ("hs_plot", "fa_plot"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- safety at equal task accuracy -----------------------------------------------------
+
+def _swept(method, field, value, p, seed, hs, fa):
+    label = method if field is None else f"{method} {field}={value:g}"
+    variant = {"method": method} if field is None else {"method": method, "field": field, "value": value}
+    return {**_rec(label, p, seed, hs, fa), "variant": variant}
+
+
+SWEEP = [
+    _rec("aligned", None, 0, 13.0, 21.0),
+    _rec("aligned", None, 1, 13.0, 21.0),
+    _swept("sft", None, None, 0.1, 0, 80.0, 70.0),
+    _swept("sft", None, None, 0.1, 1, 60.0, 66.0),
+    _swept("l2", "l2_lambda", 0.01, 0.1, 0, 50.0, 60.0),
+    _swept("l2", "l2_lambda", 0.01, 0.1, 1, 40.0, 52.0),
+    _swept("l2", "l2_lambda", 0.1, 0.1, 0, 20.0, 44.0),
+    _swept("l2", "l2_lambda", 0.1, 0.1, 1, 22.0, 42.0),
+    # An attacker-side point: another attacker, not a setting of l2; it must not count.
+    _swept("l2", "lr", 0.0004, 0.1, 0, 1.0, 99.0),
+    _swept("l2", "lr", 0.0004, 0.1, 1, 1.0, 99.0),
+]
+
+
+def test_matched_fa_table_exact():
+    from asft_optim.lab.report import matched_fa_table
+
+    assert matched_fa_table(SWEEP, levels=(40.0, 50.0, 60.0, 90.0)) == (
+        "p = 0.1:\n\n"
+        "| Method | FA ≥ 40 | FA ≥ 50 | FA ≥ 60 |\n"
+        "|---|---|---|---|\n"
+        # sft: one setting (no bracket); seed-mean point (68, 70).
+        "| sft | 70.0 (80, 60) | 70.0 (80, 60) | 70.0 (80, 60) |\n"
+        # l2 at FA ≥ 40: λ = 0.1 (mean FA 43, HS 21); seed-wise 20 and 22. At FA ≥ 50 only
+        # λ = 0.01 reaches (mean 56, HS 45); seed 1's λ = 0.01 point has FA 52, its own 40.
+        # At FA ≥ 60 no mean point of l2 reaches, though seed 0's does (HS 50).
+        "| l2 | 21.0 [l2_lambda=0.1] (20, 22) | 45.0 [l2_lambda=0.01] (50, 40) | – |\n"
+    )
+
+
+def test_matched_fa_table_leaves_out_levels_no_one_reaches_and_empty_grids():
+    from asft_optim.lab.report import matched_fa_table
+
+    assert matched_fa_table(SWEEP, levels=(95.0,)) == ""
+    assert matched_fa_table(SWEEP[:2]) == ""  # the aligned model alone: nothing attacked
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), min_size=1, max_size=12),
+    st.integers(0, 100),
+)
+def test_safest_at_reads_the_pareto_front(points, level):
+    # Oracle: the Pareto front sorted by FA has HS rising with FA; the safest point with FA
+    # at least ``level`` is the front's first point at or past that level.
+    from asft_optim.lab.report import pareto_front, safest_at
+
+    pts = [(float(fa), float(hs), f"s{i}") for i, (fa, hs) in enumerate(points)]
+    got = safest_at(pts, float(level))
+    front = [pt for pt in pareto_front([(fa, hs) for fa, hs, _ in pts]) if pt[0] >= level]
+    if not front:
+        assert got is None
+        return
+    assert got is not None and got[0] == front[0][1]
+    fa_of = {label: fa for fa, _, label in pts}
+    assert fa_of[got[1]] >= level and (fa_of[got[1]], got[0]) == front[0]

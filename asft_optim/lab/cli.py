@@ -287,6 +287,18 @@ def run(args) -> int:
     refusing = lab.over_refusals()
     if refusing:
         extra += "\n## Over-refusal (everyday requests refused; the harmful score cannot see it)\n\n" + "\n".join(refusing) + "\n"
+    if preset == "pretrained":
+        from .report import matched_fa_table
+
+        matched = matched_fa_table(records)
+        if matched:
+            extra += ("\n## Safety at equal task accuracy (the Pareto fronts as numbers)\n\n"
+                      "Each method's lowest HS among its settings whose FA reaches the column's level, "
+                      "with that setting in brackets: seed-mean points first, then (in parentheses) each "
+                      "seed's own lowest HS at that level from its points alone. Only settings that were "
+                      "run count (nothing is interpolated); the attacker-side points (LR sweep, all-linear) "
+                      "are left out. One seed's point has a 95 % interval of about ±7-10 points.\n\n"
+                      + matched)
     if lab.not_run:
         extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
                   + "\n".join(f"- seed {m['seed']}: {m['method']}"

@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from . import report
 from .attack import ALL_LINEAR, AttackConfig, get_method
 from .data import Example, LabData
 from .evaluate import evaluate, generate
@@ -82,7 +83,7 @@ class PretrainedSettings:
 
 
 #: Sweep fields on the attacker's side (not a method's setting; ``--sweep`` leaves them).
-ATTACKER_FIELDS = ("lr", "target_modules")
+ATTACKER_FIELDS = report.ATTACKER_FIELDS
 
 #: ``--grid full``: every method swept (Safe LoRA's thresholds share sft's training).
 FULL_SWEEPS = (

@@ -10,6 +10,13 @@ from pathlib import Path
 
 RECORD_KEYS = ("method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy")
 
+#: Sweep fields on the attacker's side (its learning rate, the LoRA's layers): a point there is
+#: another attacker, not a setting of the defence, so fronts and matched-FA tables leave it out.
+ATTACKER_FIELDS = ("lr", "target_modules")
+
+#: The task-accuracy levels at which :func:`matched_fa_table` compares the methods.
+FA_LEVELS = (30.0, 40.0, 50.0, 60.0, 70.0)
+
 
 def public_records(records: Sequence[dict]) -> list[dict]:
     """The ``--json`` records: ``{"method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy"}``."""
@@ -142,25 +149,99 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return sorted(set(front))
 
 
+def _defender_points(records: Sequence[dict]) -> dict[tuple[float, str, str], list[tuple[float, float]]]:
+    """``(p, method, label) -> [(FA, HS) per seed]`` of every attacked record whose variant is
+    a setting of the defence (not an attacker-side point)."""
+    cells: dict[tuple[float, str, str], list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        variant = r.get("variant") or {}
+        if r["poison_ratio"] is not None and variant.get("field") not in ATTACKER_FIELDS:
+            method = variant.get("method", r["method"])
+            cells[(r["poison_ratio"], method, r["method"])].append((r["finetune_accuracy"], r["harmful_score"]))
+    return cells
+
+
+def safest_at(points: Sequence[tuple[float, float, str]], level: float) -> tuple[float, str] | None:
+    """The lowest HS among ``(FA, HS, label)`` points whose FA is at least ``level``, with
+    that point's label (the higher FA breaks a tie); ``None`` when no point reaches ``level``.
+
+    This is the Pareto front read at one accuracy: only settings that were run count, so
+    nothing is interpolated between two of them.
+    """
+    reach = [pt for pt in points if pt[0] >= level]
+    if not reach:
+        return None
+    fa, hs, label = min(reach, key=lambda pt: (pt[1], -pt[0]))
+    return hs, label
+
+
+def matched_fa_table(records: Sequence[dict], levels: Sequence[float] = FA_LEVELS) -> str:
+    """Per poison ratio: each method's lowest HS at FA ≥ each level (the question "at equal
+    task accuracy, which method is safer?" read off the Pareto fronts as numbers).
+
+    A cell is ``HS [setting]`` over the seed-mean points (no bracket for a method run at
+    one setting), then each seed's own lowest HS at
+    that level, from that seed's points alone (``–`` where a seed's settings do not reach
+    it): the spread the mean hides. Columns that no method reaches are left out.
+    """
+    cells = _defender_points(records)
+    seeds_of = defaultdict(list)  # (p, method, label) -> [seed] in the order of cells' values
+    for r in records:
+        variant = r.get("variant") or {}
+        if r["poison_ratio"] is not None and variant.get("field") not in ATTACKER_FIELDS:
+            seeds_of[(r["poison_ratio"], variant.get("method", r["method"]), r["method"])].append(r["seed"])
+    seeds = sorted({s for v in seeds_of.values() for s in v})
+    out = []
+    for p in sorted({k[0] for k in cells}):
+        methods = list(dict.fromkeys(k[1] for k in cells if k[0] == p))
+        mean_pts: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+        seed_pts: dict[tuple[str, int], list[tuple[float, float, str]]] = defaultdict(list)
+        for (q, m, label), vals in cells.items():
+            if q != p:
+                continue
+            setting = label[len(m):].strip()  # "" for a method run at one setting
+            fa, hs = (sum(v) / len(v) for v in zip(*vals))
+            mean_pts[m].append((fa, hs, setting))
+            for s, (f, h) in zip(seeds_of[(q, m, label)], vals):
+                seed_pts[(m, s)].append((f, h, setting))
+        cols = [lv for lv in levels if any(safest_at(mean_pts[m], lv) for m in methods)]
+        if not cols:
+            continue
+        head = ["Method"] + [f"FA ≥ {lv:g}" for lv in cols]
+        lines = [f"p = {p:g}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in methods:
+            row = [m]
+            for lv in cols:
+                best = safest_at(mean_pts[m], lv)
+                if best is None:
+                    row.append("–")
+                    continue
+                text = f"{best[0]:.1f}" + (f" [{best[1]}]" if best[1] else "")
+                if len(seeds) > 1:
+                    per = [safest_at(seed_pts[(m, s)], lv) for s in seeds]
+                    text += " (" + ", ".join("–" if b is None else f"{b[0]:g}" for b in per) + ")"
+                row.append(text)
+            lines.append("| " + " | ".join(row) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
 def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
     """One HS-vs-FA plot per poison ratio, ``pareto_p{p}.png``: each method's settings
     (mean over seeds) as points, its Pareto front as a line; ``aligned`` as a star.
 
     The honest comparison of a safety method with L2: at equal FA, which is safer?
     Records carry ``variant = {"method", "field", "value"}`` (the swept setting). The
-    attacker-LR sweep's points (``field == "lr"``) are left out: a front traces the
-    defender's knob against one attacker, and a stronger attacker is another curve.
+    attacker-side points (:data:`ATTACKER_FIELDS`: the LR sweep, sft's all-linear attack)
+    are left out: a front traces the defender's knob against one attacker, and a stronger
+    attacker is another curve.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells: dict[tuple[float, str, str], list[tuple[float, float]]] = defaultdict(list)
-    for r in records:
-        if r["poison_ratio"] is not None and (r.get("variant") or {}).get("field") != "lr":
-            method = (r.get("variant") or {}).get("method", r["method"])
-            cells[(r["poison_ratio"], method, r["method"])].append((r["finetune_accuracy"], r["harmful_score"]))
+    cells = _defender_points(records)
     aligned = [(r["finetune_accuracy"], r["harmful_score"]) for r in records if r["method"] == "aligned"]
     paths = {}
     for p in sorted({k[0] for k in cells}):
