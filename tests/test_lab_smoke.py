@@ -23,6 +23,11 @@ def _lab(out: Path, *extra: str) -> list[dict]:
     return json.loads((out / "results.json").read_text())
 
 
+def _plan(out: Path, *extra: str) -> dict:
+    assert main(["lab", "--tiny", "--no-progress", "--plan", "--out", str(out), *extra]) == 0
+    return json.loads((out / "plan.json").read_text())
+
+
 def _stages(out: Path) -> set[str]:
     return {p.name for p in (out / "cache").iterdir() if (p / "done.json").exists()}
 
@@ -30,7 +35,15 @@ def _stages(out: Path) -> set[str]:
 @pytest.mark.slow
 def test_every_stage_and_method_runs_and_is_cached(tmp_path):
     out = tmp_path / "run"
+    # --plan before anything is built: the whole tree of stages, nothing written but plan.json.
+    empty = _plan(out, "--methods", ALL, "--poison", "0,0.1", "--seeds", "0")
+    assert {r["kind"]: (r["cached"], r["to_build"]) for r in empty["stages"]} == {
+        "tokenizer": (0, 1), "base": (0, 1), "aligned": (0, 1), "attack": (0, 10), "eval": (0, 12)}
+    assert empty["estimate_seconds"] == 0 and empty["unknown_kinds"] == ["tokenizer", "base", "aligned", "attack", "eval"]
+    assert not (out / "cache").exists()
     records = _lab(out, "--methods", ALL, "--poison", "0,0.1", "--seeds", "0", "--json", str(tmp_path / "r.json"))
+    # The plan named exactly the stages the run built.
+    assert set(empty["to_build_stages"]) == _stages(out)
     assert all(tuple(r) == RECORD_KEYS for r in records)
     assert [(r["method"], r["poison_ratio"]) for r in records] == [("aligned", None)] + [
         (m, p) for m in METHODS for p in (0.0, 0.1)
@@ -66,8 +79,19 @@ def test_every_stage_and_method_runs_and_is_cached(tmp_path):
     again = json.loads((out / "run.json").read_text())
     assert again["stage_seconds"] == {}
     assert again["used_stage_seconds"] == first["used_stage_seconds"] > 0
+    done = _plan(out, "--methods", ALL, "--poison", "0,0.1", "--seeds", "0")
+    assert done["to_build"] == 0 and done["cached"] == len(stages) and done["estimate_seconds"] == 0
+    # A new ratio: its stages' estimate is the mean build time of the grid's cached ones.
+    more = _plan(out, "--methods", "sft,asft", "--poison", "0.1,0.2", "--seeds", "0")
+    rows = {r["kind"]: r for r in more["stages"]}
+    assert (rows["attack"]["cached"], rows["attack"]["to_build"], rows["eval"]["to_build"]) == (2, 2, 2)
+    assert rows["attack"]["mean_from"] == "this grid"
+    assert rows["attack"]["mean_seconds"] == pytest.approx(rows["attack"]["cached_seconds"] / 2, abs=0.1)
+    assert more["estimate_seconds"] == pytest.approx(
+        sum(2 * r["mean_seconds"] for r in rows.values() if r["kind"] in ("attack", "eval")), abs=0.2)
     _lab(out, "--methods", "sft", "--poison", "0.2", "--seeds", "0")
     new = _stages(out) - stages
+    assert len(new) == 2 and new < set(more["to_build_stages"])  # sft's two of the plan's four
     assert sorted(s.split("-")[0] for s in new) == ["attack", "eval"]
 
     # --cached-only builds nothing: it reports the cached grid points and lists the rest.

@@ -106,6 +106,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--cached-only", action="store_true",
                    help="build nothing: report the grid points whose stages are all in the cache and "
                         "list the others as not run (a grid run over several sessions)")
+    g.add_argument("--plan", action="store_true",
+                   help="build nothing: count the stages this grid needs, cached and to build, and "
+                        "estimate the build time left from the cache's recorded stage times (OUT/plan.json)")
     p.set_defaults(func=run)
     return p
 
@@ -248,6 +251,8 @@ def run(args) -> int:
     device = _device(args.device)
     given = [flag for flag, v in (("--sweep", args.sweep), ("--sweep-values", args.sweep_values),
                                   ("--lr-sweep", args.lr_sweep)) if v is not None]
+    if args.plan and args.cached_only:
+        raise SystemExit("asft lab: --plan and --cached-only are two different dry runs: give one")
     if given and preset != "pretrained":
         raise SystemExit(f"asft lab: {', '.join(given)} belong to --preset pretrained (this run's preset: {preset})")
     if args.lr_sweep is not None and (not args.lr_sweep or min(args.lr_sweep) <= 0):
@@ -273,10 +278,13 @@ def run(args) -> int:
         from .pretrained_lab import PretrainedLab
 
         lab = PretrainedLab(cfg, data, out, _settings(args), progress=not args.no_progress,
-                            cached_only=args.cached_only, device=args.device)
+                            cached_only=args.cached_only, device=args.device, plan=args.plan)
     else:
-        lab = Lab(cfg, data, out, progress=not args.no_progress, cached_only=args.cached_only, device=args.device)
+        lab = Lab(cfg, data, out, progress=not args.no_progress, cached_only=args.cached_only, device=args.device,
+                  plan=args.plan)
     records = lab.run()
+    if args.plan:
+        return _print_plan(lab, out, device)
     if args.cached_only and not any(r["poison_ratio"] is not None for r in records):
         raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {lab.cache}; "
                          "run it without --cached-only to build them")
@@ -314,6 +322,29 @@ def run(args) -> int:
                                              indent=1) + "\n")
     print((out / "table.md").read_text())
     print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _print_plan(lab, out: Path, device: str) -> int:
+    """``--plan``: the stage counts and the estimate, printed and written to ``OUT/plan.json``."""
+    from .runner import plan_summary
+
+    plan = plan_summary(lab)
+    lines = ["| stage | cached | to build | mean build s (from) | estimate s |", "|---|---|---|---|---|"]
+    for r in plan["stages"]:
+        mean = "unknown" if r["mean_seconds"] is None else f"{r['mean_seconds']:g} ({r['mean_from']})"
+        est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
+        lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {mean} | {est} |")
+    left = plan["estimate_seconds"]
+    text = (f"Plan ({device}): {plan['cached'] + plan['to_build']} stages, {plan['cached']} cached, "
+            f"{plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
+            f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's mean stage times")
+    if plan["unknown_kinds"]:
+        text += f", not counting {', '.join(plan['unknown_kinds'])} (no stage of that kind has a recorded time)"
+    print(text + ". An estimate, not a measurement: stages built beside other work or on other "
+          "hardware take other times.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps({"device": device, **plan}, indent=1) + "\n")
     return 0
 
 

@@ -191,8 +191,8 @@ class PretrainedLab(Lab):
     answer_logits = True  # a 49k-way LM head: project the answer positions only
 
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
-                 progress: bool = True, cached_only: bool = False, device: str = "cpu"):
-        super().__init__(config, data, out, progress=progress, cached_only=cached_only, device=device)
+                 progress: bool = True, cached_only: bool = False, device: str = "cpu", plan: bool = False):
+        super().__init__(config, data, out, progress=progress, cached_only=cached_only, device=device, plan=plan)
         self.settings = settings or PretrainedSettings()
 
     def _evaluate(self, model, tok) -> dict:
@@ -239,7 +239,7 @@ class PretrainedLab(Lab):
 
     def tokenizer(self):
         path, info = self.base()
-        if self._tok is None:
+        if self._tok is None and not info.get("planned"):
             self._tok = AutoTokenizer.from_pretrained(path)
         return self._tok, info["key"]
 
@@ -294,7 +294,8 @@ class PretrainedLab(Lab):
                 self._skip(seed, "aligned", None, e)
                 bar.update(1 + len(grid) * len(c.poisons))
                 continue
-            records.append(_record("aligned", None, seed, info["eval"]))
+            if not info.get("planned"):
+                records.append(_record("aligned", None, seed, info["eval"]))
             bar.update()
             for method, label, attack, variant in grid:
                 for p in c.poisons:
@@ -303,6 +304,9 @@ class PretrainedLab(Lab):
                         info = self.evaluation(method, p, seed, attack)
                     except NotCached as e:
                         self._skip(seed, label, p, e)
+                        bar.update()
+                        continue
+                    if info.get("planned"):
                         bar.update()
                         continue
                     rec = _record(label, p, seed, info["eval"], info)
@@ -329,9 +333,10 @@ class PretrainedLab(Lab):
 
     def base_evals(self) -> list[dict]:
         try:
-            return [_record("base", None, 0, self.base()[1]["eval"])]
+            info = self.base()[1]
         except NotCached:
             return []
+        return [] if info.get("planned") else [_record("base", None, 0, info["eval"])]
 
 
 #: The smoke-test budget (``--preset pretrained --tiny``): every stage, a few steps and prompts.

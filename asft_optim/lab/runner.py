@@ -61,15 +61,24 @@ class Lab:
         device: where the models train and are evaluated (``"cpu"`` or ``"cuda"``). Not
             ``"cpu"``: part of every stage's key, so a GPU run never reuses a CPU run's
             stages (other kernels, other numbers) and CPU keys stay what they were.
+        plan: build nothing and read no model: walk the grid, listing in :attr:`planned`
+            every stage that is not cached (a stage's key needs only its parents' keys, so
+            the whole tree is known before anything is built); :meth:`run` returns no
+            records. :func:`plan_summary` turns it into counts and a time estimate.
     """
 
     #: Attacks train with :func:`~asft_optim.lab.models.answer_loss` (the pretrained preset).
     answer_logits = False
 
     def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True,
-                 cached_only: bool = False, device: str = "cpu"):
+                 cached_only: bool = False, device: str = "cpu", plan: bool = False):
+        if plan and cached_only:
+            raise ValueError("plan and cached_only are two different dry runs: pick one")
         self.config, self.data, self.out, self.progress = config, data, Path(out), progress
         self.cached_only = cached_only
+        self.plan = plan
+        #: ``plan``: the stages this grid would build, ``(kind, key)`` in the order met
+        self.planned: dict[tuple[str, str], None] = {}
         self.device = device
         #: grid points skipped by ``cached_only``: seed, method, poison and the missing stage
         self.not_run: list[dict[str, Any]] = []
@@ -94,6 +103,9 @@ class Lab:
             return final, info
         if self.cached_only:
             raise NotCached(kind, key)
+        if self.plan:  # its children need only its key
+            self.planned[(kind, key)] = None
+            return final, {"key": key, "planned": True}
         # A temporary directory per process: lab processes sharing one cache (a grid run
         # in parallel, benchmarks/lab_parallel.sh) never write into each other's stage.
         tmp = self.cache / f".{kind}-{key}.{os.getpid()}.tmp"
@@ -133,7 +145,7 @@ class Lab:
             return {}
 
         path, info = self._stage("tokenizer", payload, build)
-        if self._tok is None:
+        if self._tok is None and not info.get("planned"):
             self._tok = PreTrainedTokenizerFast.from_pretrained(path)
         return self._tok, info["key"]
 
@@ -256,7 +268,8 @@ class Lab:
                 self._skip(seed, "aligned", None, e)
                 bar.update(1 + sum(g[0] == seed for g in grid))
                 continue
-            records.append(_record("aligned", None, seed, info["eval"]))
+            if not info.get("planned"):
+                records.append(_record("aligned", None, seed, info["eval"]))
             bar.update()
             for s, m, p in [g for g in grid if g[0] == seed]:
                 bar.set_postfix_str(f"seed {s}: {m} p={p:g}")
@@ -265,7 +278,8 @@ class Lab:
                 except NotCached as e:
                     self._skip(s, m, p, e)
                 else:
-                    records.append(_record(m, p, s, info["eval"], info))
+                    if not info.get("planned"):
+                        records.append(_record(m, p, s, info["eval"], info))
                 bar.update()
         bar.close()
         return records
@@ -283,9 +297,11 @@ class Lab:
         out = []
         for s in seeds:
             try:
-                out.append(_record("base", None, s, self.base(s)[1]["eval"]))
+                info = self.base(s)[1]
             except NotCached:
-                pass  # cached_only: the seed's aligned model is missing too, listed in not_run
+                continue  # cached_only: the seed's aligned model is missing too, listed in not_run
+            if not info.get("planned"):
+                out.append(_record("base", None, s, info["eval"]))
         return out
 
 
@@ -297,3 +313,43 @@ def _record(method: str, poison: float | None, seed: int, ev: dict, info: dict |
                           "examples": ev["examples"]}
     return rec
 
+
+
+def plan_summary(lab: Lab) -> dict[str, Any]:
+    """What a :class:`Lab` run with ``plan=True`` found: per stage kind, the stages cached
+    and to build, and an estimate of the build time left.
+
+    The estimate per kind is the mean recorded build time of the grid's own cached stages
+    of that kind (the best guess: same sizes, same machine if the cache is local); where
+    the grid has none cached, the mean over every stage of that kind in the cache (other
+    grids': evaluations of another size, attacks on other layers); else unknown. It is a
+    mean, not a measurement: stages built beside other work, or on other hardware, took
+    other times.
+    """
+    kinds = list(dict.fromkeys([k for k, _ in lab.stage_seconds] + [k for k, _ in lab.planned]))
+    everywhere: dict[str, list[float]] = {}
+    for done in sorted(lab.cache.glob("*/done.json")) if lab.cache.is_dir() else []:
+        sec = json.loads(done.read_text()).get("seconds")
+        if sec is not None:
+            everywhere.setdefault(done.parent.name.rsplit("-", 1)[0], []).append(sec)
+    rows, left, unknown = [], 0.0, []
+    for kind in kinds:
+        mine = [s for (k, _), s in lab.stage_seconds.items() if k == kind and s is not None]
+        todo = sum(k == kind for k, _ in lab.planned)
+        if mine:
+            mean, source = sum(mine) / len(mine), "this grid"
+        elif everywhere.get(kind):
+            mean, source = sum(everywhere[kind]) / len(everywhere[kind]), "other stages in the cache"
+        else:
+            mean, source = None, None
+        if todo and mean is None:
+            unknown.append(kind)
+        estimate = None if mean is None else round(mean * todo, 1)
+        left += estimate or 0.0
+        rows.append({"kind": kind, "cached": sum(k == kind for k, _ in lab.stage_seconds),
+                     "cached_seconds": round(sum(mine), 1), "to_build": todo,
+                     "mean_seconds": None if mean is None else round(mean, 1), "mean_from": source,
+                     "estimate_seconds": estimate})
+    return {"stages": rows, "cached": len(lab.stage_seconds), "to_build": len(lab.planned),
+            "estimate_seconds": round(left, 1), "unknown_kinds": unknown,
+            "to_build_stages": [f"{k}-{key}" for k, key in lab.planned]}
