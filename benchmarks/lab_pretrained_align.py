@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     lab = PretrainedLab(cfg, data, args.out, settings, progress=False)
     start = time.perf_counter()
     _, info = lab.aligned(0)
+    judged = lab.judged("aligned", 0)
     print(json.dumps({"epochs": cfg.align.epochs, "lr": cfg.align.lr, **pools,
-                      "hs": info["eval"]["harmful_score"], "fa": info["eval"]["finetune_accuracy"],
-                      "over_refusal": info.get("over_refusal"), "rows": info.get("rows"),
-                      "build_seconds": info.get("seconds"), "wall_seconds": round(time.perf_counter() - start, 1)}))
+                      "hs": judged["eval"]["harmful_score"], "fa": judged["eval"]["finetune_accuracy"],
+                      "over_refusal": judged.get("over_refusal"), "rows": info.get("rows"),
+                      "build_seconds": round(info.get("seconds", 0) + judged.get("seconds", 0), 1),
+                      "wall_seconds": round(time.perf_counter() - start, 1)}))
     return 0
 
 

@@ -110,4 +110,4 @@ def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys):
     assert (row["epochs"], row["harmful_chat"], row["chat_replay"]) == (1.0, 0, 1)
     assert row["rows"]["refusals"] == 2  # the tiny budget's 2 file refusals, no chat-style ones
     assert 0 <= row["hs"] <= 100 and 0 <= row["fa"] <= 100 and row["over_refusal"] in (0.0, 50.0, 100.0)
-    assert [p.name.split("-")[0] for p in sorted((tmp_path / "cache").iterdir())] == ["aligned", "base"]
+    assert [p.name.split("-")[0] for p in sorted((tmp_path / "cache").iterdir())] == ["aligned", "base", "judged"]

@@ -78,14 +78,45 @@ def test_every_stage_runs_on_the_real_model(run):
     table = (run / "table.md").read_text()
     assert "- base: " in table and "- aligned (seed 0): " in table and "of 2 held-out benign prompts refused" in table
     (aligned,) = [p for p in (run / "cache").iterdir() if p.name.startswith("aligned-")]
-    done = json.loads((aligned / "done.json").read_text())
-    assert done["benign_prompts"] == 2 and done["over_refusal"] in (0.0, 50.0, 100.0)
-    assert len(done["benign_refused"]) == done["over_refusal"] / 50
-    assert done["rows"]["refusals"] == 3  # 2 from the files, 1 chat-style
+    assert json.loads((aligned / "done.json").read_text())["rows"]["refusals"] == 3  # 2 from the files, 1 chat-style
+    # The models' own evaluations are stages of their own ("judged"), keyed by the model's stage.
+    judged = {json.loads((p / "done.json").read_text())["key"]: json.loads((p / "done.json").read_text())
+              for p in (run / "cache").iterdir() if p.name.startswith("judged-")}
+    assert len(judged) == 2
+    for done in judged.values():
+        assert done["benign_prompts"] == 2 and done["over_refusal"] in (0.0, 50.0, 100.0)
+        assert len(done["benign_refused"]) == done["over_refusal"] / 50
+    assert records[0]["harmful_score"] in {d["eval"]["harmful_score"] for d in judged.values()}
     # Safe LoRA's thresholds share sft's training: 2 trainings, 4 evaluations, one base and aligned model.
     kinds = _stages(run)
-    assert kinds.count("attack") == 2 and kinds.count("eval") == 4
+    assert kinds.count("attack") == 2 and kinds.count("eval") == 4 and kinds.count("judged") == 2
     assert kinds.count("base") == kinds.count("aligned") == 1 and "tokenizer" not in kinds
+
+
+@needs_model
+@needs_data
+@pytest.mark.slow
+def test_another_evaluation_set_reuses_the_models_and_the_attacks(run, tmp_path):
+    # The full grid judges on 250 prompts and 200 rows, the reduced on 100 and 100: the same
+    # base, aligned model and adapters. A plan for another evaluation set (nothing built)
+    # must find every model and attack in the cache and only the evaluations to build.
+    out = tmp_path / "other-eval"
+    out.mkdir()
+    (out / "cache").symlink_to(run / "cache", target_is_directory=True)
+    before = {p.name for p in (run / "cache").iterdir()}
+    assert main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress", "--plan",
+                 "--test-limit", "6", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    rows = {r["kind"]: r for r in plan["stages"]}
+    assert {k: (r["cached"], r["to_build"]) for k, r in rows.items()} == {
+        "base": (1, 0), "judged": (0, 2), "aligned": (1, 0), "attack": (2, 0), "eval": (0, 4)}
+    assert rows["eval"]["mean_from"] == "other stages in the cache" and plan["estimate_seconds"] > 0
+    assert {p.name for p in (run / "cache").iterdir()} == before  # --plan builds nothing
+    # The same grid's plan: everything cached, nothing left.
+    assert main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress", "--plan",
+                 "--out", str(out)]) == 0
+    again = json.loads((out / "plan.json").read_text())
+    assert again["to_build"] == 0 and again["cached"] == len(before) and again["estimate_seconds"] == 0
 
 
 @needs_model

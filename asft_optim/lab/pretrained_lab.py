@@ -213,29 +213,43 @@ class PretrainedLab(Lab):
 
     def _evaluation_key(self) -> dict:
         # FA scored with the shared prefix's KV cache (the same scores by another
-        # computation): evaluations of their own. The base and aligned stages keep theirs.
-        return {"fa": "shared-prefix"}
+        # computation). The evaluation set is in the key here, not in the models' keys
+        # above it: the reduced and the full grid judge the same adapters on other sets.
+        return {"fa": "shared-prefix", **self._eval_key()}
 
     def _eval_key(self) -> dict:
         # The batch size is part of the key: left padding can change a greedy answer.
         s = self.settings
         key = {"test": self.data.fingerprint(attack_sets=False), "eval": (s.harmful_new_tokens,),
                "eval_batch_size": s.eval_batch_size}
-        # Without the benign check the key is the one it had before the check existed.
         return key | ({"benign_eval": s.benign_eval} if s.benign_eval else {})
 
     def base(self, seed: int = 0) -> tuple[Path, dict]:
-        """Stage 1: the dequantised GGUF model, saved once (the seed plays no part)."""
+        """Stage 1: the dequantised GGUF model, saved once (the seed plays no part).
+
+        Its key holds the GGUF file alone, so every grid (reduced, full, another
+        evaluation set) shares it; its HS, FA and over-refusal are the ``judged`` stage's
+        (:meth:`judged`).
+        """
         path = gguf_file()
-        payload = {"gguf": GGUF_NAME, "bytes": path.stat().st_size, **self._eval_key()}
+        payload = {"gguf": GGUF_NAME, "bytes": path.stat().st_size}
+        return self._stage("base", payload, lambda tmp: save_base(tmp, path))
+
+    def judged(self, model: str, seed: int = 0) -> dict:
+        """The base's or the aligned model's own evaluation (``model``: ``"base"`` or
+        ``"aligned"``): HS, FA and over-refusal on this lab's evaluation sets, a stage of
+        its own so that another evaluation set never retrains the model it judges."""
+        if model not in ("base", "aligned"):
+            raise ValueError(f"judged takes 'base' or 'aligned', got {model!r}")
+        tok, _ = self.tokenizer()
+        path, info = self.base() if model == "base" else self.aligned(seed)
+        payload = {"model": f"{model}-{info['key']}", "judge": self.judge.name, **self._eval_key()}
 
         def build(tmp: Path) -> dict:
-            info = save_base(tmp, path)
-            model = load(tmp, self.device)
-            tok = AutoTokenizer.from_pretrained(tmp)
-            return {**info, "eval": self._evaluate(model, tok), **self._over_refusal(model, tok)}
+            m = load(path, self.device).eval()
+            return {"eval": self._evaluate(m, tok), **self._over_refusal(m, tok)}
 
-        return self._stage("base", payload, build)
+        return self._stage("judged", payload, build)[1]
 
     def tokenizer(self):
         path, info = self.base()
@@ -252,9 +266,10 @@ class PretrainedLab(Lab):
         refusals = [e for e in self.data.align_train if e.output in REFUSALS]
         replay = [e for e in self.data.align_train if e.output not in REFUSALS]
         chat = [Example(p, "", "") for p in CHAT_PROMPTS[: s.chat_replay]]
+        # The replay's batch size is in the key: left padding can change a greedy answer.
         payload = {"base": base_info["key"], "train": asdict(self.config.align), "seed": seed,
                    "rows": _examples_hash(refusals + replay + chat), "replay_tokens": s.replay_new_tokens,
-                   "max_length": self.config.model.max_length}
+                   "replay_batch_size": s.eval_batch_size, "max_length": self.config.model.max_length}
 
         def build(tmp: Path) -> dict:
             model = load(base_dir, self.device)
@@ -272,8 +287,7 @@ class PretrainedLab(Lab):
             for p in model.parameters():
                 p.requires_grad = True
             save(model.eval(), tok, tmp)
-            return {"eval": self._evaluate(model, tok), **self._over_refusal(model, tok),
-                    "final_loss": losses[-1] if losses else None,
+            return {"final_loss": losses[-1] if losses else None,
                     "rows": {"refusals": len(refusals), "replay": len(distilled)},
                     "replay_examples": [{"prompt": e.instruction, "input": e.input, "answer": e.output}
                                         for e in distilled[:3]]}
@@ -287,9 +301,13 @@ class PretrainedLab(Lab):
         records = []
         bar = tqdm(total=len(c.seeds) * (1 + len(grid) * len(c.poisons)), desc="lab", unit="run",
                    disable=not self.progress)
+        try:  # the base's own HS, FA and over-refusal: the report's first lines
+            self.judged("base")
+        except NotCached:
+            pass  # cached_only: the report leaves the base's numbers out
         for seed in c.seeds:
             try:
-                _, info = self.aligned(seed)
+                info = self.judged("aligned", seed)
             except NotCached as e:
                 self._skip(seed, "aligned", None, e)
                 bar.update(1 + len(grid) * len(c.poisons))
@@ -319,11 +337,11 @@ class PretrainedLab(Lab):
     def over_refusals(self) -> list[str]:
         """The report's lines on over-refusal: the base's and each seed's aligned model's."""
         lines = []
-        stages = [("base", lambda: self.base())] + [
-            (f"aligned (seed {seed})", lambda seed=seed: self.aligned(seed)) for seed in self.config.seeds]
+        stages = [("base", lambda: self.judged("base"))] + [
+            (f"aligned (seed {seed})", lambda seed=seed: self.judged("aligned", seed)) for seed in self.config.seeds]
         for name, stage in stages:
             try:
-                info = stage()[1]
+                info = stage()
             except NotCached:
                 continue
             if "over_refusal" in info:
@@ -333,7 +351,7 @@ class PretrainedLab(Lab):
 
     def base_evals(self) -> list[dict]:
         try:
-            info = self.base()[1]
+            info = self.judged("base")
         except NotCached:
             return []
         return [] if info.get("planned") else [_record("base", None, 0, info["eval"])]
