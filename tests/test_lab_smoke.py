@@ -85,10 +85,10 @@ def test_every_stage_and_method_runs_and_is_cached(tmp_path):
     more = _plan(out, "--methods", "sft,asft", "--poison", "0.1,0.2", "--seeds", "0")
     rows = {r["kind"]: r for r in more["stages"]}
     assert (rows["attack"]["cached"], rows["attack"]["to_build"], rows["eval"]["to_build"]) == (2, 2, 2)
-    assert rows["attack"]["mean_from"] == "this grid"
-    assert rows["attack"]["mean_seconds"] == pytest.approx(rows["attack"]["cached_seconds"] / 2, abs=0.1)
+    assert rows["attack"]["median_from"] == "this grid"
+    assert rows["attack"]["median_seconds"] == pytest.approx(rows["attack"]["cached_seconds"] / 2, abs=0.1)
     assert more["estimate_seconds"] == pytest.approx(
-        sum(2 * r["mean_seconds"] for r in rows.values() if r["kind"] in ("attack", "eval")), abs=0.2)
+        sum(2 * r["median_seconds"] for r in rows.values() if r["kind"] in ("attack", "eval")), abs=0.2)
     _lab(out, "--methods", "sft", "--poison", "0.2", "--seeds", "0")
     new = _stages(out) - stages
     assert len(new) == 2 and new < set(more["to_build_stages"])  # sft's two of the plan's four

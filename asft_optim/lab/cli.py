@@ -108,7 +108,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "list the others as not run (a grid run over several sessions)")
     g.add_argument("--plan", action="store_true",
                    help="build nothing: count the stages this grid needs, cached and to build, and "
-                        "estimate the build time left from the cache's recorded stage times (OUT/plan.json)")
+                        "estimate the build time left from the cache's recorded stage times (medians; OUT/plan.json)")
     p.set_defaults(func=run)
     return p
 
@@ -330,19 +330,19 @@ def _print_plan(lab, out: Path, device: str) -> int:
     from .runner import plan_summary
 
     plan = plan_summary(lab)
-    lines = ["| stage | cached | to build | mean build s (from) | estimate s |", "|---|---|---|---|---|"]
+    lines = ["| stage | cached | to build | median build s (from) | estimate s |", "|---|---|---|---|---|"]
     for r in plan["stages"]:
-        mean = "unknown" if r["mean_seconds"] is None else f"{r['mean_seconds']:g} ({r['mean_from']})"
+        mean = "unknown" if r["median_seconds"] is None else f"{r['median_seconds']:g} ({r['median_from']})"
         est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
         lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {mean} | {est} |")
     left = plan["estimate_seconds"]
     text = (f"Plan ({device}): {plan['cached'] + plan['to_build']} stages, {plan['cached']} cached, "
             f"{plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
-            f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's mean stage times")
+            f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's median stage times")
     if plan["unknown_kinds"]:
         text += f", not counting {', '.join(plan['unknown_kinds'])} (no stage of that kind has a recorded time)"
-    print(text + ". An estimate, not a measurement: stages built beside other work or on other "
-          "hardware take other times.")
+    print(text + ". An estimate, not a measurement: stages built on other hardware, or beside other "
+          "work, take other times.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps({"device": device, **plan}, indent=1) + "\n")
     return 0

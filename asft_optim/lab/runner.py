@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -319,12 +320,13 @@ def plan_summary(lab: Lab) -> dict[str, Any]:
     """What a :class:`Lab` run with ``plan=True`` found: per stage kind, the stages cached
     and to build, and an estimate of the build time left.
 
-    The estimate per kind is the mean recorded build time of the grid's own cached stages
-    of that kind (the best guess: same sizes, same machine if the cache is local); where
-    the grid has none cached, the mean over every stage of that kind in the cache (other
-    grids': evaluations of another size, attacks on other layers); else unknown. It is a
-    mean, not a measurement: stages built beside other work, or on other hardware, took
-    other times.
+    The estimate per kind is the median recorded build time of the grid's own cached
+    stages of that kind (the best guess: same sizes, same machine if the cache is local);
+    where the grid has none cached, the median over every stage of that kind in the cache
+    (other grids': evaluations of another size, attacks on other layers); else unknown.
+    The median, not the mean: a stage that shared the cores or was paused records a time
+    many times its own, and one such stage would move a mean by minutes. It is an
+    estimate, not a measurement: stages built on other hardware take other times.
     """
     kinds = list(dict.fromkeys([k for k, _ in lab.stage_seconds] + [k for k, _ in lab.planned]))
     everywhere: dict[str, list[float]] = {}
@@ -337,18 +339,18 @@ def plan_summary(lab: Lab) -> dict[str, Any]:
         mine = [s for (k, _), s in lab.stage_seconds.items() if k == kind and s is not None]
         todo = sum(k == kind for k, _ in lab.planned)
         if mine:
-            mean, source = sum(mine) / len(mine), "this grid"
+            typical, source = statistics.median(mine), "this grid"
         elif everywhere.get(kind):
-            mean, source = sum(everywhere[kind]) / len(everywhere[kind]), "other stages in the cache"
+            typical, source = statistics.median(everywhere[kind]), "other stages in the cache"
         else:
-            mean, source = None, None
-        if todo and mean is None:
+            typical, source = None, None
+        if todo and typical is None:
             unknown.append(kind)
-        estimate = None if mean is None else round(mean * todo, 1)
+        estimate = None if typical is None else round(typical * todo, 1)
         left += estimate or 0.0
         rows.append({"kind": kind, "cached": sum(k == kind for k, _ in lab.stage_seconds),
                      "cached_seconds": round(sum(mine), 1), "to_build": todo,
-                     "mean_seconds": None if mean is None else round(mean, 1), "mean_from": source,
+                     "median_seconds": None if typical is None else round(typical, 1), "median_from": source,
                      "estimate_seconds": estimate})
     return {"stages": rows, "cached": len(lab.stage_seconds), "to_build": len(lab.planned),
             "estimate_seconds": round(left, 1), "unknown_kinds": unknown,
