@@ -149,15 +149,16 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return sorted(set(front))
 
 
-def _defender_points(records: Sequence[dict]) -> dict[tuple[float, str, str], list[tuple[float, float]]]:
-    """``(p, method, label) -> [(FA, HS) per seed]`` of every attacked record whose variant is
+def _defender_points(records: Sequence[dict]) -> dict[tuple[float, str, str], list[tuple[float, float, int]]]:
+    """``(p, method, label) -> [(FA, HS, seed)]`` of every attacked record whose variant is
     a setting of the defence (not an attacker-side point)."""
-    cells: dict[tuple[float, str, str], list[tuple[float, float]]] = defaultdict(list)
+    cells: dict[tuple[float, str, str], list[tuple[float, float, int]]] = defaultdict(list)
     for r in records:
         variant = r.get("variant") or {}
         if r["poison_ratio"] is not None and variant.get("field") not in ATTACKER_FIELDS:
             method = variant.get("method", r["method"])
-            cells[(r["poison_ratio"], method, r["method"])].append((r["finetune_accuracy"], r["harmful_score"]))
+            cells[(r["poison_ratio"], method, r["method"])].append(
+                (r["finetune_accuracy"], r["harmful_score"], r["seed"]))
     return cells
 
 
@@ -185,12 +186,7 @@ def matched_fa_table(records: Sequence[dict], levels: Sequence[float] = FA_LEVEL
     it): the spread the mean hides. Columns that no method reaches are left out.
     """
     cells = _defender_points(records)
-    seeds_of = defaultdict(list)  # (p, method, label) -> [seed] in the order of cells' values
-    for r in records:
-        variant = r.get("variant") or {}
-        if r["poison_ratio"] is not None and variant.get("field") not in ATTACKER_FIELDS:
-            seeds_of[(r["poison_ratio"], variant.get("method", r["method"]), r["method"])].append(r["seed"])
-    seeds = sorted({s for v in seeds_of.values() for s in v})
+    seeds = sorted({s for vals in cells.values() for _, _, s in vals})
     out = []
     for p in sorted({k[0] for k in cells}):
         methods = list(dict.fromkeys(k[1] for k in cells if k[0] == p))
@@ -200,9 +196,9 @@ def matched_fa_table(records: Sequence[dict], levels: Sequence[float] = FA_LEVEL
             if q != p:
                 continue
             setting = label[len(m):].strip()  # "" for a method run at one setting
-            fa, hs = (sum(v) / len(v) for v in zip(*vals))
+            fa, hs = (sum(v[i] for v in vals) / len(vals) for i in (0, 1))
             mean_pts[m].append((fa, hs, setting))
-            for s, (f, h) in zip(seeds_of[(q, m, label)], vals):
+            for f, h, s in vals:
                 seed_pts[(m, s)].append((f, h, setting))
         cols = [lv for lv in levels if any(safest_at(mean_pts[m], lv) for m in methods)]
         if not cols:
@@ -248,7 +244,8 @@ def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         methods = list(dict.fromkeys(k[1] for k in cells if k[0] == p))
         for m in methods:
-            pts = [tuple(sum(v) / len(v) for v in zip(*vals)) for (q, mm, _), vals in cells.items() if q == p and mm == m]
+            pts = [tuple(sum(v[i] for v in vals) / len(vals) for i in (0, 1))  # seed-mean (FA, HS)
+                   for (q, mm, _), vals in cells.items() if q == p and mm == m]
             line = ax.plot(*zip(*pareto_front(pts)), marker="o", label=m)[0]
             ax.scatter(*zip(*pts), color=line.get_color(), s=14, alpha=0.6)
         if aligned:
