@@ -332,9 +332,9 @@ def _print_plan(lab, out: Path, device: str) -> int:
     plan = plan_summary(lab)
     lines = ["| stage | cached | to build | median build s (from) | estimate s |", "|---|---|---|---|---|"]
     for r in plan["stages"]:
-        mean = "unknown" if r["median_seconds"] is None else f"{r['median_seconds']:g} ({r['median_from']})"
+        median = "unknown" if r["median_seconds"] is None else f"{r['median_seconds']:g} ({r['median_from']})"
         est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
-        lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {mean} | {est} |")
+        lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {median} | {est} |")
     left = plan["estimate_seconds"]
     text = (f"Plan ({device}): {plan['cached'] + plan['to_build']} stages, {plan['cached']} cached, "
             f"{plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"

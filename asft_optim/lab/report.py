@@ -162,6 +162,11 @@ def _defender_points(records: Sequence[dict]) -> dict[tuple[float, str, str], li
     return cells
 
 
+def _mean_point(vals: Sequence[tuple[float, float, int]]) -> tuple[float, float]:
+    """The seed-mean ``(FA, HS)`` of one setting's ``(FA, HS, seed)`` points."""
+    return sum(v[0] for v in vals) / len(vals), sum(v[1] for v in vals) / len(vals)
+
+
 def safest_at(points: Sequence[tuple[float, float, str]], level: float) -> tuple[float, str] | None:
     """The lowest HS among ``(FA, HS, label)`` points whose FA is at least ``level``, with
     that point's label (the higher FA breaks a tie); ``None`` when no point reaches ``level``.
@@ -181,9 +186,9 @@ def matched_fa_table(records: Sequence[dict], levels: Sequence[float] = FA_LEVEL
     task accuracy, which method is safer?" read off the Pareto fronts as numbers).
 
     A cell is ``HS [setting]`` over the seed-mean points (no bracket for a method run at
-    one setting), then each seed's own lowest HS at
-    that level, from that seed's points alone (``–`` where a seed's settings do not reach
-    it): the spread the mean hides. Columns that no method reaches are left out.
+    one setting), then each seed's own lowest HS at that level, from that seed's points
+    alone (``–`` where a seed's settings do not reach it): the spread the mean hides.
+    Columns that no method reaches are left out.
     """
     cells = _defender_points(records)
     seeds = sorted({s for vals in cells.values() for _, _, s in vals})
@@ -196,8 +201,7 @@ def matched_fa_table(records: Sequence[dict], levels: Sequence[float] = FA_LEVEL
             if q != p:
                 continue
             setting = label[len(m):].strip()  # "" for a method run at one setting
-            fa, hs = (sum(v[i] for v in vals) / len(vals) for i in (0, 1))
-            mean_pts[m].append((fa, hs, setting))
+            mean_pts[m].append((*_mean_point(vals), setting))
             for f, h, s in vals:
                 seed_pts[(m, s)].append((f, h, setting))
         cols = [lv for lv in levels if any(safest_at(mean_pts[m], lv) for m in methods)]
@@ -244,8 +248,7 @@ def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         methods = list(dict.fromkeys(k[1] for k in cells if k[0] == p))
         for m in methods:
-            pts = [tuple(sum(v[i] for v in vals) / len(vals) for i in (0, 1))  # seed-mean (FA, HS)
-                   for (q, mm, _), vals in cells.items() if q == p and mm == m]
+            pts = [_mean_point(vals) for (q, mm, _), vals in cells.items() if q == p and mm == m]
             line = ax.plot(*zip(*pareto_front(pts)), marker="o", label=m)[0]
             ax.scatter(*zip(*pts), color=line.get_color(), s=14, alpha=0.6)
         if aligned:
