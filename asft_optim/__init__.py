@@ -9,7 +9,7 @@ best-known names are also reachable from here, resolved on first use.
 from .anchors import Anchors, build_anchors
 from .conversion import convert_reference_lambda, lora_scaling
 from .optimizer import AnchoredAdamW, AnchoredOptimizer
-from .penalty import anchor_penalty
+from .penalty import AnchorPenalty, anchor_penalty
 from .projection import AnchorError, Projection, projection_from_delta
 from .schedule import AnchorLambdaScheduler
 from .version import __version__ as __version__
@@ -43,6 +43,7 @@ __all__ = [
     "AnchorLambdaCallback",
     "AnchorLambdaScheduler",
     "AnchorLoggingCallback",
+    "AnchorPenalty",
     "AnchoredAdamWFactory",
     "AnchoredAdamW",
     "AnchoredOptimizer",

@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import anchor_io
-from .binding import BindingReport, bind
 from .checkpoints import WeightSource, open_source
+from .discovery import find_targets, tuned_weights
 from .layout import WeightInfo, to_out_in
 from .projection import AnchorError, Mode, Projection, projection_from_delta
 from .version import __version__
@@ -35,6 +36,14 @@ __all__ = [
     "build_anchors",
     "module_name_matcher",
 ]
+
+
+@dataclass
+class BindingReport:
+    """Result of :meth:`Anchors.bind`: anchored weights found and tuned weights left unanchored."""
+
+    found: list[str]
+    unanchored: list[str]
 
 
 class Anchors(Mapping[str, Projection]):
@@ -123,7 +132,29 @@ class Anchors(Mapping[str, Projection]):
         being tuned (trainable LoRA modules or trainable weights) that carry no anchor;
         those are also reported with a warning when ``warn`` is true.
         """
-        return bind(self, model, warn=warn)
+        targets, missing = find_targets(model, self)
+        problems = [f"{n}: no such weight in the model" for n in missing]
+        for t in targets:
+            w = t.base_weight()
+            expected = self.weights[t.name].out_in_shape
+            got = t.out_in_shape()
+            if len(got) != 2 or got[0] != expected[0] or (expected[1] >= 0 and got[1] != expected[1]):
+                problems.append(
+                    f"{t.name}: anchored as (out, in) = {expected}, the model's weight is "
+                    f"{tuple(w.shape)} ({t.layout}) = {got}"
+                )
+        if problems:
+            raise AnchorError(
+                f"anchors do not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+            )
+        unanchored = [n for n in tuned_weights(model) if n not in self]
+        if unanchored and warn:
+            warnings.warn(
+                f"{len(unanchored)} tuned 2-D weight(s) carry no anchor and will not be penalised: "
+                f"{unanchored[:10]}{' ...' if len(unanchored) > 10 else ''}",
+                stacklevel=2,
+            )
+        return BindingReport(found=[t.name for t in targets], unanchored=unanchored)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per weight: name, shape, mode, rank kept, energy kept, the largest

@@ -3,7 +3,7 @@
 A :data:`Direction` is a plain ``{weight name: tensor}`` dict keyed by Hugging Face
 state-dict names (``model.layers.0.self_attn.q_proj.weight``), each tensor in the
 weight's *stored* layout, so ``W + α·d[name]`` is the perturbed weight. PEFT, DDP and
-``torch.compile`` prefixes are stripped (:func:`asft_optim.targets.hf_name`), so a
+``torch.compile`` prefixes are stripped (:func:`asft_optim.discovery.hf_name`), so a
 direction computed on one wrapping applies to another.
 
 Paper symbols (AsFT §3.2): ``d_aligned = θ_aligned − θ_unaligned``; ``d_harm`` /
@@ -26,7 +26,8 @@ from .anchors import module_name_matcher
 from .checkpoints import open_source
 from .layout import to_out_in
 from .projection import AnchorError
-from .targets import hf_name, is_tuner
+from .discovery import hf_name
+from .targets import is_tuner
 
 __all__ = [
     "CosineResult",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -12,10 +14,10 @@ from torch.optim import Optimizer
 
 from . import state as anchor_state
 from .diagnostics import AnchorDiagnostics
+from .discovery import bind_targets, hf_name, match_references, tuned_weights
 from .projection import AnchorError, PenaltyTerms, Projection
-from .targets import Target, check_shapes, find_targets
-from .terms import target_terms
-from .validation import Coupling, check_inner, check_lambda
+from .targets import Target, TargetTerms
+from .validation import Coupling, check_decoupled, check_inner, lambda_value
 
 __all__ = ["AnchoredAdamW", "AnchoredOptimizer", "Coupling"]
 
@@ -66,7 +68,13 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             anchored inner optimizer carries).
         coupling: ``"coupled"`` or ``"decoupled"`` (default: ``"coupled"``).
         reference: ``{name: W_ref}`` for fully tuned weights (default: the weights at
-            construction).
+            construction). Keys may carry wrapper prefixes (``module.``, ``base_model.model.``)
+            or lack ``.weight``; a key that names no fully tuned anchored weight, or a mapping
+            that leaves one out, raises :class:`AnchorError`.
+        origins: ``{name: {adapter: (B₀, A₀)}}`` for adapters whose init rewrote the base
+            weight (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA), shaped like the parameters
+            (default: their values at construction; give them when the adapter was trained
+            before, e.g. reloaded with ``PeftModel.from_pretrained``).
         strict: raise if an anchor matches no module of the model (default: True).
 
     Example::
@@ -85,6 +93,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         *,
         coupling: Coupling = "coupled",
         reference: Mapping[str, Tensor] | None = None,
+        origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
         strict: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -103,29 +112,17 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         self._patch_step_function()
         self.defaults.setdefault("anchor_lambda", anchor_lambda)
         for i, group in enumerate(self.param_groups):
-            group.setdefault("anchor_lambda", anchor_lambda)
-            check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
+            group["anchor_lambda"] = lambda_value(group.setdefault("anchor_lambda", anchor_lambda),
+                                                  f"anchor_lambda of param group {i}")
         self.coupling = coupling
         self.anchors = anchors
+        self._model = model
         self._fingerprint: str | None = None  # of the anchors, computed on first save/load
-        self._setup_targets(model, anchors, reference, strict)
-        # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
-        # from them on demand (see anchor_stats), not on the hot path.
-        self._last: list[tuple[str, Any, PenaltyTerms]] = []
-        self._last_tensors: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
-
-    # -- construction ---------------------------------------------------------------
-    def _setup_targets(self, model, anchors, reference, strict) -> None:
-        targets, missing = find_targets(model, anchors)
-        if missing and strict:
-            raise AnchorError(
-                f"{len(missing)} anchor(s) match no module of the model (first: {missing[:5]}); "
-                "check the model is the one being tuned (e.g. wrapped with PEFT before the optimizer) "
-                "or pass strict=False"
-            )
-        check_shapes(targets, anchors)
-        owned = self._param_ids()
-        tuned = [t for t in targets if any(id(p) in owned and p.requires_grad for p in t.all_params())]
+        targets, _ = bind_targets(model, anchors, strict=strict, start=True)
+        references = match_references(reference, targets)
+        for t in targets:
+            t.use_start(references, origins or {}, stateless=False)
+        tuned = self._trained(targets)
         if not tuned:
             raise AnchorError(
                 "no anchored weight is trained by this optimizer: the anchors match "
@@ -138,24 +135,32 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 f"{len(untrained)} anchor(s) match a module whose tensors this optimizer does not train "
                 f"(first: {untrained[:5]}); anchor only the tuned weights or pass strict=False"
             )
-        self._all_targets: list[Target] = targets  # add_param_group re-scans these
-        self._targets: list[Target] = []
-        self._reference: dict[str, Tensor] = {}
-        self._adopt(tuned, reference)
+        self._warn_unanchored(model, anchors)
+        self._all_targets: list[Target] = targets  # add_param_group adopts from these
+        self._targets: list[Target] = tuned
+        # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
+        # from them on demand (see anchor_stats), not on the hot path.
+        self._last: list[tuple[str, Any, PenaltyTerms]] = []
+        self._last_tensors: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
 
-    def _adopt(self, targets: list[Target], reference: Mapping[str, Tensor] | None = None) -> None:
-        """Start penalising ``targets``; a fully tuned weight's W_ref is ``reference`` or now."""
-        for t in targets:
-            if t.kind == "full":
-                ref = (reference or {}).get(t.name)
-                if ref is None:  # a modules_to_save copy: its frozen original
-                    ref = t.default_reference()
-                w = t.base_weight()
-                if ref is not None and tuple(ref.shape) != tuple(w.shape):
-                    raise AnchorError(f"{t.name}: reference shape {tuple(ref.shape)} != weight {tuple(w.shape)}")
-                # Moved to the weight's device once here, not on every step.
-                self._reference[t.name] = (w if ref is None else ref.to(w.device)).detach().clone()
-            self._targets.append(t)
+    # -- construction ---------------------------------------------------------------
+    def _trained(self, targets: list[Target]) -> list[Target]:
+        """Those of ``targets`` with a trainable tensor in this optimizer's param groups."""
+        owned = self._param_ids()
+        return [t for t in targets if any(id(p) in owned and p.requires_grad for p in t.all_params())]
+
+    def _warn_unanchored(self, model: nn.Module, anchors: Mapping[str, Projection]) -> None:
+        owned = self._param_ids()
+        trained = {hf_name(n.removesuffix(".weight")) for n, p in model.named_parameters() if id(p) in owned}
+        free = [n for n in tuned_weights(model) if n not in anchors and any(
+            t == n.removesuffix(".weight") or t.startswith(n.removesuffix(".weight") + ".") for t in trained)]
+        if free:
+            warnings.warn(
+                f"{len(free)} trained 2-D weight(s) carry no anchor and are not penalised "
+                f"(first: {free[:5]}); anchor them too (e.g. build the anchors with the same "
+                "target_modules as the LoRA) if they should be",
+                stacklevel=3,
+            )
 
     def _param_ids(self) -> dict[int, dict]:
         return {id(p): g for g in self.param_groups for p in g["params"]}
@@ -193,20 +198,32 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; anchored weights in it are penalised from now.
 
-        A fully tuned anchored weight that joins here gets ``W_ref`` = its value now
-        (pass ``param_group["anchor_reference"] = {name: W_ref}`` to give another one).
+        The model is searched again, so an adapter added since construction
+        (``model.add_adapter``) whose tensors join here is found. A fully tuned anchored
+        weight that joins here gets ``W_ref`` = its value now (pass
+        ``param_group["anchor_reference"] = {name: W_ref}`` to give another one), an
+        adapter measured from an origin its factors now.
         """
-        param_group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
-        check_lambda(param_group["anchor_lambda"], "anchor_lambda of the new param group")
+        lam = lambda_value(param_group.get("anchor_lambda", self.defaults["anchor_lambda"]),
+                           "anchor_lambda of the new param group")
+        if self.coupling == "decoupled":
+            check_decoupled(param_group.get("lr", self.defaults.get("lr")), lam, "the new param group")
+        param_group["anchor_lambda"] = lam
         reference = param_group.pop("anchor_reference", None)
         self.optimizer.add_param_group(param_group)
-        owned = self._param_ids()
+        known = {(t.name, id(t.module)) for t in self._all_targets}
+        found, _ = bind_targets(self._model, self.anchors, strict=False, start=False)
+        fresh = [t for t in found if (t.name, id(t.module)) not in known]
+        for t in fresh:
+            t.start()
+        self._all_targets += fresh
         active = {id(t) for t in self._targets}
-        new = [
-            t for t in self._all_targets
-            if id(t) not in active and any(id(p) in owned and p.requires_grad for p in t.all_params())
-        ]
-        self._adopt(new, reference)
+        new = [t for t in self._trained(self._all_targets) if id(t) not in active]
+        references = match_references(reference, new) if reference is not None else {}
+        for t in new:
+            t.start()
+            t.use_start(references, {}, stateless=False)
+        self._targets += new
 
     # -- the step --------------------------------------------------------------------
     @torch.no_grad()
@@ -235,63 +252,62 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
 
         return self.optimizer.step(anchored_closure)
 
+    # Run eagerly under torch.compile(opt.step): the terms are a few matrix products per
+    # weight, and the diagnostics' Python objects must be kept as they are.
+    @torch.compiler.disable
     def _apply_penalty(self, want_total: bool = True) -> Tensor | None:
-        """Compute every target's terms once and add λ∇P to ``.grad`` (or to the weights).
+        """Compute every target's terms (nothing changes if that fails), then add λ∇P to
+        ``.grad`` (or to the weights). Returns ``λP`` summed when ``want_total``."""
+        terms = self._compute()
+        coupled = self.coupling == "coupled"
+        groups = self._param_ids()
+        for _t, lam, t in terms:
+            # λ = 0 leaves every gradient and weight untouched (bit-identical to the inner
+            # optimizer); the diagnostics are still available.
+            if isinstance(lam, float) and lam == 0.0:
+                continue
+            for p, g in zip(t.params, t.values.grads, strict=True):
+                if id(p) in groups and p.requires_grad:
+                    add_penalty_gradient(p, g, lam, groups[id(p)], coupled)
+        # A tensor λ is copied: the diagnostics use the value of this step.
+        self._last = [(t.name, lam if isinstance(lam, float) else lam.detach().clone(), tt.values.with_grads(()))
+                      for t, lam, tt in terms]
+        self._last_tensors = None
+        if not want_total:
+            return None
+        total: Tensor | None = None
+        for _, lam, values in self._last:
+            value = values.penalty * lam
+            total = value if total is None else total + value
+        return total if total is not None else torch.zeros(())
 
-        No host-device synchronisation: λ and lr are read from the param groups as they
-        are, penalties stay 0-d tensors, computed only when asked for (``want_total``:
-        return ``λP`` summed; diagnostics: see :meth:`anchor_stats`).
-        """
+    def _compute(self) -> list[tuple[Target, float | Tensor, TargetTerms]]:
+        """``(target, λ, terms)`` of every target with an update now; raises before any
+        change when a λ, an lr or the model is not usable (a step never fails halfway)."""
         groups = self._param_ids()
         default_lambda = self.defaults.get("anchor_lambda", 0.0)
-        coupled = self.coupling == "coupled"
-        stats: list[tuple[str, Any, PenaltyTerms]] = []
+        if self.coupling == "decoupled":
+            for i, g in enumerate(self.param_groups):
+                check_decoupled(g.get("lr"), g.get("anchor_lambda", default_lambda), f"param group {i}")
+        out = []
         any_trainable = False
         for t in self._targets:
-            if t.kind != "full" and getattr(t.module, "disable_adapters", False):
+            if t.paused():
                 any_trainable = True  # PEFT froze the adapters for now: ΔW = 0, nothing to add
                 continue
             # Tensors are looked up now (accelerate/FSDP2 swap them), once per step.
-            factors = t.lora_factors() if t.kind == "lora" else None
-            owned = [p for p in t.params(factors) if id(p) in groups and p.requires_grad]
+            owned = [p for p in t.params() if id(p) in groups and p.requires_grad]
             if not owned:
                 # Merged or disabled adapters: trained, but no update now. Only then walk
                 # all of the module's tensors (inactive adapters too), for the error below.
                 any_trainable = any_trainable or any(id(p) in groups and p.requires_grad for p in t.all_params())
                 continue
             any_trainable = True
-            group = groups[id(owned[0])]
-            lam = group.get("anchor_lambda", default_lambda)
-            number = isinstance(lam, (int, float))
-            if number and not lam >= 0.0:
-                raise ValueError(f"{t.name}: anchor_lambda of its param group is {lam!r} (must be >= 0)")
-            res = target_terms(t, self.anchors[t.name], self._reference.get(t.name), factors)
-            if res is None:
-                continue
-            terms, tensors = res
-            # λ = 0 leaves every gradient and weight untouched (bit-identical to the inner
-            # optimizer); the diagnostics are still available.
-            if not (number and lam == 0):
-                for p, g in zip(tensors, terms.grads, strict=True):
-                    if id(p) not in groups or not p.requires_grad:
-                        continue
-                    if g.dtype != p.dtype:
-                        g = g.to(p.dtype)
-                    pg = groups[id(p)]
-                    if coupled:
-                        # With maximize=True the inner optimizer ascends .grad: subtract, so the
-                        # penalty still restrains.
-                        alpha = -lam if pg.get("maximize", False) else lam
-                        if p.grad is None:
-                            p.grad = g * alpha
-                        else:
-                            p.grad.add_(g, alpha=alpha)
-                    elif number and isinstance(pg["lr"], (int, float)):
-                        p.add_(g, alpha=-(pg["lr"] * lam))  # no temporary
-                    else:  # tensor lr or λ: add_ takes no tensor alpha
-                        p.add_(g * (-(pg["lr"] * lam)))
-            # A tensor λ is copied: the diagnostics use the value of this step.
-            stats.append((t.name, lam if number else lam.detach().clone(), terms.with_grads(())))
+            lam = lambda_value(groups[id(owned[0])].get("anchor_lambda", default_lambda),
+                               f"{t.name}: anchor_lambda of its param group")
+            terms = t.terms(self.anchors[t.name])
+            if terms is not None:
+                out.append((t, lam, terms))
         if not any_trainable:
             raise AnchorError(
                 "no anchored parameter is trainable: the anchored tensors were frozen or replaced "
@@ -299,14 +315,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 "optimizer on the final model (with TRL's peft_config=, pass "
                 "optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {...}) instead of optimizers=)"
             )
-        self._last, self._last_tensors = stats, None
-        if not want_total:
-            return None
-        total: Tensor | None = None
-        for _, lam, terms in stats:
-            value = terms.penalty * lam
-            total = value if total is None else total + value
-        return total if total is not None else torch.zeros(())
+        return out
 
     # -- the rest of the Optimizer contract ------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -337,7 +346,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         sd = self.optimizer.state_dict()
         index = anchor_state.param_index(self.param_groups)
         for t in self._targets:
-            for p, values in anchor_state.target_entries(t, self._reference):
+            for p, values in t.saved_state():
                 if id(p) not in index:
                     raise AnchorError(
                         f"{t.name}: its trained tensor is no longer in the optimizer's param groups "
@@ -370,11 +379,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 the anchors differ; a saved reference belongs to a weight this optimizer
                 does not tune fully, or has another shape.
         """
-        inner_sd, entries, meta, legacy = anchor_state.split(state_dict)
-        if legacy is not None:  # format 1 (asft-optim 0.1): references by name, top level
-            if legacy.get("version") != 1:
-                raise AnchorError(f"unsupported anchored optimizer state version {legacy.get('version')!r}")
-            meta.setdefault("anchor_coupling", legacy.get("coupling"))
+        inner_sd, entries, meta = anchor_state.split(state_dict)
         anchor_state.check_meta(meta, self.coupling, self.anchor_fingerprint() if check_anchors else None)
         by_saved = anchor_state.saved_params(inner_sd["param_groups"], self.param_groups)
         restored: dict[int, dict[str, Tensor]] = {}
@@ -382,13 +387,8 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             if key not in by_saved:
                 raise AnchorError(f"the state dict holds anchor state for parameter {key!r}, which it does not list")
             restored[id(by_saved[key])] = values
-        references: dict[str, Tensor] = {}
-        origins: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
-        missing: list[str] = []
-        for t in self._targets:
-            got = anchor_state.restore_target(t, restored, legacy, references, origins)
-            if not got:
-                missing.append(t.name)
+        # Check everything before changing anything: restore into copies of the targets' state.
+        missing = [t.name for t in self._targets if not _restorable(t, restored)]
         if restored:
             raise AnchorError(
                 f"the state dict holds anchor state for {len(restored)} parameter(s) that this "
@@ -405,18 +405,13 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 "weights on purpose (or build the optimizer with reference={name: W_ref})"
             )
         self.optimizer.load_state_dict(inner_sd)
+        saved = {id(by_saved[k]): v for k, v in entries.items()}
         for t in self._targets:
-            if t.kind == "full":
-                # Restored, or (reset_reference=True, checked above) the weights as they are now.
-                ref = references.get(t.name)
-                self._reference[t.name] = t.base_weight().detach().clone() if ref is None else ref
-            elif t.name in origins:
-                t.origin.update(origins[t.name])
-            elif t.name in missing:
-                t.record_origin()
+            if not t.restore(saved):
+                t.start()  # reset_reference=True (checked above): ΔW restarts from now
         for i, group in enumerate(self.param_groups):
-            group.setdefault("anchor_lambda", self.defaults["anchor_lambda"])
-            check_lambda(group["anchor_lambda"], f"anchor_lambda of param group {i}")
+            group["anchor_lambda"] = lambda_value(group.setdefault("anchor_lambda", self.defaults["anchor_lambda"]),
+                                                  f"anchor_lambda of param group {i}")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -452,7 +447,7 @@ class AnchoredAdamW(AnchoredOptimizer):
             :class:`torch.optim.AdamW` (defaults: 1e-3, (0.9, 0.999), 1e-8, 0.01, False,
             None, False, False).
         params: parameters or param groups (default: the model's trainable parameters).
-        coupling, reference, strict: see :class:`AnchoredOptimizer`.
+        coupling, reference, origins, strict: see :class:`AnchoredOptimizer`.
 
     Example::
 
@@ -478,6 +473,7 @@ class AnchoredAdamW(AnchoredOptimizer):
         fused: bool | None = None,
         coupling: Coupling = "coupled",
         reference: Mapping[str, Tensor] | None = None,
+        origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
         strict: bool = True,
     ) -> None:
         if fused:
@@ -488,4 +484,40 @@ class AnchoredAdamW(AnchoredOptimizer):
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             foreach=foreach, maximize=maximize, capturable=capturable, fused=False,
         )
-        super().__init__(inner, model, anchors, anchor_lambda, coupling=coupling, reference=reference, strict=strict)
+        super().__init__(inner, model, anchors, anchor_lambda, coupling=coupling, reference=reference,
+                         origins=origins, strict=strict)
+
+
+def _restorable(target: Target, restored: dict[int, dict[str, Tensor]]) -> bool:
+    """Whether ``target`` finds its state in ``restored``; its entries are taken out of it
+    (nothing is written to the target: the caller restores once every check passed)."""
+    trial = dict(restored)
+    ok = copy.copy(target).restore(trial)
+    if ok:
+        for key in set(restored) - set(trial):
+            restored.pop(key)
+    return ok
+
+
+def add_penalty_gradient(param: Tensor, grad: Tensor, lam: float | Tensor, group: Mapping[str, Any],
+                         coupled: bool) -> None:
+    """Apply ``λ·grad`` (the penalty's gradient for ``param``) under ``group``'s rules.
+
+    Coupled: added to ``.grad`` (subtracted under ``maximize=True``, where the inner
+    optimizer ascends ``.grad``, so the penalty still restrains). Decoupled: the weight
+    moves by ``-lr·λ·grad`` now. A tensor λ or lr cannot be an ``alpha``: multiplied instead.
+    """
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
+    if coupled:
+        alpha = -lam if group.get("maximize", False) else lam
+        if param.grad is None:
+            param.grad = grad * alpha
+        elif isinstance(alpha, float):
+            param.grad.add_(grad, alpha=alpha)
+        else:
+            param.grad.add_(grad * alpha)
+    elif isinstance(lam, float) and isinstance(group["lr"], (int, float)):
+        param.add_(grad, alpha=-(group["lr"] * lam))  # no temporary
+    else:
+        param.add_(grad * (-(group["lr"] * lam)))

@@ -1,130 +1,127 @@
-"""The loss-level twin of the optimizer: ``loss = task + anchor_penalty(model, anchors)``.
+"""The loss-level twin of the optimizer: ``loss = task + penalty()``.
 
-Target discovery and the shape checks (a device sync per anchor) run once per
-(model, anchors) pair and are cached (the model weakly referenced). The cache is dropped
-when the anchors object or any of its entries changes, or when a module of a bound model
-registers a submodule or a parameter (PEFT wrapping the model later, an adapter added, a
-weight replaced): global registration hooks count those events (registrations on other
-modules, such as the temporary ``ModuleList`` a slice ``layers[:n]`` creates in a forward
-pass, are ignored). Tensors are still looked up at every call, like the optimizer does.
+:class:`AnchorPenalty` is built once, like the optimizer, from the same targets
+(:mod:`~asft_optim.targets`): its value and gradient come from the very
+:meth:`~asft_optim.targets.Target.terms` the optimizer's ``step()`` adds to ``.grad``, so
+the two routes agree by construction. :func:`anchor_penalty` is the one-shot, stateless
+shortcut; it keeps its targets per model in a weak cache, checked at every call against
+the anchors and the model's modules (no process-wide hooks, so it runs inside
+``torch.compile``\\d code).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from .layout import to_out_in
-from .projection import AnchorError, PenaltyTerms, Projection, dense_terms, lora_terms
-from .targets import Target, check_shapes, find_targets
-from .terms import effective_delta, operator, origin_blocks, reference_on
+from .discovery import bind_targets, match_references
+from .projection import AnchorError, Projection
+from .targets import Target
+from .validation import lambda_value
 
-__all__ = ["anchor_penalty", "clear_cache", "target_penalty"]
-
-
-class _ClosedForm(torch.autograd.Function):
-    """``‖R ΔW‖²`` whose backward returns the closed-form gradients ``terms(...)`` computed
-    in the forward pass: the two passes over F the optimizer makes, instead of autograd's
-    four (two for ``R x``, two more to differentiate them). Not twice differentiable."""
-
-    @staticmethod
-    def forward(ctx, terms: Callable[..., PenaltyTerms], *inputs: Tensor) -> Tensor:
-        t = terms(*(x.detach() for x in inputs))
-        ctx.grads = t.grads
-        return t.penalty
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        return (None, *(g * grad_out for g in ctx.grads))
+__all__ = ["AnchorPenalty", "anchor_penalty", "clear_cache"]
 
 
-def _closed_form(terms: Callable[..., PenaltyTerms], *inputs: Tensor) -> Tensor:
-    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return _ClosedForm.apply(terms, *inputs)
-    return terms(*inputs).penalty
+@contextlib.contextmanager
+def full_precision(device_types: set[str]) -> Iterator[None]:
+    """Autocast off on these device types: the penalty runs in the math dtype (float32 for
+    bf16/fp16 weights), as ``step()`` does, not in autocast's bf16."""
+    with contextlib.ExitStack() as stack:
+        for d in device_types:
+            if torch.is_autocast_enabled(d):
+                stack.enter_context(torch.autocast(d, enabled=False))
+        yield
 
 
-def target_penalty(target: Target, proj: Projection, reference: Tensor | None = None) -> Tensor | None:
-    """Differentiable raw penalty ``‖R ΔW‖²`` of one target (None: no active update).
+# Eager under torch.compile: the closed-form backward keeps its gradients on the autograd
+# context, which a traced graph cannot hold; the terms are a few products per weight.
+@torch.compiler.disable
+def total_penalty(targets: list[Target], anchors: Mapping[str, Projection]) -> Tensor | None:
+    """``Σ ‖R ΔW‖²`` over the targets with a trainable update (None: none has one)."""
+    total: Tensor | None = None
+    with full_precision({t.base_weight().device.type for t in targets}):
+        for t in targets:
+            if not any(p.requires_grad for p in t.params()):
+                continue  # frozen now: a constant, not part of what is trained
+            p = t.penalty(anchors[t.name])
+            if p is not None:
+                total = p if total is None else total + p
+    return total
 
-    A LoRA adapter that needs an origin (PiSSA, OLoRA, LoftQ, ...) uses ``target.origin``:
-    ΔW = s·B·A - s₀·B₀A₀ (:class:`AnchorError` if it was not recorded).
+
+class AnchorPenalty:
+    r"""Differentiable :math:`\lambda \sum \lVert R\,\Delta W\rVert_F^2`, built once.
+
+    Adding ``penalty()`` to the task loss and stepping a plain optimizer equals stepping
+    :class:`~asft_optim.AnchoredOptimizer` (coupled) on the task loss alone, at the same
+    cost per call: the gradients are the closed forms the optimizer uses (not twice
+    differentiable, except for DoRA and the other autograd-kind adapters). Like the
+    optimizer, it measures ΔW from the model as it is at construction: W_ref of a fully
+    tuned weight and the initial factors of PiSSA/OLoRA/... adapters are recorded then,
+    unless given. The value is float32 (or float64) even under bf16 autocast.
+
+    Args:
+        model: the model being tuned (plain or PEFT).
+        anchors: ``{HF weight name: Projection}``.
+        anchor_lambda: λ (default: 1.0); the attribute ``anchor_lambda`` may be changed.
+        reference: ``{name: W_ref}`` for fully tuned weights (default: the weights now).
+        origins: ``{name: {adapter: (B₀, A₀)}}`` for adapters measured from an origin
+            (default: their values now).
+        strict: raise if an anchor matches no module (default: True).
+
+    Example::
+
+        >>> penalty = AnchorPenalty(peft_model, anchors, anchor_lambda=1.0)
+        >>> loss = task_loss + penalty(); loss.backward()
     """
-    if target.kind == "lora":
-        factors = target.lora_factors()
-        if not factors:
-            return None
-        op, gram = operator(target, proj, factors[0][0])
-        dtype = op.factor.dtype
-        origins = origin_blocks(target, target.adapters()) if target.needs_origin else []
-        if len(factors) == 1 and not origins:
-            b, a, s = factors[0][0].to(dtype), factors[0][1].to(dtype), factors[0][2]
-        else:  # ΔW = Σ sᵢBᵢAᵢ − s₀B₀A₀ = [s₁B₁, …, −s₀B₀] @ [A₁; …; A₀], s = 1
-            dev = factors[0][0].device
-            b = torch.cat([f[0].to(dtype) * f[2] for f in factors]
-                          + [b0.to(device=dev, dtype=dtype) for b0, _ in origins], 1)
-            a = torch.cat([f[1].to(dtype) for f in factors]
-                          + [a0.to(device=dev, dtype=dtype) for _, a0 in origins], 0)
-            s = 1.0
-        # ‖R B A‖² = s² tr((RB)ᵀ RB · A Aᵀ): no d_out × d_in product.
-        return _closed_form(lambda b_, a_: lora_terms(op, b_, a_, s, gram), b, a)
-    if target.kind == "full":
-        if reference is None:
-            reference = target.default_reference()
-        if reference is None:
-            raise AnchorError(f"{target.name}: fully tuned weight needs a reference weight")
-        w = target.base_weight()
-        op, gram = operator(target, proj, w)
-        dtype = op.factor.dtype
-        delta = to_out_in(w.to(dtype) - reference_on(target, reference, w).to(dtype), target.layout)
-        return _closed_form(lambda d: dense_terms(op, d, gram), delta)
-    delta = effective_delta(target)
-    if delta is None:
-        return None
-    proj = operator(target, proj, delta)[0]
-    return proj.residual(delta.to(proj.factor.dtype)).pow(2).sum()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        anchors: Mapping[str, Projection],
+        anchor_lambda: float = 1.0,
+        *,
+        reference: Mapping[str, Tensor] | None = None,
+        origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
+        strict: bool = True,
+    ) -> None:
+        self.anchor_lambda = lambda_value(anchor_lambda)
+        self.anchors = anchors
+        self.targets, self.missing = bind_targets(model, anchors, strict=strict, start=True)
+        references = match_references(reference, self.targets)
+        for t in self.targets:
+            t.use_start(references, origins or {}, stateless=False)
+
+    def __call__(self) -> Tensor:
+        lam = lambda_value(self.anchor_lambda)
+        total = total_penalty(self.targets, self.anchors)
+        if total is None:
+            # Every adapter merged/disabled or no weight trainable: ΔW has no trainable part now.
+            return torch.zeros((), dtype=torch.float32)
+        return lam * total
+
+    def __repr__(self) -> str:
+        return f"AnchorPenalty({len(self.targets)} anchored weights, anchor_lambda={self.anchor_lambda!r})"
 
 
-# -- (model, anchors) -> targets, checked once ------------------------------------------
-
-_registrations = 0  # modules/parameters registered on a watched module since the hooks were installed
-_watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every bound model
-_hooks: tuple | None = None
-
-
-def _count_registration(module: nn.Module, *_args) -> None:
-    global _registrations
-    if module in _watched:
-        _registrations += 1  # returns None: the hook never replaces what is registered
-
-
-def _install_hooks() -> None:
-    global _hooks
-    if _hooks is None:
-        from torch.nn.modules import module as _module
-
-        _hooks = (
-            _module.register_module_module_registration_hook(_count_registration),
-            _module.register_module_parameter_registration_hook(_count_registration),
-        )
+# -- the one-shot shortcut: (model, anchors) -> targets, found once per model ------------
 
 
 @dataclass
 class _Bound:
     anchors: Mapping[str, Projection]
     entries: tuple[tuple[str, Projection], ...]  # the anchors' items when bound
-    registrations: int
+    modules: tuple[int, ...]  # ids of the model's modules when bound
     targets: list[Target]
     missing: list[str]
 
-    def valid(self, anchors: Mapping[str, Projection]) -> bool:
-        if self.anchors is not anchors or self.registrations != _registrations or len(anchors) != len(self.entries):
+    def valid(self, anchors: Mapping[str, Projection], modules: tuple[int, ...]) -> bool:
+        if self.anchors is not anchors or len(anchors) != len(self.entries) or self.modules != modules:
             return False
         return all(anchors.get(n) is p for n, p in self.entries)
 
@@ -132,17 +129,17 @@ class _Bound:
 _BOUND: weakref.WeakKeyDictionary[nn.Module, _Bound] = weakref.WeakKeyDictionary()
 
 
+@torch.compiler.disable
 def _bind(model: nn.Module, anchors: Mapping[str, Projection]) -> _Bound:
-    """Targets of ``model`` for ``anchors``, found and checked once (see the module docstring)."""
-    _install_hooks()
+    """Targets of ``model`` for ``anchors``, found and checked once, found again when the
+    anchors object or an entry changes, or the model's modules do (PEFT wrapping the model
+    later, an adapter added, a module replaced). Tensors are looked up at every call."""
+    modules = tuple(id(m) for m in model.modules())
     bound = _BOUND.get(model)
-    if bound is not None and bound.valid(anchors):
+    if bound is not None and bound.valid(anchors, modules):
         return bound
-    count = _registrations
-    targets, missing = find_targets(model, anchors, record_origin=False)
-    check_shapes(targets, anchors)
-    _watched.update(model.modules())
-    bound = _Bound(anchors, tuple(anchors.items()), count, targets, missing)
+    targets, missing = bind_targets(model, anchors, strict=False, start=False)
+    bound = _Bound(anchors, tuple(anchors.items()), modules, targets, missing)
     _BOUND[model] = bound  # one entry per model: a new anchors object replaces the old one
     return bound
 
@@ -161,52 +158,39 @@ def anchor_penalty(
     origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
     strict: bool = True,
 ) -> Tensor:
-    r"""Differentiable :math:`\lambda \sum \lVert R\,\Delta W\rVert_F^2` over the anchored weights.
+    r"""One-shot :math:`\lambda \sum \lVert R\,\Delta W\rVert_F^2`, stateless (see :class:`AnchorPenalty`).
 
-    Adding it to the task loss and stepping a plain optimizer equals stepping
-    :class:`AnchoredOptimizer` (coupled) on the task loss alone, at the same cost per call
-    (the gradients are the closed forms the optimizer uses; the penalty is not twice
-    differentiable except for DoRA and other autograd-kind adapters).
+    Being stateless, it cannot know where ΔW started: a fully tuned weight needs its
+    ``reference`` (except a PEFT ``modules_to_save`` copy, measured from its frozen
+    original) and an adapter initialised from the base weight (PiSSA, OLoRA, LoftQ, CorDA,
+    LoRA-GA) its ``origins``, else :class:`AnchorError`. Build an :class:`AnchorPenalty`
+    once to have them recorded.
 
     Args:
         model: the model being tuned.
         anchors: ``{HF weight name: Projection}``.
         anchor_lambda: λ (default: 1.0).
-        reference: ``{name: W_ref}`` for fully tuned weights (default: None; required
-            when an anchored weight is trained directly, except a PEFT ``modules_to_save``
-            copy, measured from its frozen original).
-        origins: ``{name: {adapter: (B₀, A₀)}}`` for LoRA adapters whose init rewrote the
-            base weight (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA): ΔW = s·B·A - s₀·B₀A₀ with
-            ``(B₀, A₀)`` the adapter's value before training, shaped like the parameters
-            (default: None). Being stateless, this function cannot know them: without them
-            such a model raises :class:`AnchorError` (the optimizer records them itself;
-            ``{t.name: t.origin for t in opt.targets}`` is what it holds).
+        reference: ``{name: W_ref}`` for fully tuned weights (default: None).
+        origins: ``{name: {adapter: (B₀, A₀)}}``, shaped like the parameters (default:
+            None; ``{t.name: t.origin for t in opt.targets}`` is what an optimizer holds).
         strict: raise if an anchor matches no module (default: True).
 
     Example::
 
         >>> loss = task_loss + anchor_penalty(peft_model, anchors, anchor_lambda=1.0)
     """
-    if isinstance(anchor_lambda, (int, float)) and not 0.0 <= anchor_lambda < float("inf"):
-        raise ValueError(f"Invalid anchor_lambda: {anchor_lambda!r} (must be finite and >= 0)")
+    lam = lambda_value(anchor_lambda)
     bound = _bind(model, anchors)
     if bound.missing and strict:
         missing = bound.missing
         raise AnchorError(f"{len(missing)} anchor(s) match no module of the model (first: {missing[:5]})")
-    total: Tensor | None = None
-    for t in bound.targets:
-        if t.kind == "full" and not t.base_weight().requires_grad:
-            continue
-        ref = (reference or {}).get(t.name)
-        if t.needs_origin:  # replaced, not updated: the cached target must not keep an old call's
-            t.origin = dict((origins or {}).get(t.name, {}))
-        p = target_penalty(t, anchors[t.name], ref)
-        if p is not None:
-            total = p if total is None else total + p
     if not bound.targets:
         raise AnchorError(f"no anchor matches a module of the model (anchors: {list(anchors)[:5]})")
+    references = match_references(reference, bound.targets)
+    for t in bound.targets:
+        # Replaced at every call: the cached target must not keep an earlier call's start.
+        t.use_start(references, origins or {}, stateless=True)
+    total = total_penalty(bound.targets, anchors)
     if total is None:
-        # Matched, but every adapter is merged/disabled or no weight is trainable: ΔW has no
-        # trainable part right now, so the penalty is a constant 0.
         return torch.zeros((), dtype=torch.float32)
-    return anchor_lambda * total
+    return lam * total

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import torch
@@ -101,6 +101,8 @@ class Projection:
     mode: Mode
     energy: float = 1.0
     orthogonal_columns: bool = False
+    #: :meth:`compact_gram`, set by :meth:`prepare` (None: not prepared, or no G pays).
+    prepared_gram: Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -160,7 +162,21 @@ class Projection:
         return self.mode != "safelora"
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        return replace(self, factor=self.factor.to(device=device, dtype=dtype))
+        return replace(self, factor=self.factor.to(device=device, dtype=dtype), prepared_gram=None)
+
+    def prepare(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Projection:
+        """A copy on ``device``/``dtype`` with :meth:`compact_gram` computed once: the form
+        the penalty math uses (:meth:`dense_terms`, :meth:`lora_terms`); targets cache it."""
+        moved = self.to(device, dtype)
+        return replace(moved, prepared_gram=moved.compact_gram())
+
+    def dense_terms(self, delta: Tensor) -> PenaltyTerms:
+        """See :func:`dense_terms` (with the Gram matrix :meth:`prepare` cached)."""
+        return dense_terms(self, delta, self.prepared_gram)
+
+    def lora_terms(self, lora_b: Tensor, lora_a: Tensor, scaling: float) -> PenaltyTerms:
+        """See :func:`lora_terms` (with the Gram matrix :meth:`prepare` cached)."""
+        return lora_terms(self, lora_b, lora_a, scaling, self.prepared_gram)
 
     def with_orthogonal_columns(self) -> Projection:
         """The same operator C with ``F = U diag(√c)`` (orthogonal columns), by an SVD of F.
@@ -169,14 +185,14 @@ class Projection:
         ``U diag(σ)``, at most ``min(d_out, m)`` columns. Already orthogonal: ``self``.
         """
         if self.orthogonal_columns or self.rank == 0:
-            return self if self.orthogonal_columns else replace(self, orthogonal_columns=True)
+            return self if self.orthogonal_columns else replace(self, orthogonal_columns=True, prepared_gram=None)
         f = self.factor
         work = f.detach().to(torch.promote_types(f.dtype, torch.float32))
         try:
             u, sigma, _ = torch.linalg.svd(work, full_matrices=False)
         except RuntimeError as exc:  # LAPACK did not converge
             raise AnchorError(f"the SVD of an anchor factor {tuple(f.shape)} failed: {exc}") from exc
-        return replace(self, factor=(u * sigma).to(f.dtype).contiguous(), orthogonal_columns=True)
+        return replace(self, factor=(u * sigma).to(f.dtype).contiguous(), orthogonal_columns=True, prepared_gram=None)
 
     # -- operator products, all O(d_out · m · n) ------------------------------------------
     # ``apply_c``, ``residual`` and ``metric`` are the short readable definitions (R
@@ -386,7 +402,7 @@ def projection_from_delta(
     if mode == "l2":
         return Projection(v.new_zeros(d_out, 0), "l2", orthogonal_columns=True)
     norm = float(torch.linalg.matrix_norm(v))
-    if norm == 0.0 and mode != "l2":
+    if norm == 0.0:
         raise AnchorError(f"{name}: the weight difference is zero; C is undefined (use mode='l2')")
     if mode == "safelora":
         if rank is None and energy is None:

@@ -17,8 +17,9 @@ What must survive a resume, and where it travels (format version 2):
   the *saved* groups only and removed again on load, so the live groups hold nothing but
   hyper-parameters.
 
-Version 1 (asft-optim 0.1) kept the references in a top-level ``"anchor"`` entry that
-most distributed routes drop; such dicts still load.
+What each kind of target saves and restores is its own business
+(:meth:`~asft_optim.targets.Target.saved_state`, :meth:`~asft_optim.targets.Target.restore`);
+this module holds only the format.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ import torch
 from torch import Tensor
 
 from .projection import AnchorError, Projection
+from .targets import ORIGIN_KEY, REF_KEY
 
 __all__ = [
     "GROUP_KEYS",
-    "LEGACY_KEY",
     "ORIGIN_KEY",
     "REF_KEY",
     "VERSION",
@@ -42,17 +43,12 @@ __all__ = [
     "anchor_fingerprint",
     "check_meta",
     "param_index",
-    "restore_target",
     "saved_params",
     "split",
-    "target_entries",
 ]
 
 VERSION = 2
-REF_KEY = "anchor_ref"
-ORIGIN_KEY = "anchor_origin"
 GROUP_KEYS = ("anchor_version", "anchor_coupling", "anchor_fingerprint")
-LEGACY_KEY = "anchor"  # version 1: {"version": 1, "coupling": ..., "reference": {name: W_ref}}
 
 # Metadata of an anchor file that identifies what it was built from (see build_anchors);
 # the factors' exact bytes may change with the storage form, these do not.
@@ -119,17 +115,16 @@ def add_entry(state: dict, key: Any, **values: Tensor) -> None:
     state[key] = {**state.get(key, {}), **values}
 
 
-def split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[Any, dict[str, Tensor]], dict[str, Any], dict | None]:
+def split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[Any, dict[str, Tensor]], dict[str, Any]]:
     """Separate a loaded state dict into what the inner optimizer gets and what is ours.
 
     Returns ``(inner_dict, anchor_entries {saved key: {REF_KEY/ORIGIN_KEY: tensor}},
-    group_meta {key: value}, legacy_v1_or_None)``. Entries left empty are dropped, so
-    the inner optimizer initialises them lazily as usual.
+    group_meta {key: value})``. Entries left empty are dropped, so the inner optimizer
+    initialises them lazily as usual.
     """
     if "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("an optimizer state dict has 'state' and 'param_groups'")
     sd = dict(state_dict)
-    legacy = sd.pop(LEGACY_KEY, None)
     meta: dict[str, Any] = {}
     groups = []
     for g in sd["param_groups"]:
@@ -151,7 +146,7 @@ def split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[Any, dict
         if entry:
             state[key] = entry
     sd["state"], sd["param_groups"] = state, groups
-    return sd, ours, meta, legacy
+    return sd, ours, meta
 
 
 def check_meta(meta: Mapping[str, Any], coupling: str, fingerprint: str | None) -> None:
@@ -161,7 +156,7 @@ def check_meta(meta: Mapping[str, Any], coupling: str, fingerprint: str | None) 
     if version is not None and version != VERSION:
         raise AnchorError(
             f"anchored optimizer state of format version {version!r}; this asft-optim reads version "
-            f"{VERSION} (and 1): save it again with the asft-optim that wrote it, or upgrade"
+            f"{VERSION}: save it again with the asft-optim that wrote it, or upgrade"
         )
     saved = meta.get("anchor_coupling")
     if saved is not None and saved != coupling:
@@ -176,51 +171,3 @@ def check_meta(meta: Mapping[str, Any], coupling: str, fingerprint: str | None) 
             "resume with the anchors that run used (the same anchor file), or pass "
             "check_anchors=False to switch anchors on purpose"
         )
-
-
-# -- one target's saved state. Targets (asft_optim.targets) are duck-typed here: this module
-# holds the format and sits below them, so it imports nothing of the model side.
-
-
-def target_entries(t: Any, references: Mapping[str, Tensor]) -> list[tuple[Tensor, dict[str, Tensor]]]:
-    """``(param, {key: tensor})`` pairs of target ``t``'s state to save (``references``: W_ref by name)."""
-    if t.kind == "full":
-        return [(t.base_weight(), {REF_KEY: references[t.name]})]
-    out = []
-    for adapter in sorted(t.origin_adapters):
-        b0, a0 = t.origin[adapter]
-        bp, ap = t.factor_params(adapter)
-        out += [(bp, {ORIGIN_KEY: b0}), (ap, {ORIGIN_KEY: a0})]
-    return out
-
-
-def restore_target(t: Any, restored: dict, legacy: Mapping | None, references: dict, origins: dict) -> bool:
-    """Take target ``t``'s saved state out of ``restored`` into ``references`` (W_ref of a
-    full target) or ``origins`` (``{adapter: (B₀, A₀)}``); False when the dict has none for it."""
-    if t.kind == "full":
-        w = t.base_weight()
-        values = restored.pop(id(w), None)
-        ref = None if values is None else values.get(REF_KEY)
-        if ref is None and legacy is not None:
-            ref = legacy.get("reference", {}).get(t.name)
-        if ref is None:
-            return False
-        if tuple(ref.shape) != tuple(w.shape):
-            raise AnchorError(f"{t.name}: saved reference has shape {tuple(ref.shape)}, the weight {tuple(w.shape)}")
-        # The saved dtype is kept (torch would cast state to the parameter's dtype).
-        references[t.name] = ref.to(device=w.device)
-        return True
-    if not t.needs_origin:
-        return True  # ΔW = s·B·A lives in the adapter itself: nothing to restore
-    found = {}
-    for adapter in sorted(t.origin_adapters):
-        bp, ap = t.factor_params(adapter)
-        vb, va = restored.pop(id(bp), {}), restored.pop(id(ap), {})
-        if ORIGIN_KEY not in vb or ORIGIN_KEY not in va:
-            return False
-        b0, a0 = vb[ORIGIN_KEY], va[ORIGIN_KEY]
-        if b0.shape != bp.shape or a0.shape != ap.shape:
-            raise AnchorError(f"{t.name}: saved initial adapter factors of adapter {adapter!r} have other shapes")
-        found[adapter] = (b0.to(bp.device), a0.to(ap.device))
-    origins[t.name] = found
-    return True

@@ -28,8 +28,7 @@ from asft_optim import (
     safe_lora_project,
 )
 from asft_optim.baselines import lora_cosine
-from asft_optim.targets import find_targets
-from asft_optim.terms import target_terms
+from asft_optim.discovery import find_targets
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
@@ -355,8 +354,8 @@ def test_subspace_penalty_gradient_equals_autograd(anchor_lambda):
     targets, _ = find_targets(model, anchors)
     closed = {}
     for t in targets:
-        terms, tensors = target_terms(t, anchors[t.name], None)
-        closed.update({id(p): anchor_lambda * g for p, g in zip(tensors, terms.grads, strict=True)})
+        terms = t.terms(anchors[t.name])
+        closed.update({id(p): anchor_lambda * g for p, g in zip(terms.params, terms.values.grads, strict=True)})
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(closed[id(p)], e, rtol=1e-10, atol=1e-12)
 

@@ -460,23 +460,24 @@ def test_anchor_cache_follows_dtype_and_in_place_factor_changes():
     opt = AnchoredOptimizer(torch.optim.SGD(_params(model), lr=0.0), model, anchors)
     (target,) = [t for t in opt.targets if t.name == Q]
     opt.step()
-    _, _, moved, gram = target._cache["proj"]
+    gram = target._moved.operator.prepared_gram
     assert gram is not None and gram.dtype == D  # rank 2 ≤ 8/4: G is cached
     opt.zero_grad()
     opt.step()
-    assert target._cache["proj"][3] is gram  # reused across steps
+    assert target._moved.operator.prepared_gram is gram  # reused across steps
     # In place change of the factor (its version counter moves): G follows.
     with torch.no_grad():
         anchors[Q].factor.mul_(0.5)
     opt.zero_grad()
     opt.step()
-    assert target._cache["proj"][3] is not gram
-    torch.testing.assert_close(target._cache["proj"][3], anchors[Q].factor.T @ anchors[Q].factor)
+    assert target._moved.operator.prepared_gram is not gram
+    torch.testing.assert_close(target._moved.operator.prepared_gram, anchors[Q].factor.T @ anchors[Q].factor)
     # float32 adapters: the anchor and G move to float32 once.
     model.float()
     opt.zero_grad()
     opt.step()
-    _, _, moved, gram = target._cache["proj"]
+    moved = target._moved.operator
+    gram = moved.prepared_gram
     assert moved.factor.dtype == gram.dtype == torch.float32
 
 

@@ -12,8 +12,8 @@ import reference as ref
 import torch
 from tiny_models import D, lora, make_anchors, tiny_convnet, tiny_gpt2, tiny_llama
 
-from asft_optim import AnchoredOptimizer, anchor_penalty
-from asft_optim.targets import find_targets, hf_name
+from asft_optim import AnchoredOptimizer, AnchorPenalty, anchor_penalty
+from asft_optim.discovery import find_targets, hf_name
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
@@ -202,8 +202,8 @@ def test_anchor_penalty_binds_once_and_rebinds_when_the_model_or_anchors_change(
     import asft_optim.penalty as penalty
 
     calls = []
-    real = penalty.check_shapes
-    monkeypatch.setattr(penalty, "check_shapes", lambda *a: calls.append(1) or real(*a))
+    real = penalty.bind_targets
+    monkeypatch.setattr(penalty, "bind_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, dims = _full(tiny_llama, [Q, V], {Q: (8, 8), V: (4, 8)})
     anchors, oracle = make_anchors(model, dims, "safelora", None)
     anchors = dict(anchors)
@@ -238,12 +238,12 @@ def test_anchor_penalty_binds_once_and_rebinds_when_the_model_or_anchors_change(
 
 def test_anchor_penalty_stays_bound_across_forward_passes(monkeypatch):
     """A forward pass that builds temporary containers (HF Llama slices its ModuleList) does
-    not drop the binding: only registrations on the model's own modules do."""
+    not drop the binding: only a change of the model's own modules does."""
     import asft_optim.penalty as penalty
 
     calls = []
-    real = penalty.check_shapes
-    monkeypatch.setattr(penalty, "check_shapes", lambda *a: calls.append(1) or real(*a))
+    real = penalty.bind_targets
+    monkeypatch.setattr(penalty, "bind_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, dims = _llama_lora()
     anchors, _ = make_anchors(model, dims, "safelora", None)
     for _ in range(3):
@@ -251,3 +251,41 @@ def test_anchor_penalty_stays_bound_across_forward_passes(monkeypatch):
         anchor_penalty(model, anchors).backward()
         torch.nn.ModuleList([torch.nn.Linear(2, 2)])  # unrelated registrations
     assert len(calls) == 1
+
+
+def _pissa():
+    model = lora(tiny_llama().float(), ["q_proj", "v_proj"], init_lora_weights="pissa")
+    return model, {Q: (8, 8), V: (4, 8)}
+
+
+@pytest.mark.parametrize("case", [*CASES, "pissa_origin"])
+def test_loss_level_gradient_equals_the_optimizers_bit_for_bit(case):
+    """One penalty path: ``AnchorPenalty`` and ``anchor_penalty`` take their gradients from
+    the very terms ``step()`` adds to ``.grad``, for every kind of target (full weights with
+    W_ref, LoRA with one or several adapters or an origin, DoRA by autograd)."""
+    model, dims = _pissa() if case == "pissa_origin" else CASES[case]()
+    anchors, _ = make_anchors(model, dims, "safelora", None)
+    params = _trainable(model)
+    lam = 0.7
+    opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=lam)
+    penalty = AnchorPenalty(model, anchors, anchor_lambda=lam)  # records the same start
+    full = {t.name: t.reference for t in opt.targets if t.kind == "full"}
+    origins = {t.name: t.origin for t in opt.targets if t.kind == "lora"}
+    _perturb_full_weights(model, full)
+    with torch.no_grad():
+        for p in params:  # move every adapter too, so that each term is nonzero
+            if p.dim() >= 2 and case != "full" and not case.startswith("full"):
+                p.add_(0.01 * torch.ones_like(p))
+    want = _penalty_grads_from_optimizer(opt, params)
+    assert any(bool(g.abs().sum() > 0) for g in want)
+    for route in ("object", "one-shot"):
+        for p in params:
+            p.grad = None
+        if route == "object":
+            value = penalty()
+        else:
+            value = anchor_penalty(model, anchors, lam, reference=full or None, origins=origins or None)
+        value.backward()
+        got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w), (route, (g - w).abs().max())

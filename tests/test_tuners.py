@@ -28,7 +28,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from asft_optim import AnchoredOptimizer, AnchorError, Anchors, anchor_penalty
-from asft_optim.targets import find_targets
+from asft_optim.discovery import find_targets
 from asft_optim.tuners import DELTA_WEIGHT_TUNERS, REFUSED
 
 D = torch.float64
@@ -258,7 +258,7 @@ def test_origin_tuners_start_at_zero_and_match_oracle(row):
         pytest.skip(f"PEFT's {row} init needs {NEEDS[row]} (not installed); detection is tested above")
     # PEFT builds these inits in float32 only; the model is float64 afterwards.
     model, original = peft_model(ORIGIN[row](), init_dtype=torch.float32)
-    assert all(t.needs_origin for t in find_targets(model, make_anchors(DIMS)[0], record_origin=False)[0])
+    assert all(t.needs_origin for t in find_targets(model, make_anchors(DIMS)[0], start=False)[0])
     start = origin_of(model, DIMS)  # W_base + s·B₀A₀: the effective weight PEFT starts from
     if row != "loftq":  # LoftQ starts from a quantised approximation of W, the others from W
         for n in DIMS:
@@ -267,7 +267,7 @@ def test_origin_tuners_start_at_zero_and_match_oracle(row):
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
     # B·A ≠ 0 by design, yet nothing was trained: penalty 0 and no gradient at the first step.
-    assert any(f[0].abs().sum() > 0 for t in opt.targets for f in t.lora_factors())
+    assert any(f.b.abs().sum() > 0 for t in opt.targets for f in t.lora_factors())
     assert all(g.abs().max() < 1e-12 for g in optimizer_grads(opt, params))
     assert all(s["raw_penalty"] < 1e-24 for s in opt.anchor_stats().values())
     perturb(model, scale=0.05)

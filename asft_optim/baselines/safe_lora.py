@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..layout import math_dtype
 from ..projection import AnchorError, Projection
-from ..targets import check_shapes, find_targets
+from ..discovery import check_shapes, find_targets
+from ..targets import DeltaWeightTarget, LoraTarget
 
 __all__ = ["DEFAULT_THRESHOLD", "SafeLoRALayer", "kept", "lora_cosine", "safe_lora_project"]
 
@@ -130,10 +131,10 @@ def safe_lora_project(
     if missing:
         raise AnchorError(f"{len(missing)} anchor(s) match no module of the model (first: {missing[:5]})")
     check_shapes(targets, anchors)
-    bad = [t.name for t in targets if t.kind == "autograd"]
+    bad = [t.name for t in targets if isinstance(t, DeltaWeightTarget)]
     if bad:
         raise AnchorError(f"Safe LoRA projects plain LoRA adapters only; DoRA/other tuners on {bad[:5]}")
-    bad = [t.name for t in targets if t.needs_origin]
+    bad = [t.name for t in targets if isinstance(t, LoraTarget) and t.needs_origin]
     if bad:
         raise AnchorError(
             "Safe LoRA projects B of ΔW = s·B·A; a PiSSA/OLoRA/LoftQ/CorDA/LoRA-GA adapter's update is "
@@ -143,13 +144,13 @@ def safe_lora_project(
 
     rows: list[tuple[str, str, Tensor, Tensor, Tensor]] = []  # name, adapter, cos, K·B, B param
     for t in targets:
-        if t.kind != "lora":
+        if not isinstance(t, LoraTarget):
             continue  # anchored weight without a LoRA adapter: nothing to project
-        for adapter, (b2, a2, _s, b_param, _a) in zip(t.adapters(), t.lora_factors(), strict=True):
-            dtype = math_dtype(b2)
-            proj = anchors[t.name].to(b2.device, dtype)
-            b, a = b2.detach().to(dtype), a2.detach().to(dtype)
-            rows.append((t.name, adapter, lora_cosine(proj, b, a), kept(proj, b), b_param))
+        for f in t.lora_factors():
+            dtype = math_dtype(f.b)
+            proj = anchors[t.name].to(f.b.device, dtype)
+            b, a = f.b.detach().to(dtype), f.a.detach().to(dtype)
+            rows.append((t.name, f.adapter, lora_cosine(proj, b, a), kept(proj, b), f.b_param))
     if not rows:
         raise AnchorError("no anchored module has an active, unmerged LoRA adapter")
 

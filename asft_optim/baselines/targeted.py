@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from ..anchors import module_name_matcher
 from ..layout import weight_layout
 from ..projection import AnchorError
-from ..targets import hf_name, is_tuner
+from ..discovery import hf_name
+from ..targets import is_tuner
 
 __all__ = ["anchor_metadata", "targeted_weights"]
 

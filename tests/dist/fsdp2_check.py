@@ -2,7 +2,8 @@
 
 FSDP2 (``fully_shard``) with LoRA and with full fine-tuning: the penalty gradient the
 optimizer adds to the sharded DTensor parameters, gathered, equals the one it adds to an
-unsharded copy and the dense autograd oracle; a real training step runs. DoRA on sharded
+unsharded copy and the dense autograd oracle, and :func:`anchor_penalty`'s gradient on the
+sharded model equals it bit for bit; a real training step runs. DoRA on sharded
 parameters is refused with AnchorError on every rank (no hang, no wrong gradient).
 Rank 0 prints one line ``FSDP2-OK {...}``.
 """
@@ -20,7 +21,7 @@ from integration_models import anchor_deltas, tiny_llama, tiny_lora_llama, token
 from reference import oracle_penalty  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from asft_optim import AnchoredAdamW, AnchorError, Anchors  # noqa: E402
+from asft_optim import AnchoredAdamW, AnchorError, Anchors, anchor_penalty  # noqa: E402
 
 D = torch.float64
 LAM = 0.7
@@ -110,6 +111,17 @@ def main():
         worst_oracle = max((sharded[n] - want[n]).abs().max().item() for n in want)
         assert worst_unsharded <= 1e-12, worst_unsharded
         assert worst_oracle <= 1e-10, worst_oracle
+
+        # The loss-level twin on the sharded model: the optimizer's gradient, bit for bit.
+        for p in sharded_model.parameters():
+            p.grad = None
+        anchor_penalty(sharded_model, anchors, LAM, reference=reference).backward()
+        twin = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                for n, p in sharded_model.named_parameters() if p.requires_grad and p.grad is not None}
+        assert set(twin) == set(nonzero), (sorted(twin), sorted(nonzero))
+        assert all(torch.equal(twin[n], sharded[n]) for n in nonzero)
+        for p in sharded_model.parameters():
+            p.grad = None
 
         # A real step: task backward through FSDP2, then the anchored AdamW step.
         opt.param_groups[0]["lr"] = 1e-3
