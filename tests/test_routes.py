@@ -332,6 +332,201 @@ def _refused_tuner(config):
     return run
 
 
+
+# -- routes found by the second probe round (issue: every route exact or a clear error) ---
+
+
+def _reference_keys(transform):
+    """``reference=`` keyed another usual way (``module.`` prefix, no ``.weight``)."""
+    def run():
+        model = _full_llama()
+        w0 = _w(model)
+        given = {transform(n): w - 0.05 for n, w in w0.items()}  # not the weights now
+        anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+        opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, reference=given)
+        _train(model, opt, 2)
+        return _measure(model, opt, oracle, reference={n: w - 0.05 for n, w in w0.items()})
+    return run
+
+
+def _reference_key_unknown():
+    model = _full_llama()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    given = {**_w(model), "model.layers.0.self_attn.k_proj.weight": torch.zeros(4, 8, dtype=torch.float64)}
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2, reference=given)
+
+
+def _reference_one_missing():
+    model = _full_llama()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2, reference={Q: _w(model)[Q]})
+
+
+def _adapter_added_later():
+    """``add_adapter`` on another module after construction, then ``add_param_group``: found."""
+    model = lora(tiny_llama(0), ["q_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, strict=False)
+    _train(model, opt, 1)
+    torch.manual_seed(4)
+    model.add_adapter("extra", LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["v_proj"]))
+    model.base_model.set_adapter(["default", "extra"])
+    model.double()
+    extra = [p for n, p in model.named_parameters() if ".extra" in n]
+    for p in extra:
+        p.requires_grad_(True)
+    opt.add_param_group({"params": extra})
+    assert {t.name for t in opt.targets} == {Q, V}
+    _train(model, opt, 2, start=1)
+    return _measure(model, opt, oracle)
+
+
+def _origins_given():
+    """A PiSSA adapter trained before (as a reload hands it over): ``origins=`` says where ΔW starts."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_llama(0).float(), LoraConfig(
+            r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=["q_proj", "v_proj"])).double()
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    first = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    origins = {t.name: {a: (b.clone(), a0.clone()) for a, (b, a0) in t.origin.items()} for t in first.targets}
+    _train(model, first, 3)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, origins=origins)  # the trained B·A is not the origin
+    assert all(torch.equal(t.origin["default"][0], origins[t.name]["default"][0]) for t in opt.targets)
+    mods = {n.removeprefix("base_model.model.") + ".weight": m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    want = 0.0  # ΔW = s(BA − B₀A₀) from the given origin, dense, at the weights the step starts from
+    for n, m in mods.items():
+        b0, a0 = origins[n]["default"]
+        delta = m.scaling["default"] * (m.lora_B["default"].weight @ m.lora_A["default"].weight - b0 @ a0)
+        want += LAM * float(ref.penalty_of(delta.detach(), *oracle[n]))
+    _train(model, opt, 1, start=50)
+    return anchor_summary(opt)["anchor/penalty"], want
+
+
+def _lora_with_trainable_base():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.get_base_layer().weight.requires_grad_(True)
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    _train(model, opt, 1)
+
+
+def _tied_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).double()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    anchors, _ = make_anchors(model, {"model.embed_tokens.weight": (8, 32), "lm_head.weight": (32, 8)}, "l2", None)
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+
+
+def _decoupled_overshoot():
+    model = _full_llama()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    AnchoredAdamW(model, anchors, 1e4, lr=1e-3, coupling="decoupled")
+
+
+def _decoupled_overshoot_scheduled():
+    """λ raised past the bound after construction: step() refuses before moving anything."""
+    model = _full_llama()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, 1.0, lr=1e-3, coupling="decoupled")
+    opt.param_groups[0]["anchor_lambda"] = 1e4
+    before = _w(model)
+    lm_loss(model, 0).backward()
+    try:
+        opt.step()
+    finally:
+        assert all(torch.equal(before[n], w) for n, w in _w(model).items())
+
+
+def _decoupled_without_lr():
+    model = _full_llama()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    inner.param_groups[0]["lr"] = None  # Adafactor's relative step leaves lr None
+    AnchoredOptimizer(inner, model, anchors, LAM, coupling="decoupled")
+
+
+def _numpy_lambda():
+    np = pytest.importorskip("numpy")
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, np.float32(LAM), lr=1e-2)
+    opt.param_groups[0]["anchor_lambda"] = np.float64(LAM)  # as a NumPy schedule would set it
+    _train(model, opt, 2)
+    return _measure(model, opt, oracle)
+
+
+def _bad_lambda_in_step():
+    """A λ of the wrong type set after construction: refused before any gradient changes."""
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    lm_loss(model, 0).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    opt.param_groups[0]["anchor_lambda"] = "0.7"
+    try:
+        opt.step()
+    finally:
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None], strict=True))
+
+
+def _compiled_step_keeps_diagnostics():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    step = torch.compile(opt.step, backend="eager")
+    for t in range(2):
+        opt.zero_grad()
+        lm_loss(model, t).backward()
+        step()
+    want = float(ref.oracle_penalty(copy.deepcopy(model), oracle, LAM).detach())
+    opt.zero_grad()
+    lm_loss(model, 9).backward()
+    step()
+    return anchor_summary(opt)["anchor/penalty"], want
+
+
+def _penalty_object():
+    """``AnchorPenalty`` built once: W_ref recorded at construction, like the optimizer."""
+    from asft_optim import AnchorPenalty
+
+    model = _full_llama()
+    w0 = _w(model)
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    penalty = AnchorPenalty(model, anchors, LAM)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for t in range(3):
+        opt.zero_grad()
+        (lm_loss(model, t) + penalty()).backward()
+        opt.step()
+    return float(penalty().detach()), float(ref.oracle_penalty(model, oracle, LAM, w0).detach())
+
+
+def _anchor_penalty_in_compiled_loop():
+    """``loss + anchor_penalty(...)`` inside a ``torch.compile``d function, three steps."""
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    @torch.compile(backend="eager")
+    def loss_fn(t):
+        return lm_loss(model, t) + anchor_penalty(model, anchors, LAM)
+
+    for t in range(3):
+        opt.zero_grad()
+        loss_fn(t).backward()
+        opt.step()
+    return float(anchor_penalty(model, anchors, LAM).detach()), float(ref.oracle_penalty(model, oracle, LAM).detach())
+
+
 EXACT = {
     "PiSSA, resumed from a plain dict": _pissa_resumed,
     "AdaLoRA (E vector)": _adalora,
@@ -353,6 +548,14 @@ EXACT = {
     "λ scheduler": _lambda_schedule,
     "loss-level twin": _loss_level_twin,
     "anchor file save/load": _anchor_file_roundtrip,
+    "reference= keyed with a module. prefix": _reference_keys(lambda n: "module." + n),
+    "reference= keyed without .weight": _reference_keys(lambda n: n.removesuffix(".weight")),
+    "adapter added after construction + add_param_group": _adapter_added_later,
+    "PiSSA trained before, origins= given": _origins_given,
+    "NumPy λ (constructor and param group)": _numpy_lambda,
+    "torch.compile(opt.step): diagnostics kept": _compiled_step_keeps_diagnostics,
+    "AnchorPenalty object in a plain loop": _penalty_object,
+    "anchor_penalty inside a torch.compile'd loss": _anchor_penalty_in_compiled_loop,
 }
 
 ERRORS = {
@@ -368,6 +571,14 @@ ERRORS = {
     "anchors for weights the model lacks": (_anchor_names_wrong, AnchorError, "match no module"),
     "anchors of another shape": (_anchor_shape_wrong, AnchorError, "do not fit"),
     "optimizer trains no anchored weight": (_nothing_trained, AnchorError, "no anchored weight is trained"),
+    "reference= key for a weight that is not anchored": (_reference_key_unknown, AnchorError, "name no anchored weight"),
+    "reference= missing one fully tuned weight": (_reference_one_missing, AnchorError, "no W_ref for 1"),
+    "LoRA with its base weight trainable too": (_lora_with_trainable_base, AnchorError, "freeze the base weight"),
+    "two anchors on tied embed_tokens/lm_head": (_tied_embeddings, AnchorError, "one tied tensor"),
+    "decoupled with 2·lr·λ >= 1": (_decoupled_overshoot, ValueError, "2·lr·λ < 1"),
+    "decoupled, λ scheduled past 2·lr·λ >= 1": (_decoupled_overshoot_scheduled, ValueError, "2·lr·λ < 1"),
+    "decoupled with lr=None (Adafactor relative step)": (_decoupled_without_lr, ValueError, "numeric lr"),
+    "a str λ set in a param group": (_bad_lambda_in_step, ValueError, "must be a finite number"),
 }
 
 
@@ -387,3 +598,28 @@ def test_route_raises_a_clear_error(route):
 
 def test_the_probe_list_is_long_enough():
     assert len(EXACT) + len(ERRORS) >= 20
+
+
+def test_anchor_penalty_under_bf16_autocast_is_the_float32_penalty():
+    """Autocast does not reach the penalty: value and gradient equal the float32 ones bit
+    for bit, and the value is a float32 scalar (not bf16)."""
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"]).float()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    anchors = anchors.to(dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = anchor_penalty(model, anchors, LAM)
+    want = torch.autograd.grad(plain, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = anchor_penalty(model, anchors, LAM)
+        grads = torch.autograd.grad(got, params)
+    assert got.dtype == torch.float32 and torch.equal(got, plain)
+    assert all(torch.equal(g, w) for g, w in zip(grads, want, strict=True))
+
+
+def test_unanchored_lora_weights_are_named_at_construction():
+    """LoRA on all linear layers, anchors on q/v only: the optimizer says how many trained
+    weights it leaves unpenalised (only Anchors.bind did before)."""
+    model = lora(tiny_llama(0), ["q_proj", "k_proj", "v_proj", "o_proj"])
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    with pytest.warns(UserWarning, match="2 trained 2-D weight"):
+        AnchoredAdamW(model, anchors, LAM, lr=1e-2)
