@@ -30,12 +30,37 @@ from .projection import AnchorError, Mode, Projection, projection_from_delta
 from .version import __version__
 
 __all__ = [
+    "L2_LIKE_EIGENVALUE",
     "Anchors",
     "BindingReport",
     "WeightInfo",
     "build_anchors",
     "module_name_matcher",
 ]
+
+
+#: Below this largest eigenvalue of C, every direction keeps at least (1 - 0.2)² = 64 % of
+#: L2's penalty: the anchor barely differs from L2 (on SmolLM2-135M the reference C's
+#: largest eigenvalue is 0.135 and asft and l2 gave the same HS and FA at every λ).
+L2_LIKE_EIGENVALUE = 0.2
+
+
+def l2_like_warning(anchors: Mapping[str, Projection]) -> str | None:
+    """A sentence when most ``safelora`` anchors act as L2 (C's largest eigenvalue below
+    :data:`L2_LIKE_EIGENVALUE`), naming the alternatives; None otherwise. One pass over
+    each factor: run it once, at construction, never in ``step()``."""
+    eigs = [p.largest_eigenvalue() for p in anchors.values() if p.mode == "safelora"]
+    small = sum(c < L2_LIKE_EIGENVALUE for c in eigs)
+    if not eigs or 2 * small <= len(eigs):
+        return None
+    return (
+        f"{small} of {len(eigs)} safelora anchors have a largest eigenvalue of C below "
+        f"{L2_LIKE_EIGENVALUE} (max {max(eigs):.3f}): C = V Vᵀ/‖V‖_F is near 0 when the alignment "
+        "update is small, so this penalty is almost plain L2 on ΔW. To constrain more than L2 does, "
+        "use mode='orthogonal' with a rank (the projector onto V's top directions), harmful-direction "
+        "anchors (mode='subspace'), or the data-driven operators (input-side anchors from the "
+        "defender's harmful prompts, a safety-gradient subspace)"
+    )
 
 
 @dataclass

@@ -58,7 +58,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .anchors import Anchors
+    from .anchors import Anchors, l2_like_warning
 
     try:
         anchors = Anchors.load(args.file)
@@ -90,6 +90,9 @@ def _info(args: argparse.Namespace) -> int:
         # alignment update gives a C near 0, and the penalty then barely differs from L2's.
         print(f"largest eigenvalue of C over all weights: {worst:.4f} (every direction keeps at least "
               f"{(1 - min(worst, 1.0)) ** 2:.1%} of L2's penalty)")
+    warning = l2_like_warning(anchors)
+    if warning:
+        print(f"warning: {warning}")
     return 0
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import state as anchor_state
+from .anchors import l2_like_warning
 from .diagnostics import AnchorDiagnostics
 from .discovery import bind_targets, hf_name, match_references, tuned_weights
 from .projection import AnchorError, PenaltyTerms, Projection
@@ -136,6 +137,9 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 f"(first: {untrained[:5]}); anchor only the tuned weights or pass strict=False"
             )
         self._warn_unanchored(model, anchors)
+        warning = l2_like_warning(anchors)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
         self._all_targets: list[Target] = targets  # add_param_group adopts from these
         self._targets: list[Target] = tuned
         # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived

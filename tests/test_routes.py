@@ -623,3 +623,32 @@ def test_unanchored_lora_weights_are_named_at_construction():
     anchors, _ = make_anchors(model, DIMS, "safelora", None)
     with pytest.warns(UserWarning, match="2 trained 2-D weight"):
         AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+
+
+def test_anchors_that_act_as_l2_are_named_before_training(tmp_path):
+    """A small alignment update gives C = VVᵀ/‖V‖_F near 0: the optimizer and
+    ``asft anchors info`` say so and name the alternatives; a large one stays silent."""
+    import warnings
+
+    from asft_optim.cli import main as asft_main
+
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    g = torch.Generator().manual_seed(0)
+    small = {n: 1e-3 * torch.randn(*d, generator=g, dtype=torch.float64) for n, d in DIMS.items()}
+    anchors = Anchors.from_deltas(small, "safelora", dtype=torch.float64)
+    assert max(p.largest_eigenvalue() for p in anchors.values()) < 0.2
+    with pytest.warns(UserWarning, match="almost plain L2.*mode='orthogonal'"):
+        AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    large, _ = make_anchors(model, DIMS, "safelora", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AnchoredAdamW(model, large, LAM, lr=1e-2)
+    path = tmp_path / "small.safetensors"
+    anchors.save(path)
+    import contextlib
+    import io as _io
+
+    out = _io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert asft_main(["anchors", "info", str(path)]) == 0
+    assert "2 of 2 safelora anchors" in out.getvalue() and "almost plain L2" in out.getvalue()
