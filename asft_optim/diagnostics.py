@@ -29,7 +29,8 @@ class AnchorDiagnostics:
         """Per weight, from the last step (one device sync, here, not in ``step()``).
 
         ``{"penalty": λ‖RΔW‖², "raw_penalty": ‖RΔW‖², "off_anchor_fraction": ‖RΔW‖/‖ΔW‖}``,
-        with R = I - C (or C in mode ``"subspace"``), all at the weights the step started from.
+        with R = I - C (or C in mode ``"subspace"``), all at the weights the step started from
+        (under LBFGS, which evaluates its closure several times a step: the last evaluation's).
         """
         tensors = self.anchor_tensors()
         if not tensors:

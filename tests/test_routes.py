@@ -652,3 +652,31 @@ def test_anchors_that_act_as_l2_are_named_before_training(tmp_path):
     with contextlib.redirect_stdout(out):
         assert asft_main(["anchors", "info", str(path)]) == 0
     assert "2 of 2 safelora anchors" in out.getvalue() and "almost plain L2" in out.getvalue()
+
+
+def test_lbfgs_diagnostics_are_the_last_closure_evaluations():
+    """LBFGS evaluates the closure (and the penalty) several times per step: the summary
+    holds the penalty at the weights of the last evaluation, as the README says."""
+    model = _full_llama()
+    w0 = _w(model)
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredOptimizer(torch.optim.LBFGS([p for p in model.parameters() if p.requires_grad], lr=0.5,
+                                              max_iter=4), model, anchors, LAM)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        seen.append(_w(model))
+        loss = lm_loss(model, 0)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(seen) > 1  # several evaluations in one step
+    at_last = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in at_last.named_parameters():
+            if n in DIMS:
+                p.copy_(seen[-1][n])
+    want = float(ref.oracle_penalty(at_last, oracle, LAM, w0).detach())
+    assert anchor_summary(opt)["anchor/penalty"] == pytest.approx(want, rel=1e-9)
