@@ -143,30 +143,18 @@ def bind_targets(
 
 
 def check_shapes(targets: list[Target], anchors: Mapping[str, Projection]) -> None:
-    """Raise :class:`AnchorError` naming every anchor that cannot act on its weight.
-
-    Checks the output dimension, finiteness of the factor, and (for the projector
-    modes) that the factor has no more columns than the weight has outputs.
-    Runs once at construction (it synchronises with the device).
-    """
+    """Raise :class:`AnchorError` naming every anchor that cannot act on its weight
+    (each operator's ``fits``: its dimension, rank and finite values). Runs once at
+    construction (it synchronises with the device)."""
     problems = []
     for t in targets:
-        w = t.base_weight()
-        proj = anchors[t.name]
-        d_out = t.out_features()
-        if d_out != proj.d_out:
-            packed = (
-                f" (a packed {type(w).__name__} of a quantized layer that does not report out_features)"
-                if is_quantized(w) else ""
-            )
-            problems.append(
-                f"{t.name}: anchor acts on {proj.d_out} outputs, weight {tuple(w.shape)}{packed} has {d_out}"
-            )
+        problem = anchors[t.name].fits(t.out_in_shape())
+        if problem is None:
             continue
-        if proj.is_projector and proj.rank > d_out:
-            problems.append(f"{t.name}: anchor rank {proj.rank} exceeds the {d_out} outputs of the weight")
-        if proj.factor.numel() and not bool(torch.isfinite(proj.factor).all()):
-            problems.append(f"{t.name}: anchor factor has non-finite values")
+        w = t.base_weight()
+        packed = (f" (the weight is a packed {type(w).__name__} {tuple(w.shape)} of a quantized layer that "
+                  "does not report its features)" if is_quantized(w) else "")
+        problems.append(f"{t.name}: {problem}{packed}")
     if problems:
         raise AnchorError("anchors do not fit the model:\n  " + "\n  ".join(problems))
 

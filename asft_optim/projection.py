@@ -119,6 +119,22 @@ class Projection:
         return self.factor.shape[1]
 
     @property
+    def version(self) -> int:
+        """The factor's in-place version counter: a cached moved copy is stale once it moves."""
+        return self.factor._version
+
+    def fits(self, out_in_shape: tuple[int, ...]) -> str | None:
+        """Why this operator cannot act on a weight whose ΔW is ``out_in_shape``, or None."""
+        d_out = out_in_shape[0] if len(out_in_shape) == 2 else -1
+        if d_out != self.d_out:
+            return f"anchor acts on {self.d_out} outputs, the weight has {d_out}"
+        if self.is_projector and self.rank > d_out:
+            return f"anchor rank {self.rank} exceeds the {d_out} outputs of the weight"
+        if self.factor.numel() and not bool(torch.isfinite(self.factor).all()):
+            return "anchor factor has non-finite values"
+        return None
+
+    @property
     def gram_pays(self) -> bool:
         """Whether caching ``G = FᵀF`` (m×m) is worth its memory (m ≤ d_out / 4)."""
         return 0 < self.rank and self.rank * _GRAM_MIN_RATIO <= self.d_out

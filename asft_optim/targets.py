@@ -14,9 +14,9 @@ they agree by construction. What differs by kind lives in the subclass:
   which the target owns: ΔW = s·B·A - s₀·B₀A₀ = ``[sB, -s₀B₀] @ [A; A₀]``;
 * :class:`DeltaWeightTarget`: DoRA and the PEFT tuners of
   :data:`~asft_optim.tuners.DELTA_WEIGHT_TUNERS` (AdaLoRA, LoHa, LoKr, VeRA, ...): the
-  effective ΔW is built and its terms differentiated with autograd (the one kind whose
-  gradients are not in closed form; the loss-level route still takes them from
-  :meth:`~Target.terms`, so both routes stay equal bit for bit).
+  effective ΔW is built and differentiated with autograd (the one kind whose gradients
+  are not in closed form; its loss-level penalty is the differentiable ΔW itself, so that
+  a tuner's own gradient hooks fire once).
 
 A target keeps a reference to the *module*, never to its tensors: accelerate, FSDP2 and
 PEFT swap parameters after the optimizer is built, so tensors are looked up at every step.
@@ -158,7 +158,7 @@ class Target:
 
     def operator(self, anchor: Projection, like: Tensor) -> Projection:
         """``anchor`` on ``like``'s device and math dtype, prepared once (see :class:`_MovedAnchor`)."""
-        key = (like.device, math_dtype(like), anchor.factor._version)
+        key = (like.device, math_dtype(like), anchor.version)
         moved = self._moved
         if moved is None or moved.source is not anchor or moved.key != key:
             moved = self._moved = _MovedAnchor(anchor, key, anchor.prepare(key[0], key[1]))
@@ -509,6 +509,17 @@ class DeltaWeightTarget(_AdapterTarget):
                 f"{self.name}: DoRA and other non-LoRA adapters are not supported on sharded (FSDP2 "
                 "DTensor) parameters; use plain LoRA or full fine-tuning, or do not shard this module"
             )
+
+    def penalty(self, anchor: Projection) -> Tensor | None:
+        # Differentiated by autograd directly, not through terms(): a tuner may put gradient
+        # hooks on its parameters (OSF projects its gradients), which must fire once; a
+        # closed-form backward would hand them gradients that already went through them.
+        self._check_unsharded(self.params())
+        delta = self.delta()
+        if delta is None:
+            return None
+        delta = delta.to(math_dtype(delta))
+        return self.operator(anchor, delta).residual(delta).pow(2).sum()
 
     def terms(self, anchor: Projection) -> TargetTerms | None:
         params = self.params()
