@@ -6,6 +6,7 @@ The oracles are written here from the definitions with dense matrices
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -222,6 +223,9 @@ def test_l2_anchors_penalise_all_of_delta_w():
     assert anchors[Q].factor.shape == (8, 0) and anchors[V].factor.shape == (4, 0)
     expected = sum(ref.lora_delta(_module(model, n)).pow(2).sum() for n in (Q, V))
     torch.testing.assert_close(anchor_penalty(model, anchors), expected)
+    # One metadata writer: the same target_modules format as build_anchors' (a JSON list).
+    assert json.loads(anchors.metadata["target_modules"]) == ["q_proj", "v_proj"]
+    assert anchors.metadata["library"].startswith("asft-optim ")
     gpt2 = l2_anchors(tiny_gpt2(), ["c_attn"])  # Conv1D (in, out): C acts on the 24 outputs
     assert gpt2[C_ATTN].factor.shape == (24, 0)
     with pytest.raises(AnchorError, match="no 2-D weight"):

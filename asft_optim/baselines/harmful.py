@@ -12,10 +12,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..anchors import Anchors
+from ..anchors import Anchors, anchor_metadata
 from ..layout import math_dtype, to_out_in
 from ..projection import AnchorError, Projection, projection_from_delta
-from .targeted import anchor_metadata, targeted_weights
+from .targeted import targeted_weights
 
 __all__ = ["HarmfulMethod", "harmful_anchors"]
 
