@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import lora_shapes, scalings, seeds
-from tiny_models import D, lora, tiny_gpt2, tiny_llama
+from tiny_models import C_ATTN, D, Q, V, lora, tiny_gpt2, tiny_llama
 from torch import nn
 
 from asft_optim import (
@@ -31,9 +31,6 @@ from asft_optim import (
 from asft_optim.baselines import lora_cosine
 from asft_optim.discovery import find_targets
 
-Q = "model.layers.0.self_attn.q_proj.weight"
-V = "model.layers.0.self_attn.v_proj.weight"
-C_ATTN = "transformer.h.0.attn.c_attn.weight"
 PREFIX = "base_model.model."
 
 
