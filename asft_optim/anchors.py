@@ -11,6 +11,7 @@ one lazily, once, to the device and math dtype of the weight it anchors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,8 @@ __all__ = [
     "Anchors",
     "BindingReport",
     "WeightInfo",
+    "anchor_fingerprint",
+    "anchor_metadata",
     "build_anchors",
     "module_name_matcher",
 ]
@@ -137,7 +140,7 @@ class Anchors(Mapping[str, Projection]):
             name: _projection(v, mode, rank, energy, dtype, name) for name, v in deltas.items()
         }
         weights = {name: WeightInfo(tuple(v.shape)) for name, v in deltas.items()}
-        return cls(projections, _build_metadata(mode, rank, energy, dtype), weights)
+        return cls(projections, anchor_metadata(mode, rank, energy, dtype), weights)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors anchor file (see :mod:`asft_optim.anchor_io`)."""
@@ -222,7 +225,26 @@ def _projection(v: Tensor, mode: Mode, rank, energy, dtype: torch.dtype, name: s
     return replace(p, factor=p.factor.to(dtype).contiguous())
 
 
-def _build_metadata(mode, rank, energy, dtype, **extra) -> dict[str, str]:
+# Metadata that identifies what anchors were built from (see build_anchors): the factors'
+# exact bytes may change with the storage form, these do not.
+_IDENTITY_META = ("mode", "rank", "energy", "storage_dtype", "target_modules",
+                  "base_fingerprint", "aligned_fingerprint")
+
+
+def anchor_metadata(
+    mode: Mode,
+    rank: int | None,
+    energy: float | None,
+    dtype: torch.dtype,
+    target_modules: str | Iterable[str] | None = None,
+    **extra: Any,
+) -> dict[str, str]:
+    """The string metadata of built anchors: the one writer, for every builder.
+
+    ``target_modules`` is stored as given when a string (a regex), else as a JSON list;
+    other values in ``extra`` are stored as given when strings, else as JSON.
+    :func:`anchor_fingerprint` reads it.
+    """
     meta = {
         "mode": mode,
         "rank": "" if rank is None else str(rank),
@@ -230,8 +252,37 @@ def _build_metadata(mode, rank, energy, dtype, **extra) -> dict[str, str]:
         "storage_dtype": str(dtype).removeprefix("torch."),
         "library": f"asft-optim {__version__}",
     }
+    if target_modules is not None:
+        meta["target_modules"] = target_modules if isinstance(target_modules, str) else json.dumps(list(target_modules))
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     return meta
+
+
+def anchor_fingerprint(anchors: Mapping[str, Projection]) -> str:
+    """A short stable hash of ``anchors``: names, modes, shapes and what they were built from.
+
+    Anchors built by :func:`build_anchors` (or loaded from its files) are identified by
+    their metadata (the base and aligned checkpoints' fingerprints and the build options,
+    as :func:`anchor_metadata` wrote them); any other mapping by the bytes of its factors.
+    One pass on the CPU, computed once per optimizer, never in ``step()``.
+    """
+    h = hashlib.sha256()
+    meta = getattr(anchors, "metadata", None) or {}
+    by_meta = all(meta.get(k) for k in ("base_fingerprint", "aligned_fingerprint"))
+    if by_meta:
+        for k in _IDENTITY_META:
+            h.update(f"{k}={meta.get(k, '')};".encode())
+    for name in sorted(anchors):
+        p = anchors[name]
+        h.update(f"{name}|{p.mode}|{p.d_out}|{p.rank};".encode())
+        if not by_meta:
+            f = p.factor.detach()
+            f = f.full_tensor() if hasattr(f, "full_tensor") else f
+            f = f.to("cpu").contiguous()
+            h.update(str(f.dtype).encode())
+            # The raw bytes (any dtype, bf16 included), one factor at a time.
+            h.update(f.view(-1).view(torch.uint8).numpy().tobytes() if f.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def _natural(name: str) -> list:
@@ -319,9 +370,8 @@ def build_anchors(
         projections[name] = _projection(to_out_in(v, layout), mode, rank, energy, dtype, name)
         weights[name] = WeightInfo(tuple(base_src.shape(name)), layout)
         del v
-    metadata = _build_metadata(
-        mode, rank, energy, dtype,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+    metadata = anchor_metadata(
+        mode, rank, energy, dtype, target_modules,
         base_fingerprint=base_src.fingerprint(),
         aligned_fingerprint=aligned_src.fingerprint(),
         base_source=base_src.description,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import state as anchor_state
-from .anchors import l2_like_warning
+from .anchors import anchor_fingerprint, l2_like_warning
 from .diagnostics import AnchorDiagnostics
 from .discovery import bind_targets, hf_name, match_references, tuned_weights
 from .projection import AnchorError, PenaltyTerms, Projection
@@ -334,9 +334,9 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             self.optimizer.eval()
 
     def anchor_fingerprint(self) -> str:
-        """The anchors' fingerprint saved with the state (see :func:`asft_optim.state.anchor_fingerprint`)."""
+        """The anchors' fingerprint saved with the state (see :func:`asft_optim.anchors.anchor_fingerprint`)."""
         if self._fingerprint is None:
-            self._fingerprint = anchor_state.anchor_fingerprint(self.anchors)
+            self._fingerprint = anchor_fingerprint(self.anchors)
         return self._fingerprint
 
     def state_dict(self) -> dict[str, Any]:

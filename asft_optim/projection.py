@@ -401,6 +401,27 @@ def projection_from_delta(
 
     The math runs in float32 at least (float64 inputs stay float64).
     """
+    v = _checked_delta(delta, mode, rank, energy, name)
+    if mode == "l2":
+        return Projection(v.new_zeros(v.shape[0], 0), "l2", orthogonal_columns=True)
+    norm = float(torch.linalg.matrix_norm(v))
+    if norm == 0.0:
+        raise AnchorError(f"{name}: the weight difference is zero; C is undefined (use mode='l2')")
+    if mode == "safelora" and rank is None and energy is None:
+        return Projection(_exact_safelora_factor(v, norm, name), "safelora", orthogonal_columns=True)
+    if mode == "safelora":
+        u, s, kept = _top_left_singular(v, rank, energy)
+        return Projection(u * (s / math.sqrt(norm)), "safelora", kept, orthogonal_columns=True)
+    if rank is None and energy is None:
+        raise AnchorError(
+            f"{name}: mode {mode!r} needs rank= or energy= (a full-rank V spans everything, so C = I)"
+        )
+    u, _, kept = _top_left_singular(v, rank, energy)
+    return Projection(u, mode, kept, orthogonal_columns=True)
+
+
+def _checked_delta(delta: Tensor, mode: str, rank: int | None, energy: float | None, name: str) -> Tensor:
+    """``delta`` detached, in float32 at least, after the checks every mode shares."""
     if mode not in MODES:
         raise AnchorError(f"{name}: unknown anchor mode {mode!r}; expected one of {MODES}")
     if delta.dim() != 2:
@@ -415,39 +436,31 @@ def projection_from_delta(
         raise AnchorError(f"{name}: rank {rank!r} must be an int in [1, {min(d_out, d_in)}] for shape {tuple(v.shape)}")
     if energy is not None and not (0.0 < energy <= 1.0):
         raise AnchorError(f"{name}: energy must lie in (0, 1], got {energy!r}")
-    if mode == "l2":
-        return Projection(v.new_zeros(d_out, 0), "l2", orthogonal_columns=True)
-    norm = float(torch.linalg.matrix_norm(v))
-    if norm == 0.0:
-        raise AnchorError(f"{name}: the weight difference is zero; C is undefined (use mode='l2')")
-    if mode == "safelora":
-        if rank is None and energy is None:
-            # Exact: C = V Vᵀ/‖V‖_F (Frobenius norm, not squared, as in the reference code
-            # and Safe LoRA) = U diag(s²/‖V‖_F) Uᵀ from the full SVD V = U diag(s) W: the
-            # factor U diag(s/√‖V‖_F) has min(d_out, d_in) orthogonal columns (a wide
-            # weight's factor is (d_out, d_out)).
-            # In float64, by an eigendecomposition of the smaller Gram matrix (about twice as
-            # fast as the SVD, which float32 rounding (~cond·eps) would make measurably
-            # inexact): V Vᵀ = U diag(s²) Uᵀ gives F = U diag(s)/√‖V‖_F; for a tall V,
-            # Vᵀ V = W diag(s²) Wᵀ gives F = V W/√‖V‖_F (= U diag(s), no division by s).
-            # Squaring V loses nothing C needs: C's entries are those of V Vᵀ.
-            v64 = v.double()
-            try:
-                if d_out <= d_in:
-                    evals, u = torch.linalg.eigh(v64 @ v64.T)
-                    f = u.flip(1) * evals.flip(0).clamp_min(0).sqrt()
-                else:
-                    _, w = torch.linalg.eigh(v64.T @ v64)
-                    f = v64 @ w.flip(1)
-            except RuntimeError as exc:  # LAPACK did not converge
-                raise AnchorError(f"{name}: the eigendecomposition of the weight difference failed: {exc}") from exc
-            f = f / math.sqrt(norm)
-            return Projection(f.to(v.dtype).contiguous(), "safelora", orthogonal_columns=True)
-        u, s, kept = _top_left_singular(v, rank, energy)
-        return Projection(u * (s / math.sqrt(norm)), "safelora", kept, orthogonal_columns=True)
-    if rank is None and energy is None:
-        raise AnchorError(
-            f"{name}: mode {mode!r} needs rank= or energy= (a full-rank V spans everything, so C = I)"
-        )
-    u, _, kept = _top_left_singular(v, rank, energy)
-    return Projection(u, mode, kept, orthogonal_columns=True)
+    return v
+
+
+def _exact_safelora_factor(v: Tensor, norm: float, name: str) -> Tensor:
+    """The factor F of the exact ``C = V Vᵀ/‖V‖_F`` (``norm = ‖V‖_F``), in ``v``'s dtype.
+
+    Frobenius norm, not squared, as in the reference code and Safe LoRA. From the full SVD
+    ``V = U diag(s) W``, ``C = U diag(s²/‖V‖_F) Uᵀ``: the factor ``U diag(s/√‖V‖_F)`` has
+    min(d_out, d_in) orthogonal columns (a wide weight's factor is (d_out, d_out)).
+    In float64, by an eigendecomposition of the smaller Gram matrix (about twice as fast as
+    the SVD, which float32 rounding (~cond·eps) would make measurably inexact):
+    ``V Vᵀ = U diag(s²) Uᵀ`` gives ``F = U diag(s)/√‖V‖_F``; for a tall V, ``Vᵀ V = W diag(s²)
+    Wᵀ`` gives ``F = V W/√‖V‖_F`` (= ``U diag(s)``, no division by s). Squaring V loses
+    nothing C needs: C's entries are those of ``V Vᵀ``.
+    """
+    d_out, d_in = v.shape
+    v64 = v.double()
+    try:
+        if d_out <= d_in:
+            evals, u = torch.linalg.eigh(v64 @ v64.T)
+            f = u.flip(1) * evals.flip(0).clamp_min(0).sqrt()
+        else:
+            _, w = torch.linalg.eigh(v64.T @ v64)
+            f = v64 @ w.flip(1)
+    except RuntimeError as exc:  # LAPACK did not converge
+        raise AnchorError(f"{name}: the eigendecomposition of the weight difference failed: {exc}") from exc
+    f = f / math.sqrt(norm)
+    return f.to(v.dtype).contiguous()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from .validation import lambda_value
 
 __all__ = ["AnchorLambdaScheduler", "LambdaFn"]
 
@@ -70,9 +71,8 @@ class AnchorLambdaScheduler:
     def _apply(self) -> None:
         for i, (g, fn) in enumerate(zip(self.optimizer.param_groups, self.lambda_fns, strict=True)):
             value = float(g["initial_anchor_lambda"]) * float(fn(self.last_step))
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"scheduled anchor_lambda of param group {i} at step {self.last_step} is {value!r}")
-            g["anchor_lambda"] = value
+            where = f"scheduled anchor_lambda of param group {i} at step {self.last_step}"
+            g["anchor_lambda"] = lambda_value(value, where)
 
     def get_last_lambda(self) -> list[float]:
         """The λ of every group as last set."""

@@ -24,14 +24,12 @@ this module holds only the format.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from .projection import AnchorError, Projection
+from .projection import AnchorError
 from .targets import ORIGIN_KEY, REF_KEY
 
 __all__ = [
@@ -40,7 +38,6 @@ __all__ = [
     "REF_KEY",
     "VERSION",
     "add_entry",
-    "anchor_fingerprint",
     "check_meta",
     "param_index",
     "saved_params",
@@ -49,39 +46,6 @@ __all__ = [
 
 VERSION = 2
 GROUP_KEYS = ("anchor_version", "anchor_coupling", "anchor_fingerprint")
-
-# Metadata of an anchor file that identifies what it was built from (see build_anchors);
-# the factors' exact bytes may change with the storage form, these do not.
-_IDENTITY_META = ("mode", "rank", "energy", "storage_dtype", "target_modules",
-                  "base_fingerprint", "aligned_fingerprint")
-
-
-def anchor_fingerprint(anchors: Mapping[str, Projection]) -> str:
-    """A short stable hash of ``anchors``: names, modes, shapes and what they were built from.
-
-    Anchors built by :func:`~asft_optim.build_anchors` (or loaded from its files) are
-    identified by their metadata (the base and aligned checkpoints' fingerprints and the
-    build options); any other mapping by the bytes of its factors. One pass on the CPU,
-    computed once per optimizer, never in ``step()``.
-    """
-    h = hashlib.sha256()
-    meta = getattr(anchors, "metadata", None) or {}
-    by_meta = all(meta.get(k) for k in ("base_fingerprint", "aligned_fingerprint"))
-    if by_meta:
-        for k in _IDENTITY_META:
-            h.update(f"{k}={meta.get(k, '')};".encode())
-    for name in sorted(anchors):
-        p = anchors[name]
-        h.update(f"{name}|{p.mode}|{p.d_out}|{p.rank};".encode())
-        if not by_meta:
-            f = p.factor.detach()
-            f = f.full_tensor() if hasattr(f, "full_tensor") else f
-            f = f.to("cpu").contiguous()
-            h.update(str(f.dtype).encode())
-            # The raw bytes (any dtype, bf16 included), one factor at a time.
-            h.update(f.view(-1).view(torch.uint8).numpy().tobytes() if f.numel() else b"")
-    return h.hexdigest()[:16]
-
 
 def param_index(param_groups: list[dict[str, Any]]) -> dict[int, int]:
     """``id(param) -> index`` in the order ``Optimizer.state_dict`` numbers parameters."""

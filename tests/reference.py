@@ -95,24 +95,54 @@ def full_delta(module: nn.Module, reference: Tensor) -> Tensor:
     return d.reshape(d.shape[0], -1)
 
 
-def oracle_penalty(
-    model: nn.Module,
-    anchors: Mapping[str, tuple],
-    anchor_lambda: float | Mapping[str, float] = 1.0,
-    reference: Mapping[str, Tensor] | None = None,
-) -> Tensor:
-    """``Σ λ_name ‖R ΔW‖²`` over ``anchors = {hf weight name: (V, mode, rank)}``.
+def hf_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{HF weight name: module}`` (PEFT prefixes stripped, wrappers' insides skipped)."""
+    out = {}
+    for n, m in model.named_modules():
+        if any(part in n for part in (".base_layer", ".original_module", ".modules_to_save")):
+            continue
+        out[n.removeprefix(PEFT_PREFIX) + ".weight"] = m
+    return out
 
-    LoRA/DoRA layers are recognised by ``lora_A``; other modules whose name is anchored
-    are fully tuned and need ``reference[name]``.
-    """
-    total = None
+
+def forward_weight(layer: nn.Module, d_in: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The layer's effective weight (out, in) read off its forward pass (Linear, no bias)."""
+    return layer(torch.eye(d_in, dtype=dtype)).T
+
+
+def origin_of(original: nn.Module, names, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+    """Effective weights of ``original`` (a model, before or after PEFT), detached."""
+    mods = hf_modules(original)
+    with torch.no_grad():
+        return {
+            n: forward_weight(mods[n], mods[n].in_features, dtype).detach().clone() for n in names
+        }
+
+
+def _forward_deltas(model: nn.Module, origin: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{name: W_eff - W_eff at the origin}``, the effective weights read off the forward pass."""
+    mods, out = hf_modules(model), {}
+    for name, w0 in origin.items():
+        delta = forward_weight(mods[name], w0.shape[1]) - w0
+        if any(getattr(mods[name], "use_dora", {}).values()):
+            # PEFT's DoRA forward detaches the row norm (DoRA §4.3), so its autograd is not the
+            # gradient of the effective ΔW: take the dense formula (lora_delta), after checking
+            # it has the forward pass's value.
+            dense = lora_delta(mods[name])
+            torch.testing.assert_close(dense.detach(), delta.detach(), atol=1e-10, rtol=1e-9)
+            delta = dense
+        out[name] = delta
+    return out
+
+
+def _dense_deltas(model: nn.Module, anchors: Mapping[str, tuple], reference) -> dict[str, Tensor]:
+    """``{name: ΔW}`` of the anchored weights: LoRA/DoRA by PEFT's formulas, else ``W - W_ref``."""
+    out = {}
     for mod_name, module in model.named_modules():
         name = mod_name[len(PEFT_PREFIX):] if mod_name.startswith(PEFT_PREFIX) else mod_name
         name += ".weight"
         if name not in anchors or ".base_layer" in mod_name:
             continue
-        v, mode, rank = anchors[name]
         if hasattr(module, "lora_A"):
             delta = lora_delta(module)
             if delta is None:
@@ -121,6 +151,34 @@ def oracle_penalty(
             if not module.weight.requires_grad:
                 continue
             delta = full_delta(module, reference[name])
+        out[name] = delta
+    return out
+
+
+def oracle_penalty(
+    model: nn.Module,
+    anchors: Mapping[str, tuple],
+    anchor_lambda: float | Mapping[str, float] = 1.0,
+    reference: Mapping[str, Tensor] | None = None,
+    *,
+    origin: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """``Σ λ_name ‖R ΔW‖²`` over ``anchors = {hf weight name: (V, mode, rank)}``.
+
+    By default ΔW is formed densely: LoRA/DoRA layers are recognised by ``lora_A``; other
+    modules whose name is anchored are fully tuned and need ``reference[name]``.
+
+    With ``origin = {name: effective weight (out, in) at the origin}`` (see :func:`origin_of`),
+    ΔW of each of those weights is instead read off the forward pass, ``layer(I)ᵀ - origin``:
+    an oracle that knows nothing of a PEFT tuner's own ΔW formula (``tests/test_tuners.py``).
+    """
+    if origin is not None:
+        deltas = _forward_deltas(model, origin)
+    else:
+        deltas = _dense_deltas(model, anchors, reference)
+    total = None
+    for name, delta in deltas.items():
+        v, mode, rank = anchors[name]
         lam = anchor_lambda[name] if isinstance(anchor_lambda, Mapping) else anchor_lambda
         p = lam * penalty_of(delta, v, mode, rank)
         total = p if total is None else total + p

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from anchor_fixtures import gpt2_config, llama_config, model_pair, save_pair
+from tiny_models import gpt2_config, llama_config, model_pair, save_pair
 
 from asft_optim import AnchorError, Anchors, build_anchors
 from asft_optim.checkpoints import open_source

@@ -9,9 +9,9 @@ import struct
 
 import pytest
 import torch
-from anchor_fixtures import llama_config, model_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import llama_config, model_pair
 
 from asft_optim import AnchorError, Anchors, build_anchors
 from asft_optim.anchor_io import checksum

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from anchor_fixtures import llama_config, save_pair
+from tiny_models import llama_config, save_pair
 
 from asft_optim import Anchors, build_anchors
 from asft_optim.cli import main

@@ -6,6 +6,7 @@ The oracles are written here from the definitions with dense matrices
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import lora_shapes, scalings, seeds
-from tiny_models import D, lora, tiny_gpt2, tiny_llama
+from tiny_models import C_ATTN, D, Q, V, lora, tiny_gpt2, tiny_llama
 from torch import nn
 
 from asft_optim import (
@@ -30,9 +31,6 @@ from asft_optim import (
 from asft_optim.baselines import lora_cosine
 from asft_optim.discovery import find_targets
 
-Q = "model.layers.0.self_attn.q_proj.weight"
-V = "model.layers.0.self_attn.v_proj.weight"
-C_ATTN = "transformer.h.0.attn.c_attn.weight"
 PREFIX = "base_model.model."
 
 
@@ -222,6 +220,9 @@ def test_l2_anchors_penalise_all_of_delta_w():
     assert anchors[Q].factor.shape == (8, 0) and anchors[V].factor.shape == (4, 0)
     expected = sum(ref.lora_delta(_module(model, n)).pow(2).sum() for n in (Q, V))
     torch.testing.assert_close(anchor_penalty(model, anchors), expected)
+    # One metadata writer: the same target_modules format as build_anchors' (a JSON list).
+    assert json.loads(anchors.metadata["target_modules"]) == ["q_proj", "v_proj"]
+    assert anchors.metadata["library"].startswith("asft-optim ")
     gpt2 = l2_anchors(tiny_gpt2(), ["c_attn"])  # Conv1D (in, out): C acts on the 24 outputs
     assert gpt2[C_ATTN].factor.shape == (24, 0)
     with pytest.raises(AnchorError, match="no 2-D weight"):

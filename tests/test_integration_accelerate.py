@@ -6,12 +6,8 @@ Oracle: plain AdamW on ``task + anchor_penalty`` (the loss-level twin) in a plai
 import pytest
 import torch
 from accelerate import Accelerator
-from integration_models import (
-    TokenDataset,
-    tiny_anchors,
-    tiny_lora_llama,
-    trainable_state,
-)
+from integration_models import TokenDataset, trainable_state
+from tiny_models import tiny_anchors, tiny_lora_llama
 
 from asft_optim import AnchoredAdamW, anchor_penalty
 from asft_optim.integrations import anchor_summary, unwrap_optimizer

@@ -2,15 +2,8 @@
 
 import pytest
 import torch
-from integration_models import (
-    TokenDataset,
-    reset_accelerate_state,
-    tiny_anchors,
-    tiny_llama,
-    tiny_lora_llama,
-    trainable_state,
-    trainer_args,
-)
+from integration_models import TokenDataset, reset_accelerate_state, trainable_state, trainer_args
+from tiny_models import tiny_anchors, tiny_llama, tiny_lora_llama
 from transformers import Trainer
 
 from asft_optim import AnchoredAdamW, AnchoredAdamWFactory
@@ -40,7 +33,8 @@ def test_factory_route_equals_explicit_optimizer(tmp_path):
 
 
 def test_factory_param_groups_follow_trainer_weight_decay_rule():
-    model = tiny_llama()  # full fine-tuning: norms have weights that get no decay
+    # Full fine-tuning: norms have weights that get no decay.
+    model = tiny_llama(0, torch.float32, size="integration")
     opt = AnchoredAdamWFactory()(model, anchors=tiny_anchors(model), lr=1e-3, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for p in opt.param_groups[0]["params"]}

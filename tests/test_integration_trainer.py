@@ -10,16 +10,9 @@ import math
 
 import pytest
 import torch
-from integration_models import (
-    TokenDataset,
-    anchor_deltas,
-    tiny_anchors,
-    tiny_llama,
-    tiny_lora_llama,
-    trainable_state,
-    trainer_args,
-)
+from integration_models import TokenDataset, trainable_state, trainer_args
 from reference import oracle_penalty
+from tiny_models import anchor_deltas, tiny_anchors, tiny_llama, tiny_lora_llama
 from transformers import Trainer, TrainerCallback
 
 from asft_optim import AnchoredAdamW, AnchoredOptimizer, AnchorLoggingCallback, add_anchor_logging
@@ -175,7 +168,7 @@ def test_bf16_weights_penalty_matches_fp32_oracle(tmp_path):
 def test_resume_from_checkpoint_equals_uninterrupted_run_bit_exactly(tmp_path, full):
     def make(out):
         if full:  # q/v trained directly: W_ref must come back from optimizer.pt
-            model = tiny_llama()
+            model = tiny_llama(0, torch.float32, size="integration")
             for n, p in model.named_parameters():
                 p.requires_grad_(n.endswith(("q_proj.weight", "v_proj.weight")))
         else:

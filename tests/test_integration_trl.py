@@ -4,14 +4,14 @@ factory, and the trap (optimizer built before PEFT wraps the model) raising Anch
 import pytest
 import torch
 from datasets import Dataset
-from integration_models import (
-    VOCAB,
+from integration_models import trainable_state
+from tiny_models import (
+    INTEGRATION_VOCAB,
     lora_config,
     tiny_anchors,
     tiny_llama,
     tiny_lora_llama,
     token_batches,
-    trainable_state,
 )
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, INTEGRATION_VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -61,7 +61,7 @@ def test_sft_with_peft_model_and_optimizer(tmp_path):
 
 
 def test_sft_peft_config_through_factory(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(0, torch.float32, size="integration")
     anchors = tiny_anchors(model)  # HF names of the raw model: PEFT's prefix is stripped later
     trainer = SFTTrainer(
         model=model, args=sft_args(tmp_path), train_dataset=tokenized_dataset(),
@@ -78,7 +78,7 @@ def test_sft_peft_config_through_factory(tmp_path):
 
 
 def test_trap_optimizer_built_before_peft_wrapping_raises(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(0, torch.float32, size="integration")
     anchors = tiny_anchors(model)
     opt = AnchoredAdamW(model, anchors, lr=1e-2)  # holds the raw weights; PEFT then freezes them
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=tokenized_dataset(),

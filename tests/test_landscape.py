@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from tiny_models import D, lora, tiny_gpt2, tiny_llama, tokens
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from asft_optim.landscape import (
     cosine,
@@ -206,10 +205,7 @@ def test_points_are_computed_from_the_originals_not_accumulated():
 
 
 def test_tied_weights_are_perturbed_once_and_missing_names_raise():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).to(D)
+    model = tiny_llama(0, tie_word_embeddings=True)
     emb = model.model.embed_tokens.weight
     assert model.lm_head.weight is emb
     w0 = emb.detach().clone()

@@ -14,6 +14,9 @@ Rules checked on the import graph of ``asft_optim/`` (built with ``ast``, nothin
   (``cli._COMMANDS``) and the landscape's default ``--score``
   (``landscape_cli.DEFAULT_SCORE``), loaded only when that command or score is used.
 * No library module imports the package ``__init__`` (an arrow back to the top).
+
+And one size rule: no function of the library (outside ``asft_optim/lab/`` and the
+command-line modules ``cli.py`` / ``*_cli.py``) reaches 60 lines, ``def`` to end.
 """
 
 from __future__ import annotations
@@ -149,6 +152,25 @@ def test_every_public_module_declares_all():
         and not n.startswith("asft_optim.lab.")  # the lab is an application, not API
     ]
     assert not missing, f"modules without __all__: {missing}"
+
+
+#: The longest a library function may be, from its ``def`` to its last line (docstring included).
+MAX_FUNCTION_LINES = 59
+
+
+def test_library_functions_stay_short():
+    """Every function of the library (the lab and the command lines aside: applications that
+    parse, run and write) is under 60 lines, so each does one thing a reader can hold."""
+    long = []
+    for n, p in MODULES.items():
+        if n.startswith("asft_optim.lab") or n == "asft_optim.cli" or n.endswith("_cli"):
+            continue
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{n}.{node.name} ({lines} lines, line {node.lineno})")
+    assert MODULES and not long, f"functions over {MAX_FUNCTION_LINES} lines (split them by responsibility): {long}"
 
 
 def test_command_table_matches_the_commands_own_help():

@@ -267,12 +267,13 @@ def test_lambda_scheduler_drives_lambda_and_resumes():
 
 def test_fingerprint_is_stable_across_files_and_tells_anchors_apart(tmp_path):
     from asft_optim import Anchors, build_anchors
+    from asft_optim.anchors import anchor_fingerprint
 
     base, aligned = tiny_llama(0), tiny_llama(1)
     built = build_anchors(base, aligned, ["q_proj", "v_proj"], progress=False)
     built.save(tmp_path / "a.safetensors")
     loaded = Anchors.load(tmp_path / "a.safetensors")
-    fp = anchor_state.anchor_fingerprint
+    fp = anchor_fingerprint
     assert fp(built) == fp(loaded)
     assert fp(built) != fp(build_anchors(base, tiny_llama(2), ["q_proj", "v_proj"], progress=False))
     assert fp(built) != fp(build_anchors(base, aligned, ["q_proj", "v_proj"], mode="orthogonal", rank=2, progress=False))

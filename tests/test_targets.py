@@ -10,15 +10,12 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from tiny_models import D, lora, make_anchors, tiny_convnet, tiny_gpt2, tiny_llama
+from tiny_models import C_ATTN, D, Q, V, lora, make_anchors, tiny_convnet, tiny_gpt2, tiny_llama
 
 from asft_optim import AnchoredOptimizer, AnchorPenalty, anchor_penalty
 from asft_optim.discovery import find_targets, hf_name
 
-Q = "model.layers.0.self_attn.q_proj.weight"
-V = "model.layers.0.self_attn.v_proj.weight"
 E = "model.embed_tokens.weight"
-C_ATTN = "transformer.h.0.attn.c_attn.weight"
 CONV = "conv.weight"
 
 

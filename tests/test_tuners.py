@@ -4,9 +4,9 @@ The ORACLE here knows nothing of the library nor of PEFT's ``get_delta_weight``:
 effective update of a layer is read off its forward pass, ``ΔWᵀ = layer(I) - layer₀(I)``
 (an identity batch through the tuned layer minus the same batch through the layer as it
 was: a deep copy of the model taken before PEFT touched it, or the tuned layer's own
-output at construction for tuners measured from an origin), then
-``λ Σ ‖R ΔW‖²`` with a dense R (``tests/reference.py``) is differentiated by autograd in
-float64. The optimizer's gradient (an inner SGD with lr=0 leaves exactly λ∇P in
+output at construction for tuners measured from an origin), then ``λ Σ ‖R ΔW‖²`` with a
+dense R (``tests/reference.py``'s ``oracle_penalty(..., origin=...)``) is differentiated by
+autograd in float64. The optimizer's gradient (an inner SGD with lr=0 leaves exactly λ∇P in
 ``.grad``) and the loss-level :func:`anchor_penalty` are compared with it.
 """
 
@@ -23,80 +23,31 @@ import reference as ref
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import forward_weight, hf_modules, origin_of
 from strategies import modes, positive_lambdas, seeds
+from tiny_models import (
+    D,
+    Q,
+    TARGETS,
+    V,
+    anchor_deltas,
+    make_anchors,
+    tiny_gpt2,
+    tiny_llama,
+    token_batches,
+)
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from asft_optim import AnchoredOptimizer, AnchorError, Anchors, anchor_penalty
 from asft_optim.discovery import find_targets
 from asft_optim.tuners import DELTA_WEIGHT_TUNERS, REFUSED
 
-D = torch.float64
-Q = "model.layers.0.self_attn.q_proj.weight"
-V = "model.layers.0.self_attn.v_proj.weight"
 HEAD = "lm_head.weight"
-DIMS = {Q: (16, 16), V: (8, 16)}
+DIMS = {Q: (16, 16), V: (8, 16)}  # the ``wide`` Llama's q/v weights
+RANK = 3  # of the orthogonal anchors
 QV = ["q_proj", "v_proj"]
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def tiny_llama(seed: int = 0, dtype=D) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
-
-
-# -- the oracle -------------------------------------------------------------------------
-
-def _modules(model) -> dict[str, nn.Module]:
-    """``{HF weight name: module}`` (PEFT prefixes stripped, wrappers' insides skipped)."""
-    out = {}
-    for n, m in model.named_modules():
-        if any(part in n for part in (".base_layer", ".original_module", ".modules_to_save")):
-            continue
-        out[n.removeprefix(ref.PEFT_PREFIX) + ".weight"] = m
-    return out
-
-
-def forward_weight(layer: nn.Module, d_in: int, dtype=D) -> torch.Tensor:
-    """The layer's effective weight (out, in) read off its forward pass (Linear, no bias)."""
-    return layer(torch.eye(d_in, dtype=dtype)).T
-
-
-def oracle_penalty(model, origin: dict, oracle, lam: float) -> torch.Tensor:
-    """``λ Σ ‖R (W_eff - W_eff at the origin)‖²`` over the anchored weights, dense, by autograd."""
-    mods, total = _modules(model), None
-    for name, w0 in origin.items():
-        delta = forward_weight(mods[name], w0.shape[1]) - w0
-        if any(getattr(mods[name], "use_dora", {}).values()):
-            # PEFT's DoRA forward detaches the row norm (DoRA §4.3), so its autograd is not the
-            # gradient of the effective ΔW: take the dense formula of tests/reference.py,
-            # after checking it has the forward pass's value.
-            dense = ref.lora_delta(mods[name])
-            torch.testing.assert_close(dense.detach(), delta.detach(), atol=1e-10, rtol=1e-9)
-            delta = dense
-        v, mode, rank = oracle[name]
-        p = lam * ref.penalty_of(delta, v, mode, rank)
-        total = p if total is None else total + p
-    return total
-
-
-def origin_of(original: nn.Module, names, dtype=D) -> dict[str, torch.Tensor]:
-    """Effective weights of ``original`` (a model, before or after PEFT), detached."""
-    mods = _modules(original)
-    with torch.no_grad():
-        return {n: forward_weight(mods[n], mods[n].in_features, dtype).detach().clone() for n in names}
-
-
-def make_anchors(names_and_dims, mode="orthogonal", seed=7):
-    g = torch.Generator().manual_seed(seed)
-    deltas = {n: torch.randn(*d, generator=g, dtype=D) for n, d in names_and_dims.items()}
-    rank = 3 if mode in ("orthogonal", "subspace") else None
-    return Anchors.from_deltas(deltas, mode, rank=rank, dtype=D), {n: (v, mode, rank) for n, v in deltas.items()}
 
 
 def perturb(model, seed=3, scale=0.3):
@@ -124,7 +75,7 @@ def assert_exact(model, origin, anchors, oracle, lam=0.7, *, origins=None, opt=N
     params = trainable(model)
     if opt is None:
         opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=lam)
-    expected_loss = oracle_penalty(model, origin, oracle, lam)
+    expected_loss = ref.oracle_penalty(model, oracle, lam, origin=origin)
     expected = [
         torch.zeros_like(p) if g is None else g
         for g, p in zip(torch.autograd.grad(expected_loss, params, allow_unused=True), params, strict=True)
@@ -143,7 +94,7 @@ def assert_exact(model, origin, anchors, oracle, lam=0.7, *, origins=None, opt=N
 
 def peft_model(config, seed=0, dtype=D, init_dtype=None):
     """A tiny Llama wrapped by ``config`` and a deep copy of it as it was before."""
-    base = tiny_llama(seed, init_dtype or dtype)
+    base = tiny_llama(seed, init_dtype or dtype, size="wide")
     original = copy.deepcopy(base).to(D)
     torch.manual_seed(seed + 1)
     with warnings.catch_warnings():
@@ -197,7 +148,7 @@ def test_every_delta_weight_tuner_has_an_exact_row():
 def test_tuner_penalty_gradient_matches_forward_oracle(row):
     model, original = peft_model(EXACT[row](), init_dtype=torch.float32 if row in FLOAT32_INIT else None)
     perturb(model)  # every trainable tensor moves: ΔW ≠ 0 for all tuners
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     opt = assert_exact(model, origin_of(original, DIMS), anchors, oracle, tol=FLOAT32_MATH.get(row, (1e-9, 1e-8)))
     assert {t.kind for t in opt.targets} == {EXPECTED_KIND.get(row, "autograd")}
 
@@ -206,7 +157,7 @@ def test_adalora_penalises_its_e_vector():
     """AdaLoRA's ΔW = B·diag(E)·A·α/ranknum: the E vector gets a penalty gradient too."""
     model, original = peft_model(EXACT["adalora"]())
     perturb(model)
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     assert_exact(model, origin_of(original, DIMS), anchors, oracle)
     params = dict(model.named_parameters())
     e = params["base_model.model.model.layers.0.self_attn.q_proj.lora_E.default"]
@@ -218,7 +169,7 @@ def test_loha_rank_dropout_does_not_randomise_the_penalty():
     model, original = peft_model(peft.LoHaConfig(r=2, alpha=4, rank_dropout=0.5, target_modules=QV))
     perturb(model)
     model.train()
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     origin = origin_of(original, DIMS)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
@@ -258,12 +209,13 @@ def test_origin_tuners_start_at_zero_and_match_oracle(row):
         pytest.skip(f"PEFT's {row} init needs {NEEDS[row]} (not installed); detection is tested above")
     # PEFT builds these inits in float32 only; the model is float64 afterwards.
     model, original = peft_model(ORIGIN[row](), init_dtype=torch.float32)
-    assert all(t.needs_origin for t in find_targets(model, make_anchors(DIMS)[0], start=False)[0])
+    targets = find_targets(model, make_anchors(None, DIMS, rank=RANK)[0], start=False)[0]
+    assert all(t.needs_origin for t in targets)
     start = origin_of(model, DIMS)  # W_base + s·B₀A₀: the effective weight PEFT starts from
     if row != "loftq":  # LoftQ starts from a quantised approximation of W, the others from W
         for n in DIMS:
             torch.testing.assert_close(start[n], origin_of(original, DIMS)[n], atol=1e-5, rtol=1e-5)
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
     # B·A ≠ 0 by design, yet nothing was trained: penalty 0 and no gradient at the first step.
@@ -278,7 +230,7 @@ def test_origin_tuners_start_at_zero_and_match_oracle(row):
 
 def test_pissa_without_origin_is_refused_by_the_stateless_penalty():
     model, _ = peft_model(ORIGIN["pissa"](), init_dtype=torch.float32)
-    anchors, _ = make_anchors(DIMS)
+    anchors, _ = make_anchors(None, DIMS, rank=RANK)
     with pytest.raises(AnchorError, match="PiSSA.*origins="):
         anchor_penalty(model, anchors)
 
@@ -286,7 +238,7 @@ def test_pissa_without_origin_is_refused_by_the_stateless_penalty():
 def test_origin_survives_set_scale_and_a_restored_snapshot():
     """ΔW = s·BA - s₀·B₀A₀ with s₀ the configured scaling; a restored origin is used as is."""
     model, _ = peft_model(ORIGIN["olora"](), init_dtype=torch.float32)
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     start = origin_of(model, DIMS)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
@@ -336,7 +288,7 @@ def test_two_active_adapters_are_penalised_jointly():
     model.base_model.set_adapter(["default", "second"])
     model.to(D)
     perturb(model)
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     assert_exact(model, origin_of(original, DIMS), anchors, oracle)
 
 
@@ -348,10 +300,10 @@ def test_two_adapters_pissa_and_plain_lora():
         model.add_adapter("plain", peft.LoraConfig(r=3, lora_alpha=5, init_lora_weights=False, target_modules=QV))
     model.base_model.set_adapter(["default", "plain"])
     model.to(D)
-    mods = _modules(model)
+    mods = hf_modules(model)
     with torch.no_grad():  # the origin: the weight with the plain adapter's own ΔW taken out
         start = {n: forward_weight(mods[n], 16) - mods[n].get_delta_weight("plain") for n in DIMS}
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
     assert all(t.origin_adapters == {"default"} for t in opt.targets)
@@ -362,7 +314,7 @@ def test_two_adapters_pissa_and_plain_lora():
 def test_merged_adapter_adds_nothing_and_unmerged_is_exact():
     model, original = peft_model(_lora())
     perturb(model)
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
     model.merge_adapter()  # the update lives in the base weight; the adapter is not trained
@@ -374,13 +326,13 @@ def test_merged_adapter_adds_nothing_and_unmerged_is_exact():
 def test_modules_to_save_copy_is_fully_tuned_from_its_original():
     model, original = peft_model(_lora(modules_to_save=["lm_head"]))
     dims = {**DIMS, HEAD: (32, 16)}
-    anchors, oracle = make_anchors(dims)
+    anchors, oracle = make_anchors(None, dims, rank=RANK)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
     assert {t.name: t.kind for t in opt.targets}[HEAD] == "full"
     perturb(model)  # the trainable copy of lm_head moves; its frozen original does not
-    head = _modules(model)[HEAD]
-    assert torch.equal(head.original_module.weight, _modules(original)[HEAD].weight)
+    head = hf_modules(model)[HEAD]
+    assert torch.equal(head.original_module.weight, hf_modules(original)[HEAD].weight)
     # anchor_penalty (stateless) measures the copy from the frozen original.
     assert_exact(model, origin_of(original, dims), anchors, oracle, opt=opt)
 
@@ -399,8 +351,8 @@ def test_quantised_base_uses_the_layers_shape():
     """The packed weight's shape is not the layer's: LoRA on it is exact (it never reads W)."""
     model, _ = peft_model(_lora())
     perturb(model)
-    anchors, oracle = make_anchors(DIMS)
-    mods = _modules(model)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
+    mods = hf_modules(model)
     _fake_packed_base(model)
     targets, _ = find_targets(model, anchors)
     assert all(t.out_features() == DIMS[t.name][0] for t in targets)
@@ -423,7 +375,7 @@ def test_dora_on_a_quantised_base_is_refused():
     model, _ = peft_model(_lora(use_dora=True))
     _fake_packed_base(model)
     with pytest.raises(AnchorError, match="DoRA on a quantized base"):
-        find_targets(model, make_anchors(DIMS)[0])
+        find_targets(model, make_anchors(None, DIMS, rank=RANK)[0])
 
 
 @pytest.mark.skipif(
@@ -433,7 +385,7 @@ def test_dora_on_a_quantised_base_is_refused():
 def test_qlora_4bit_bitsandbytes_is_exact():
     import bitsandbytes as bnb
 
-    base = tiny_llama(0, torch.float32)
+    base = tiny_llama(0, torch.float32, size="wide")
     attn = base.model.layers[0].self_attn
     for n in QV:
         lin = getattr(attn, n)
@@ -445,9 +397,9 @@ def test_qlora_4bit_bitsandbytes_is_exact():
     for n, p in model.named_parameters():
         if "lora_" in n:
             p.data = p.data.to(D)
-    mods = _modules(model)
+    mods = hf_modules(model)
     assert type(mods[Q].get_base_layer().weight).__name__ == "Params4bit"
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
     assert {t.kind for t in opt.targets} == {"lora"}
@@ -488,7 +440,7 @@ REFUSED_ROWS = {
 def test_refused_tuner_names_itself(row):
     assert row in REFUSED
     model, _ = peft_model(REFUSED_ROWS[row]())
-    anchors, _ = make_anchors(DIMS)
+    anchors, _ = make_anchors(None, DIMS, rank=RANK)
     with pytest.raises(AnchorError, match=rf"PEFT tuner '{row}'.*not supported.*anchors"):
         AnchoredOptimizer(torch.optim.SGD(trainable(model) or [nn.Parameter(torch.zeros(1))], lr=0.0), model, anchors)
     with pytest.raises(AnchorError, match=rf"PEFT tuner '{row}'"):
@@ -500,12 +452,12 @@ def test_lora_variants_with_another_delta_are_refused(variant):
     kw = {"alora": dict(alora_invocation_tokens=[3], task_type="CAUSAL_LM"), "kasa": dict(kasa_config=peft.KasaConfig())}
     model, _ = peft_model(_lora(**kw[variant]))
     with pytest.raises(AnchorError, match="LoRA variant .*Variant.*not supported"):
-        find_targets(model, make_anchors(DIMS)[0])
+        find_targets(model, make_anchors(None, DIMS, rank=RANK)[0])
 
 
 def test_prompt_tuning_is_refused_naming_the_method():
     model, _ = peft_model(peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
-    anchors, _ = make_anchors(DIMS)
+    anchors, _ = make_anchors(None, DIMS, rank=RANK)
     with pytest.raises(AnchorError, match="PROMPT_TUNING.*no ΔW"):
         AnchoredOptimizer(torch.optim.SGD(trainable(model), lr=0.0), model, anchors)
 
@@ -513,9 +465,7 @@ def test_prompt_tuning_is_refused_naming_the_method():
 # -- the issue's routes (tiny Llama, two q/v layers, AnchoredAdamW, float32) -------------------
 
 def _route_model(config, init_dtype=torch.float32):
-    from integration_models import tiny_llama as llama
-
-    base = llama(0, init_dtype)
+    base = tiny_llama(0, init_dtype, size="integration")
     original = copy.deepcopy(base)
     torch.manual_seed(1)
     with warnings.catch_warnings():
@@ -525,7 +475,7 @@ def _route_model(config, init_dtype=torch.float32):
 
 def _route_penalties(model, start, anchors_raw):
     """Raw ‖RΔW‖² per weight from the forward-pass oracle (R = I - C, safelora C = VVᵀ/‖V‖)."""
-    mods = _modules(model)
+    mods = hf_modules(model)
     with torch.no_grad():
         return {
             n: ref.penalty_of((forward_weight(mods[n], w0.shape[1], w0.dtype) - w0).double(), anchors_raw[n].double(), "safelora")
@@ -536,8 +486,6 @@ def _route_penalties(model, start, anchors_raw):
 @pytest.mark.parametrize("route", ["adalora", "pissa"])
 def test_issue_route_trains_with_the_exact_penalty(route):
     """AdaLoRA used to raise AttributeError; PiSSA used to start at penalty 2.17 instead of 0."""
-    from integration_models import TARGETS, anchor_deltas, token_batches
-
     from asft_optim import AnchoredAdamW
 
     cfg = {
@@ -568,11 +516,11 @@ def test_lora_without_a_reachable_peft_config_warns():
     """LoRA layers without the config that says PiSSA or not (PEFT's inner model keeps a copy)."""
     model, _ = peft_model(ORIGIN["pissa"](), init_dtype=torch.float32)
     inner = model.get_base_model()
-    targets, _ = find_targets(inner, make_anchors(DIMS)[0])
+    targets, _ = find_targets(inner, make_anchors(None, DIMS, rank=RANK)[0])
     assert all(t.needs_origin for t in targets)  # found through the inner model's peft_config
     del inner.peft_config
     with pytest.warns(UserWarning, match="no peft_config.*PiSSA"):
-        find_targets(inner, make_anchors(DIMS)[0])
+        find_targets(inner, make_anchors(None, DIMS, rank=RANK)[0])
 
 
 def test_safe_lora_refuses_an_adapter_with_an_origin():
@@ -580,23 +528,19 @@ def test_safe_lora_refuses_an_adapter_with_an_origin():
 
     model, _ = peft_model(ORIGIN["pissa"](), init_dtype=torch.float32)
     with pytest.raises(AnchorError, match="Safe LoRA.*PiSSA"):
-        safe_lora_project(model, make_anchors(DIMS)[0])
+        safe_lora_project(model, make_anchors(None, DIMS, rank=RANK)[0])
 
 
 def test_bind_reads_the_shape_of_a_quantised_layer():
     model, _ = peft_model(_lora())
     _fake_packed_base(model)
-    anchors, _ = make_anchors(DIMS)
+    anchors, _ = make_anchors(None, DIMS, rank=RANK)
     assert sorted(anchors.bind(model, warn=False).found) == sorted(DIMS)
 
 
 def test_pissa_on_gpt2_conv1d_is_measured_from_its_origin():
     """GPT-2 stores W as (in, out) (fan_in_fan_out): the origin B₀A₀ is still (out, in)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
-    base = GPT2LMHeadModel(cfg)
+    base = tiny_gpt2(0, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(
@@ -605,7 +549,7 @@ def test_pissa_on_gpt2_conv1d_is_measured_from_its_origin():
     model.eval()
     name = "transformer.h.0.attn.c_attn.weight"
     start = origin_of(model, [name])
-    anchors, oracle = make_anchors({name: (24, 8)})
+    anchors, oracle = make_anchors(None, {name: (24, 8)}, rank=RANK)
     params = trainable(model)
     opt = AnchoredOptimizer(torch.optim.SGD(params, lr=0.0), model, anchors, anchor_lambda=0.7)
     assert all(g.abs().max() < 1e-12 for g in optimizer_grads(opt, params))
@@ -621,5 +565,5 @@ def test_two_active_loha_adapters_are_summed():
     model.base_model.set_adapter(["default", "second"])
     model.to(D)
     perturb(model)
-    anchors, oracle = make_anchors(DIMS)
+    anchors, oracle = make_anchors(None, DIMS, rank=RANK)
     assert_exact(model, origin_of(original, DIMS), anchors, oracle)

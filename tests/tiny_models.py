@@ -1,31 +1,66 @@
-"""Tiny float64 models and anchors shared by the core tests (seeded, CPU, a few ms each)."""
+"""The tests' fixtures: tiny seeded models (CPU, a few ms each), anchors, token data and
+base/aligned checkpoint pairs. ``tests/reference.py`` is the oracle they are checked against.
+
+One builder per kind of model; the sizes are named in :data:`LLAMA_SIZES` and
+:data:`GPT2_SIZES`.
+"""
 
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from asft_optim import Anchors
 
 D = torch.float64
 VOCAB = 32
+INTEGRATION_VOCAB = 64
+
+#: ``LlamaConfig`` fields of the tiny Llamas, by size: ``core`` (width 8, one block: the
+#: float64 oracle comparisons), ``wide`` (width 16: room for the PEFT tuners' blocks and
+#: rank-3 anchors), ``integration`` (width 32, two blocks, special tokens: the Trainer, TRL
+#: and torchrun tests) and ``checkpoint`` (width 16, two blocks: pairs written to disk).
+LLAMA_SIZES = {
+    "core": dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16),
+    "wide": dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16),
+    "integration": dict(vocab_size=INTEGRATION_VOCAB, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "checkpoint": dict(hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=48,
+                       max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=None),
+}
+
+#: ``GPT2Config`` fields of the tiny GPT-2s, by size (as :data:`LLAMA_SIZES`).
+GPT2_SIZES = {
+    "core": dict(vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16,
+                 bos_token_id=0, eos_token_id=0),
+    "checkpoint": dict(n_embd=16, n_layer=2, n_head=2, vocab_size=48, n_positions=32,
+                       bos_token_id=0, eos_token_id=1),
+}
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+# -- models ---------------------------------------------------------------------------------
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = D, *, size: str = "core", **config) -> nn.Module:
+    """A seeded random Llama of :data:`LLAMA_SIZES` ``[size]``; ``config`` overrides fields."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).to(D)
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA_SIZES[size], **config})).to(dtype)
 
 
-def tiny_gpt2(seed: int = 0) -> nn.Module:
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = D) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).to(D)
+    return GPT2LMHeadModel(GPT2Config(**GPT2_SIZES["core"])).to(dtype)
 
 
 class ConvNet(nn.Module):
@@ -56,15 +91,29 @@ def out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+# -- anchors --------------------------------------------------------------------------------
 
-#: The two anchored weights of :func:`tiny_llama`'s first block, and their (d_out, d_in).
+#: The two anchored weights of :func:`tiny_llama`'s first block, and their (d_out, d_in)
+#: in the ``core`` size.
 Q = "model.layers.0.self_attn.q_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
 DIMS = {Q: (8, 8), V: (4, 8)}
+#: :func:`tiny_gpt2`'s fused attention weight (a Conv1D, stored (in, out)).
+C_ATTN = "transformer.h.0.attn.c_attn.weight"
 
 
-def make_anchors(model: nn.Module, names_and_dims: dict[str, int], mode: str, rank, seed: int = 7):
-    """Random alignment directions V (d_out, d_in): library anchors + oracle dict."""
+def make_anchors(
+    model: nn.Module | None,
+    names_and_dims: dict[str, tuple[int, int]],
+    mode: str = "orthogonal",
+    rank: int | None = None,
+    seed: int = 7,
+):
+    """Random alignment directions V (d_out, d_in): library anchors + oracle dict.
+
+    ``rank`` is used by the projector modes (``orthogonal``/``subspace``; default: 2);
+    ``model`` is not read (the anchors depend on the names and shapes only).
+    """
     g = torch.Generator().manual_seed(seed)
     deltas = {n: torch.randn(d_out, d_in, generator=g, dtype=D) for n, (d_out, d_in) in names_and_dims.items()}
     if mode in ("orthogonal", "subspace"):
@@ -76,6 +125,8 @@ def make_anchors(model: nn.Module, names_and_dims: dict[str, int], mode: str, ra
     return anchors, oracle
 
 
+# -- data -----------------------------------------------------------------------------------
+
 def tokens(seed: int, batch: int = 2, length: int = 5) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -83,3 +134,79 @@ def tokens(seed: int, batch: int = 2, length: int = 5) -> torch.Tensor:
 def lm_loss(model, seed: int) -> torch.Tensor:
     ids = tokens(seed)
     return model(input_ids=ids, labels=ids).loss
+
+
+# -- the integration size: LoRA on q/v, float32 by default, real token ids ------------------
+
+TARGETS = ("q_proj", "v_proj")
+
+
+def lora_config(**kw) -> LoraConfig:
+    """LoRA on q/v with a random B, so ΔW ≠ 0 and the penalty acts from the first step."""
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+               target_modules=list(TARGETS))
+    cfg.update(kw)
+    return LoraConfig(**cfg)
+
+
+def tiny_lora_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> nn.Module:
+    """The ``integration`` Llama under :func:`lora_config` (``kw`` overrides its fields)."""
+    model = tiny_llama(seed, dtype, size="integration")
+    torch.manual_seed(seed + 1)
+    return get_peft_model(model, lora_config(**kw)).to(dtype)
+
+
+def anchor_deltas(model: nn.Module, seed: int = 7, dtype: torch.dtype = torch.float32) -> dict:
+    """Random alignment directions V for every q/v weight of ``model`` (plain or PEFT)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in model.named_modules():
+        name = name.removesuffix(".base_layer")
+        if name.endswith(TARGETS) and isinstance(mod, nn.Linear):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            out[key] = torch.randn(mod.out_features, mod.in_features, generator=g).to(dtype)
+    return out
+
+
+def tiny_anchors(model: nn.Module, seed: int = 7, dtype: torch.dtype = torch.float32) -> Anchors:
+    # Build from a plain copy of the shapes: the names of q/v weights are the HF names.
+    return Anchors.from_deltas(anchor_deltas(model, seed, dtype), "safelora", dtype=dtype)
+
+
+def token_batches(n: int, batch: int = 4, length: int = 12, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, INTEGRATION_VOCAB, (batch, length), generator=g) for _ in range(n)]
+
+
+# -- base/aligned checkpoint pairs written with ``save_pretrained`` ---------------------------
+
+def llama_config(**kw) -> LlamaConfig:
+    """The ``checkpoint`` size of :data:`LLAMA_SIZES`, ``kw`` overriding fields."""
+    return LlamaConfig(**{**LLAMA_SIZES["checkpoint"], **kw})
+
+
+def gpt2_config(**kw) -> GPT2Config:
+    """The ``checkpoint`` size of :data:`GPT2_SIZES`, ``kw`` overriding fields."""
+    return GPT2Config(**{**GPT2_SIZES["checkpoint"], **kw})
+
+
+def model_pair(cfg, seed: int = 0, scale: float = 0.05):
+    """A random model and its 'aligned' twin: every weight perturbed by a random delta."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(cfg).eval()
+    aligned = AutoModelForCausalLM.from_config(cfg).eval()
+    aligned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in aligned.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return base, aligned
+
+
+def save_pair(tmp_path, cfg, seed: int = 0, **save_kw):
+    base, aligned = model_pair(cfg, seed)
+    dirs = []
+    for name, m in (("base", base), ("aligned", aligned)):
+        d = tmp_path / name
+        m.save_pretrained(d, **save_kw)
+        dirs.append(d)
+    return base, aligned, dirs[0], dirs[1]

@@ -5,16 +5,17 @@ directions of each weight come from harmful data, and the ``subspace`` penalty
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..anchors import Anchors
+from ..anchors import Anchors, anchor_metadata
 from ..layout import math_dtype, to_out_in
-from ..projection import AnchorError, projection_from_delta
-from .targeted import anchor_metadata, targeted_weights
+from ..projection import AnchorError, Projection, projection_from_delta
+from .targeted import targeted_weights
 
 __all__ = ["HarmfulMethod", "harmful_anchors"]
 
@@ -74,31 +75,40 @@ def harmful_anchors(
         lr, epochs: the SGD fine-tune of ``method="delta"`` (default: 1e-3, 1).
         dtype: storage dtype of the factors (default: float32).
     """
+    batches = list(harmful_batches)
+    _check_settings(method, rank, energy, lr, epochs, batches)
+    weights = targeted_weights(model, target_modules)
+    params = list({id(w): w for w, _ in weights.values()}.values())
+    with _restored(model, params, weights=method == "delta"), torch.enable_grad():
+        totals = _harmful_totals(model, batches, params, method, loss_fn or _default_loss, lr, epochs)
+    projections = _harmful_projections(weights, params, totals, method, rank, energy, dtype)
+    meta = anchor_metadata("subspace", rank, energy, dtype, target_modules, source=f"harmful-{method}")
+    return Anchors(projections, meta)
+
+
+def _check_settings(method, rank, energy, lr, epochs, batches) -> None:
     if method not in ("gradient", "delta"):
         raise ValueError(f"Invalid method: {method!r} (expected 'gradient' or 'delta')")
     if rank is None and energy is None:
         raise AnchorError("harmful_anchors needs rank= or energy= (how many harmful directions to keep)")
     if method == "delta" and not (isinstance(epochs, int) and epochs >= 1 and math.isfinite(lr) and lr > 0):
         raise ValueError(f"Invalid delta fine-tune: lr={lr!r}, epochs={epochs!r}")
-    loss_fn = loss_fn or _default_loss
-    batches = list(harmful_batches)
     if not batches:
         raise ValueError("harmful_batches is empty")
-    weights = targeted_weights(model, target_modules)
-    params = list({id(w): w for w, _ in weights.values()}.values())
-    index = {id(p): i for i, p in enumerate(params)}
+
+
+@contextmanager
+def _restored(model: nn.Module, params: list[Tensor], *, weights: bool) -> Iterator[None]:
+    """Eval mode and ``requires_grad`` on ``params`` for the duration; on exit the model's
+    train/eval modes, the flags and (``weights=True``) the weights come back bit for bit."""
     flags = [p.requires_grad for p in params]
     modes = [(m, m.training) for m in model.modules()]
-    originals = [p.detach().clone() for p in params] if method == "delta" else []
+    originals = [p.detach().clone() for p in params] if weights else []
     try:
         model.eval()
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
-            if method == "gradient":
-                totals = _summed_gradients(model, batches, params, loss_fn)
-            else:
-                totals = _sgd_deltas(model, batches, params, loss_fn, lr, epochs)
+        yield
     finally:
         with torch.no_grad():
             for p, w0 in zip(params, originals, strict=False):
@@ -108,14 +118,25 @@ def harmful_anchors(
         for m, training in modes:
             m.training = training
 
+
+def _harmful_totals(model, batches, params, method, loss_fn, lr, epochs) -> list[Tensor]:
+    """Per parameter: the summed harmful gradient, or the SGD fine-tune's ``W_T - W_0``."""
+    if method == "gradient":
+        return _summed_gradients(model, batches, params, loss_fn)
+    return _sgd_deltas(model, batches, params, loss_fn, lr, epochs)
+
+
+def _harmful_projections(weights, params, totals, method, rank, energy, dtype) -> dict[str, Projection]:
+    """The ``subspace`` operator of each targeted weight from its harmful total, on the CPU."""
+    total_of = {id(p): t for p, t in zip(params, totals, strict=True)}
     projections = {}
     for name, (w, layout) in weights.items():
-        g = to_out_in(totals[index[id(w)]], layout)
+        g = to_out_in(total_of[id(w)], layout)
         if not bool(g.ne(0).any()):
             raise AnchorError(f"{name}: the harmful loss does not move this weight (zero {method}); drop it from target_modules")
         p = projection_from_delta(g, "subspace", rank=rank, energy=energy, name=name)
         projections[name] = p.to("cpu", dtype)
-    return Anchors(projections, anchor_metadata("subspace", rank, energy, dtype, target_modules, source=f"harmful-{method}"))
+    return projections
 
 
 def _grads(model, batch, params, loss_fn) -> list[Tensor]:

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..anchors import Anchors
+from ..anchors import Anchors, anchor_metadata
 from ..layout import to_out_in
 from ..projection import Projection
-from .targeted import anchor_metadata, targeted_weights
+from .targeted import targeted_weights
 
 __all__ = ["l2_anchors"]
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..discovery import check_shapes, find_targets
 from ..layout import math_dtype
 from ..projection import AnchorError, Projection
-from ..discovery import check_shapes, find_targets
-from ..targets import DeltaWeightTarget, LoraTarget
+from ..targets import DeltaWeightTarget, LoraTarget, Target
 
 __all__ = ["DEFAULT_THRESHOLD", "SafeLoRALayer", "kept", "lora_cosine", "safe_lora_project"]
 
@@ -117,6 +117,19 @@ def safe_lora_project(
         >>> report = safe_lora_project(peft_model, anchors, threshold=0.5)
         >>> [r.name for r in report if r.projected]
     """
+    threshold = _checked_selection(threshold, num_layers)
+    rows = _adapter_rows(model, anchors)
+    cosines = [float(r.cosine) for r in rows]
+    chosen = _select(cosines, threshold, num_layers)
+    if not dry_run:
+        for row, yes in zip(rows, chosen, strict=True):
+            if yes:
+                row.b_param.copy_(row.kept_b.reshape(row.b_param.shape).to(row.b_param.dtype))
+    return [SafeLoRALayer(r.name, r.adapter, c, yes) for r, c, yes in zip(rows, cosines, chosen, strict=True)]
+
+
+def _checked_selection(threshold: float | None, num_layers: int | None) -> float | None:
+    """The threshold to use (Safe LoRA's default when neither rule is given)."""
     if threshold is not None and num_layers is not None:
         raise ValueError("give threshold or num_layers, not both")
     if num_layers is None:
@@ -125,6 +138,11 @@ def safe_lora_project(
             raise ValueError("threshold must not be NaN")
     elif not (isinstance(num_layers, int) and num_layers >= 0):
         raise ValueError(f"Invalid num_layers: {num_layers!r} (must be an int >= 0)")
+    return threshold
+
+
+def _plain_lora_targets(model: nn.Module, anchors: Mapping[str, Projection]) -> list[Target]:
+    """The anchored targets, refusing what Safe LoRA cannot project (``B`` of ``s·B·A`` only)."""
     if any(p.mode == "l2" for p in anchors.values()):
         raise AnchorError("l2 anchors keep nothing (C = 0): Safe LoRA needs an alignment or subspace anchor")
     targets, missing = find_targets(model, anchors)
@@ -141,23 +159,30 @@ def safe_lora_project(
             f"s·B·A - s₀·B₀A₀ (on {bad[:5]}): convert it to a plain LoRA adapter first (PEFT's "
             "save_pretrained(path_initial_model_for_weight_conversion=...))"
         )
+    return targets
 
-    rows: list[tuple[str, str, Tensor, Tensor, Tensor]] = []  # name, adapter, cos, K·B, B param
-    for t in targets:
+
+@dataclass(frozen=True)
+class _AdapterRow:
+    """One (anchored module, adapter) before anything changes: its cosine and ``K·B``."""
+
+    name: str
+    adapter: str
+    cosine: Tensor
+    kept_b: Tensor
+    b_param: Tensor
+
+
+def _adapter_rows(model: nn.Module, anchors: Mapping[str, Projection]) -> list[_AdapterRow]:
+    rows = []
+    for t in _plain_lora_targets(model, anchors):
         if not isinstance(t, LoraTarget):
             continue  # anchored weight without a LoRA adapter: nothing to project
         for f in t.lora_factors():
             dtype = math_dtype(f.b)
             proj = anchors[t.name].to(f.b.device, dtype)
             b, a = f.b.detach().to(dtype), f.a.detach().to(dtype)
-            rows.append((t.name, f.adapter, lora_cosine(proj, b, a), kept(proj, b), f.b_param))
+            rows.append(_AdapterRow(t.name, f.adapter, lora_cosine(proj, b, a), kept(proj, b), f.b_param))
     if not rows:
         raise AnchorError("no anchored module has an active, unmerged LoRA adapter")
-
-    cosines = [float(r[2]) for r in rows]
-    chosen = _select(cosines, threshold, num_layers)
-    if not dry_run:
-        for (_n, _a, _c, kb, b_param), yes in zip(rows, chosen, strict=True):
-            if yes:
-                b_param.copy_(kb.reshape(b_param.shape).to(b_param.dtype))
-    return [SafeLoRALayer(n, a, c, yes) for (n, a, *_), c, yes in zip(rows, cosines, chosen, strict=True)]
+    return rows

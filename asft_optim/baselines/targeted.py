@@ -1,4 +1,4 @@
-"""What the anchor builders without a base model share: the targeted weights and metadata."""
+"""What the anchor builders without a base model share: the targeted weights."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from ..anchors import module_name_matcher
+from ..discovery import hf_name
 from ..layout import weight_layout
 from ..projection import AnchorError
-from ..discovery import hf_name
 from ..targets import is_tuner
 
-__all__ = ["anchor_metadata", "targeted_weights"]
+__all__ = ["targeted_weights"]
 
 
 def targeted_weights(model: nn.Module, target_modules: str | Iterable[str]) -> dict[str, tuple[Tensor, str]]:
@@ -38,16 +38,3 @@ def targeted_weights(model: nn.Module, target_modules: str | Iterable[str]) -> d
     if not out:
         raise AnchorError(f"no 2-D weight of the model matches target_modules={target_modules!r}")
     return out
-
-
-def anchor_metadata(mode, rank, energy, dtype, target_modules, **extra) -> dict[str, str]:
-    """The string metadata of anchors built from a model alone (no base/aligned pair)."""
-    meta = {
-        "mode": mode,
-        "rank": "" if rank is None else str(rank),
-        "energy": "" if energy is None else str(energy),
-        "storage_dtype": str(dtype).removeprefix("torch."),
-        "target_modules": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
-    }
-    meta.update({k: str(v) for k, v in extra.items()})
-    return meta

@@ -9,7 +9,7 @@ post-hoc method (``safe-lora``) reuses the adapter another method trained
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,6 @@ class Method:
     uses: tuple[str, ...] = ()
     trains_as: str | None = None
     post: Callable[[AttackContext], dict] | None = None
-    describe: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _adamw(ctx: AttackContext) -> torch.optim.Optimizer:
@@ -98,26 +96,31 @@ def _anchored(ctx: AttackContext, anchors, lam: float) -> tuple[torch.optim.Opti
 
 
 def _sft(ctx):
+    """Plain LoRA fine-tuning (AdamW)."""
     return _adamw(ctx), {}
 
 
 def _asft(ctx):
+    """AnchoredAdamW, safelora anchors C = VVᵀ/‖V‖_F."""
     anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
                             mode="safelora", progress=False)
     return _anchored(ctx, anchors, ctx.config.anchor_lambda)
 
 
 def _asft_orthogonal(ctx):
+    """AnchoredAdamW, C = the top-k left singular vectors of V."""
     anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
                             mode="orthogonal", rank=ctx.config.orthogonal_rank, progress=False)
     return _anchored(ctx, anchors, ctx.config.anchor_lambda)
 
 
 def _l2(ctx):
+    """AnchoredAdamW, C = 0: λ‖ΔW‖²."""
     return _anchored(ctx, l2_anchors(ctx.model, list(ctx.config.target_modules)), ctx.config.l2_lambda)
 
 
 def _asft_alt(ctx):
+    """AnchoredAdamW, harmful-gradient subspace (AsFT_Alt)."""
     # AsFT_Alt: harmful directions from harmful data the defender holds (the base
     # model's compliant pool, disjoint from the attack's and the evaluation's prompts).
     rows = [encode_example(ctx.tokenizer, e, ctx.max_length) for e in ctx.data.known_harmful]
@@ -130,6 +133,7 @@ def _asft_alt(ctx):
 
 
 def _safe_lora(ctx):
+    """Safe LoRA projection of the sft adapter."""
     anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
                             mode="safelora", progress=False)
     report = safe_lora_project(ctx.model, anchors, threshold=ctx.config.safe_lora_threshold)
@@ -139,15 +143,12 @@ def _safe_lora(ctx):
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("sft", _sft, describe="plain LoRA fine-tuning (AdamW)"),
-        Method("asft", _asft, ("anchor_lambda",), describe="AnchoredAdamW, safelora anchors C = VVᵀ/‖V‖_F"),
-        Method("asft-orthogonal", _asft_orthogonal, ("anchor_lambda", "orthogonal_rank"),
-               describe="AnchoredAdamW, C = top-k left singular vectors of V"),
-        Method("l2", _l2, ("l2_lambda",), describe="AnchoredAdamW, C = 0: λ‖ΔW‖²"),
-        Method("asft-alt", _asft_alt, ("alt_rank", "alt_lambda"),
-               describe="AnchoredAdamW, harmful-gradient subspace (AsFT_Alt)"),
-        Method("safe-lora", None, ("safe_lora_threshold",), trains_as="sft", post=_safe_lora,
-               describe="Safe LoRA projection of the sft adapter"),
+        Method("sft", _sft),
+        Method("asft", _asft, ("anchor_lambda",)),
+        Method("asft-orthogonal", _asft_orthogonal, ("anchor_lambda", "orthogonal_rank")),
+        Method("l2", _l2, ("l2_lambda",)),
+        Method("asft-alt", _asft_alt, ("alt_rank", "alt_lambda")),
+        Method("safe-lora", None, ("safe_lora_threshold",), trains_as="sft", post=_safe_lora),
     ]
 }
 

@@ -20,7 +20,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from integration_models import anchor_deltas, tiny_llama, tiny_lora_llama, token_batches  # noqa: E402
+from tiny_models import anchor_deltas, tiny_llama, tiny_lora_llama, token_batches  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -38,7 +38,7 @@ STEPS = 3
 def build(case):
     """A sharded model and its anchored optimizer (built after sharding, as FSDP2 wants)."""
     if case == "full":
-        model = tiny_llama(0, D)
+        model = tiny_llama(0, D, size="integration")
         for n, p in model.named_parameters():
             p.requires_grad_(n.endswith(("q_proj.weight", "v_proj.weight")))
     else:

@@ -14,7 +14,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from integration_models import tiny_anchors, tiny_lora_llama, token_batches  # noqa: E402
+from tiny_models import tiny_anchors, tiny_lora_llama, token_batches  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from asft_optim import AnchoredAdamW  # noqa: E402

@@ -17,8 +17,8 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from integration_models import anchor_deltas, tiny_llama, tiny_lora_llama, token_batches  # noqa: E402
 from reference import oracle_penalty  # noqa: E402
+from tiny_models import anchor_deltas, tiny_llama, tiny_lora_llama, token_batches  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from asft_optim import AnchoredAdamW, AnchorError, Anchors, anchor_penalty  # noqa: E402
@@ -29,7 +29,7 @@ LAM = 0.7
 
 def build(case):
     if case == "full":
-        model = tiny_llama(0, D)
+        model = tiny_llama(0, D, size="integration")
         g = torch.Generator().manual_seed(3)
         reference = {
             n: p.detach() + 0.05 * torch.randn(p.shape, generator=g, dtype=D)
