@@ -19,14 +19,43 @@ from transformers import TrainerCallback
 
 from ..optimizer import AnchoredAdamW, Coupling
 from ..projection import Projection
+from ..refused import refuse_deepspeed
 from ..schedule import AnchorLambdaScheduler, LambdaFn
 from .unwrap import unwrap_optimizer
 
-__all__ = ["AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory", "add_anchor_logging"]
+__all__ = [
+    "AnchorLambdaCallback",
+    "AnchorLoggingCallback",
+    "AnchoredAdamWFactory",
+    "add_anchor_logging",
+    "check_trainer_optimizer",
+]
 
 # The Trainer's own rule for parameters that get no weight decay (transformers 5.x
 # ``Trainer.get_decay_parameter_names``): biases, LayerNorm modules and *norm* names.
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def check_trainer_optimizer(optimizer: Any, args: Any = None, *, who: str = "asft-optim"):
+    """The :class:`~asft_optim.AnchoredOptimizer` the Trainer will step, or an error.
+
+    Called by the callbacks at ``on_train_begin``: a Trainer that replaced the anchored
+    optimizer (DeepSpeed drops ``optimizers=(opt, None)``) would otherwise train without
+    the penalty and say nothing.
+
+    Raises:
+        AnchorError: DeepSpeed is in use (its message names the supported routes).
+        TypeError: the Trainer's optimizer is not anchored for another reason.
+    """
+    opt = unwrap_optimizer(optimizer)
+    if opt is not None:
+        return opt
+    refuse_deepspeed(f"{who}: the Trainer's optimizer is {type(optimizer).__name__}, not the anchored one", args)
+    raise TypeError(
+        f"{who}: the Trainer's optimizer ({type(optimizer).__name__}) is not an AnchoredOptimizer; pass "
+        "optimizers=(AnchoredAdamW(model, anchors, ...), None) or "
+        "optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {...})"
+    )
 
 
 class AnchorLoggingCallback(TrainerCallback):
@@ -49,6 +78,11 @@ class AnchorLoggingCallback(TrainerCallback):
     def __init__(self, prefix: str | None = None, strict: bool = True) -> None:
         self.prefix = prefix
         self.strict = strict
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # Before the first step: a replaced optimizer (DeepSpeed) must not train unanchored.
+        if self.strict:
+            check_trainer_optimizer(optimizer, args, who="AnchorLoggingCallback")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs and "train_loss" not in logs:
@@ -88,9 +122,7 @@ class AnchorLambdaCallback(TrainerCallback):
         self.scheduler: AnchorLambdaScheduler | None = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        opt = unwrap_optimizer(optimizer)
-        if opt is None:
-            raise TypeError(f"AnchorLambdaCallback needs an AnchoredOptimizer, the Trainer has {type(optimizer).__name__}")
+        opt = check_trainer_optimizer(optimizer, args, who="AnchorLambdaCallback")
         self.scheduler = AnchorLambdaScheduler(opt, self.lambda_fn)
         self.scheduler.set_step(state.global_step)
 
@@ -158,6 +190,9 @@ class AnchoredAdamWFactory:
         strict: bool = True,
         **adamw_kwargs: Any,
     ) -> AnchoredAdamW:
+        # The Trainer calls the factory inside DeepSpeed's set-up, before ZeRO touches the
+        # parameters: refusing here gives the reason, not an error from deep inside.
+        refuse_deepspeed("AnchoredAdamWFactory")
         if anchors is None:
             raise TypeError("AnchoredAdamWFactory needs anchors=... in optimizer_cls_and_kwargs")
         if lr is None:

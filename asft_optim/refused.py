@@ -1,0 +1,79 @@
+"""Routes the library refuses with a clear error instead of training silently without the penalty.
+
+DeepSpeed is the one such route today. Its engine, set up by the HF Trainer when
+``TrainingArguments(deepspeed=...)`` is given (or by ``accelerate launch`` with a DeepSpeed
+plugin), drops the optimizer passed in ``optimizers=(opt, None)`` and builds its own AdamW;
+ZeRO-1/2 flatten the parameters the anchored step must see, and ZeRO-3 partitions them to
+empty placeholders. Any of them would train without the anchor penalty, or with a wrong one.
+
+Nothing here imports transformers, accelerate or DeepSpeed: the checks read what those
+libraries already set up (the Trainer's DeepSpeed config and accelerate's environment flag).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .projection import AnchorError
+
+__all__ = ["DEEPSPEED_ALTERNATIVES", "deepspeed_in_use", "refuse_deepspeed"]
+
+#: What to use instead, named in every DeepSpeed refusal.
+DEEPSPEED_ALTERNATIVES = (
+    "train without deepspeed=: one process, DDP, or sharded with FSDP2 "
+    "(TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2})) or torch's "
+    "ZeroRedundancyOptimizer, with optimizers=(AnchoredAdamW(model, anchors, ...), None) or "
+    "optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {...})"
+)
+
+
+def deepspeed_in_use(args: Any = None) -> str | None:
+    """A description of the DeepSpeed set-up in use (``"DeepSpeed ZeRO stage 3"``), or None.
+
+    Looks at, in order: ``args.deepspeed`` of HF ``TrainingArguments`` (when given), the
+    DeepSpeed config the HF Trainer registers while its ``TrainingArguments`` live, and
+    accelerate's ``ACCELERATE_USE_DEEPSPEED`` environment flag.
+
+    Args:
+        args: HF ``TrainingArguments``, or None (default: None).
+    """
+    config = None
+    hf_ds = getattr(args, "hf_deepspeed_config", None)
+    if hf_ds is not None:
+        config = getattr(hf_ds, "config", None)
+    elif getattr(args, "deepspeed", None):
+        config = args.deepspeed if isinstance(args.deepspeed, dict) else {}
+    if config is None:
+        module = sys.modules.get("transformers.integrations.deepspeed")
+        if module is not None and hasattr(module, "deepspeed_config"):
+            config = module.deepspeed_config()
+    if config is None:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes", "on"):
+            return "DeepSpeed (ACCELERATE_USE_DEEPSPEED is set)"
+        return None
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    return f"DeepSpeed ZeRO stage {stage}"
+
+
+def refuse_deepspeed(where: str, args: Any = None) -> None:
+    """Raise :class:`AnchorError` if DeepSpeed is in use (see :func:`deepspeed_in_use`).
+
+    Args:
+        where: who refuses, first words of the message (e.g. ``"AnchoredAdamW"``).
+        args: HF ``TrainingArguments``, or None (default: None).
+
+    Example::
+
+        >>> refuse_deepspeed("AnchoredAdamWFactory")  # at the top of a constructor
+    """
+    found = deepspeed_in_use(args)
+    if found is not None:
+        raise AnchorError(
+            f"{where}: {found} is not supported: the DeepSpeed engine replaces the optimizer given to "
+            "the Trainer by its own AdamW, and ZeRO flattens (stages 1-2) or partitions (stage 3) the "
+            "weights the anchored step reads, so training would go on without the anchor penalty or "
+            f"with a wrong one. Supported instead: {DEEPSPEED_ALTERNATIVES}"
+        )
