@@ -104,14 +104,21 @@ def check_output_path(path: str | os.PathLike) -> None:
     target = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
-        raise AnchorError(f"output {target!r} is a directory; give a file name such as {os.path.join(target, 'anchors.safetensors')!r}")
+        example = os.path.join(target, "anchors.safetensors")
+        raise AnchorError(f"output {target!r} is a directory; give a file name such as {example!r}")
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
-        raise AnchorError(f"output {target!r}: its directory {parent!r} {what}; create it first (mkdir -p) or write elsewhere")
+        raise AnchorError(
+            f"output {target!r}: its directory {parent!r} {what}; create it first (mkdir -p) "
+            "or write elsewhere"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".asft-probe-", dir=parent)
     except OSError as exc:
-        raise AnchorError(f"output {target!r}: cannot write in {parent!r} ({exc.strerror or exc}); pick a writable directory") from exc
+        raise AnchorError(
+            f"output {target!r}: cannot write in {parent!r} ({exc.strerror or exc}); "
+            "pick a writable directory"
+        ) from exc
     os.close(fd)
     os.remove(probe)
 

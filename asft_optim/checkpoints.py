@@ -411,14 +411,19 @@ def resolve_hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
             RevisionNotFoundError,
         )
     except ImportError as exc:  # pragma: no cover - installed with transformers
-        raise AnchorError(f"{repo_id}: no such local directory, and huggingface_hub is not installed to read it from the Hub") from exc
+        raise AnchorError(
+            f"{repo_id}: no such local directory, and huggingface_hub is not installed to read it "
+            "from the Hub"
+        ) from exc
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     try:
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
     except HFValidationError as exc:
         raise AnchorError(f"{repo_id}: no such checkpoint directory, and not a valid Hub repo id ({exc})") from exc
     except RevisionNotFoundError as exc:
-        raise AnchorError(f"{where}: the Hub repo has no such revision; pass an existing branch, tag or commit") from exc
+        raise AnchorError(
+            f"{where}: the Hub repo has no such revision; pass an existing branch, tag or commit"
+        ) from exc
     except RepositoryNotFoundError as exc:
         raise AnchorError(
             f"{repo_id}: no such checkpoint directory, and no such Hub repo (or it is private or gated: "
@@ -431,7 +436,10 @@ def resolve_hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
             f"({constants.HF_HUB_CACHE}) while {offline}; {_hub_help(repo_id, revision)}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - network and cache errors of several kinds
-        raise AnchorError(f"{where}: cannot fetch the Hub model ({type(exc).__name__}: {exc}); {_hub_help(repo_id, revision)}") from exc
+        raise AnchorError(
+            f"{where}: cannot fetch the Hub model ({type(exc).__name__}: {exc}); "
+            f"{_hub_help(repo_id, revision)}"
+        ) from exc
     if not any(root.glob("*.safetensors")):
         raise AnchorError(
             f"{where}: the cached Hub snapshot ({root}) has no safetensors weights (only those are read "

@@ -32,27 +32,33 @@ DEEPSPEED_ALTERNATIVES = (
 def deepspeed_in_use(args: Any = None) -> str | None:
     """A description of the DeepSpeed set-up in use (``"DeepSpeed ZeRO stage 3"``), or None.
 
-    Looks at, in order: ``args.deepspeed`` of HF ``TrainingArguments`` (when given), the
-    DeepSpeed config the HF Trainer registers while its ``TrainingArguments`` live, and
-    accelerate's ``ACCELERATE_USE_DEEPSPEED`` environment flag.
+    With ``args`` (HF ``TrainingArguments``), their ``deepspeed`` setting decides alone.
+    Without, looks at the DeepSpeed config the HF Trainer registers while its
+    ``TrainingArguments`` live, then at accelerate's ``ACCELERATE_USE_DEEPSPEED`` flag
+    (``accelerate launch`` with a DeepSpeed plugin).
 
     Args:
         args: HF ``TrainingArguments``, or None (default: None).
     """
     config = None
-    hf_ds = getattr(args, "hf_deepspeed_config", None)
-    if hf_ds is not None:
-        config = getattr(hf_ds, "config", None)
-    elif getattr(args, "deepspeed", None):
-        config = args.deepspeed if isinstance(args.deepspeed, dict) else {}
-    if config is None:
-        module = sys.modules.get("transformers.integrations.deepspeed")
-        if module is not None and hasattr(module, "deepspeed_config"):
-            config = module.deepspeed_config()
+    if args is not None:
+        hf_ds = getattr(args, "hf_deepspeed_config", None)
+        if hf_ds is not None:
+            config = getattr(hf_ds, "config", None)
+        elif getattr(args, "deepspeed", None):
+            config = args.deepspeed if isinstance(args.deepspeed, dict) else {}
+        return None if config is None else _describe(config)
+    module = sys.modules.get("transformers.integrations.deepspeed")
+    if module is not None and hasattr(module, "deepspeed_config"):
+        config = module.deepspeed_config()
     if config is None:
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes", "on"):
             return "DeepSpeed (ACCELERATE_USE_DEEPSPEED is set)"
         return None
+    return _describe(config)
+
+
+def _describe(config: Any) -> str:
     zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     return f"DeepSpeed ZeRO stage {stage}"

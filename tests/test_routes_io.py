@@ -314,14 +314,17 @@ def deepspeed_env(monkeypatch, clean_accelerate):
     for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu").items():
         monkeypatch.setenv(k, v)
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
-    monkeypatch.setattr(ds_torch, "build_shm_op", lambda: None)
+    # (``deepspeed.comm.torch`` as an attribute is the torch package: import the module by name.)
+    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    # The one-rank process group stays up for the next test: DeepSpeed caches its groups.
     yield
-    import torch.distributed as dist
+    # transformers keeps the last DeepSpeed config process-wide (a weak reference the Trainer
+    # may keep alive): later tests must not see ZeRO-3 as enabled.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    unset_hf_deepspeed_config()
 
 
 def _ds_args(tmp_path, stage):
@@ -346,15 +349,16 @@ def test_deepspeed_trainer_with_anchored_optimizer_is_refused_not_dropped(tmp_pa
     from asft_optim import AnchorLoggingCallback
 
     model = tiny_lora_llama(0)
-    args = _ds_args(tmp_path, stage)
+    # Built before the DeepSpeed arguments exist: nothing can refuse it at construction.
     opt = AnchoredAdamW(model, tiny_anchors(model), 1.0, lr=1e-2)
+    args = _ds_args(tmp_path, stage)
     before = trainable_state(model)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=(opt, None),
                       callbacks=[AnchorLoggingCallback()])
     with pytest.raises(AnchorError, match=DS_REFUSAL.format(stage)) as err:
         trainer.train()
     assert "AnchorLoggingCallback" in str(err.value)
-    assert opt.state == {} or len(opt.state) == 0
+    assert len(opt.state) == 0  # the anchored optimizer never stepped, nor did any other
     after = trainable_state(model)
     if stage < 3:  # ZeRO-3 partitions the live parameters: nothing to compare in place
         assert all(torch.equal(before[n], after[n]) for n in before)
@@ -389,6 +393,11 @@ def test_deepspeed_refusal_reads_training_arguments_without_a_run(monkeypatch):
     with pytest.raises(AnchorError, match=r"X: DeepSpeed ZeRO stage 2 is not supported.*FSDP2"):
         refuse_deepspeed("X", args)
     refuse_deepspeed("X", SimpleNamespace(deepspeed=None))  # no DeepSpeed: no error
+    if "transformers.integrations.deepspeed" in sys.modules:
+        from transformers.integrations.deepspeed import deepspeed_config
+
+        assert deepspeed_config() is None  # no DeepSpeed TrainingArguments alive
+    assert deepspeed_in_use() is None
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(AnchorError, match="ACCELERATE_USE_DEEPSPEED"):
         refuse_deepspeed("X")
