@@ -18,7 +18,13 @@ from typing import Any
 
 from .projection import AnchorError
 
-__all__ = ["DEEPSPEED_ALTERNATIVES", "deepspeed_in_use", "refuse_deepspeed"]
+__all__ = [
+    "DEEPSPEED_ALTERNATIVES",
+    "deepspeed_in_use",
+    "refuse_deepspeed",
+    "refuse_zero3_partitions",
+    "zero3_partitioned",
+]
 
 #: What to use instead, named in every DeepSpeed refusal.
 DEEPSPEED_ALTERNATIVES = (
@@ -82,4 +88,33 @@ def refuse_deepspeed(where: str, args: Any = None) -> None:
             "the Trainer by its own AdamW, and ZeRO flattens (stages 1-2) or partitions (stage 3) the "
             "weights the anchored step reads, so training would go on without the anchor penalty or "
             f"with a wrong one. Supported instead: {DEEPSPEED_ALTERNATIVES}"
+        )
+
+
+def zero3_partitioned(model: Any) -> list[str]:
+    """Names of ``model``'s parameters that DeepSpeed ZeRO-3 has partitioned.
+
+    Such a parameter is an empty placeholder (``shape == (0,)``) carrying ``ds_id`` and
+    ``ds_shape``; its values live in DeepSpeed's partitions.
+    """
+    return [n for n, p in model.named_parameters() if hasattr(p, "ds_id") and hasattr(p, "ds_shape")]
+
+
+def refuse_zero3_partitions(model: Any, where: str) -> None:
+    """Raise :class:`AnchorError` if any parameter of ``model`` is a ZeRO-3 partition.
+
+    For constructors that read weight shapes (anchors bound to a model): a partitioned
+    weight reads as shape ``(0,)``, which would otherwise surface as a shape mismatch or
+    an ``IndexError``.
+
+    Example::
+
+        >>> refuse_zero3_partitions(model, "AnchoredAdamW")  # before binding anchors
+    """
+    names = zero3_partitioned(model)
+    if names:
+        raise AnchorError(
+            f"{where}: {len(names)} parameter(s) of the model are DeepSpeed ZeRO-3 partitions "
+            f"(empty placeholders, first: {names[:3]}); DeepSpeed is not supported. "
+            f"Supported instead: {DEEPSPEED_ALTERNATIVES}"
         )

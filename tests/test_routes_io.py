@@ -381,6 +381,37 @@ def test_deepspeed_trainer_with_the_factory_is_refused_by_name(tmp_path, deepspe
     assert str(err.value).startswith("AnchoredAdamWFactory")
 
 
+def test_zero3_partitioned_weights_are_named_not_read_as_shape_0(tmp_path, deepspeed_env):
+    """Under ZeRO-3 every weight is an empty placeholder: a constructor binding anchors to
+    that model gets an AnchorError naming ZeRO-3 (before: a raw IndexError or "weight (0,)")."""
+    from integration_models import TokenDataset, tiny_lora_llama
+    from transformers import Trainer, TrainerCallback
+
+    from asft_optim.refused import refuse_zero3_partitions, zero3_partitioned
+
+    model = tiny_lora_llama(0)
+    assert zero3_partitioned(model) == []
+    refuse_zero3_partitions(model, "AnchoredAdamW")  # not partitioned: no error
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["names"] = zero3_partitioned(model)
+            with pytest.raises(AnchorError, match=r"AnchoredAdamW: \d+ parameter\(s\) of the model are DeepSpeed "
+                                                  r"ZeRO-3 partitions.*Supported instead"):
+                refuse_zero3_partitions(model, "AnchoredAdamW")
+            raise Stop  # before any step
+
+    trainer = Trainer(model=model, args=_ds_args(tmp_path, 3), train_dataset=TokenDataset(), callbacks=[Probe()])
+    with pytest.raises(Stop):
+        trainer.train()
+    lora_a = [n for n in seen["names"] if "lora_A" in n]
+    assert lora_a and len(seen["names"]) == len(list(model.parameters()))
+
+
 def test_deepspeed_refusal_reads_training_arguments_without_a_run(monkeypatch):
     """The check itself, from the arguments alone (no DeepSpeed engine, no deepspeed package)."""
     from types import SimpleNamespace
