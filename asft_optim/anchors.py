@@ -179,14 +179,15 @@ def as_anchors(value: Any, *, where: str = "anchors") -> Mapping[str, Projection
         bad = {k: type(v).__name__ for k, v in value.items() if not isinstance(v, Projection)}
         if not bad:
             return value
+        first = ", ".join(map(str, list(bad)[:3])) + (", ..." if len(bad) > 3 else "")
         if all(isinstance(value[k], Tensor) for k in bad):
             raise AnchorError(
-                f"{where} maps weight names to raw tensors ({list(bad)[:3]}...): anchors are operators, "
+                f"{where} maps weight names to raw tensors ({first}): anchors are operators, "
                 "not ΔW. Build them with build_anchors(base, aligned, target_modules), "
                 "Anchors.from_deltas({name: V}, mode) or projection_from_delta(V, mode) per weight"
             )
         raise AnchorError(
-            f"{where} values must be Projection; got {sorted(set(bad.values()))} for {list(bad)[:3]}. "
+            f"{where} values must be Projection; got {sorted(set(bad.values()))} for {first}. "
             "Build anchors with build_anchors(...) or Anchors.load(path)"
         )
     raise AnchorError(

@@ -72,13 +72,16 @@ class AnchorLambdaScheduler:
 
     def step(self) -> None:
         """Advance one step and write the new λ of every group."""
-        self.last_step += 1
-        self._apply()
+        self.set_step(self.last_step + 1)
 
     def set_step(self, step: int) -> None:
         """Jump to ``step`` (e.g. a Trainer's ``global_step`` on resume) and write its λ."""
-        self.last_step = int(step)
-        self._apply()
+        previous, self.last_step = self.last_step, int(step)
+        try:
+            self._apply()
+        except Exception:
+            self.last_step = previous  # a step that raises changes nothing
+            raise
 
     def _functions(self) -> list[LambdaFn]:
         """One function per current param group, taking in groups added since the last call."""

@@ -289,6 +289,7 @@ def test_scheduler_with_one_function_per_group_names_the_fix():
     before = [dict(g) for g in opt.param_groups]
     with pytest.raises(ValueError, match=r"2 param group\(s\).*1 lambda function.*scheduler\.lambda_fns"):
         sched.step()
+    assert sched.last_step == 0
     assert [g["anchor_lambda"] for g in opt.param_groups] == [b["anchor_lambda"] for b in before]
     sched.lambda_fns.append(lambda t: 0.25)
     sched.step()
@@ -301,6 +302,7 @@ def test_scheduler_changes_nothing_when_one_groups_value_is_invalid():
     sched = AnchorLambdaScheduler(opt, [lambda t: 1.0, lambda t: 1.0 if t < 1 else float("nan")])
     with pytest.raises(ValueError, match="param group 1 at step 1"):
         sched.step()
+    assert sched.last_step == 0
     assert sched.get_last_lambda() == [LAM, 3.0]
 
 
