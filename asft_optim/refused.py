@@ -1,6 +1,7 @@
 """Routes the library refuses with a clear error instead of training silently without the penalty.
 
-DeepSpeed is the one such route today. Its engine, set up by the HF Trainer when
+DeepSpeed's optimizer route is the one such route today (its loss-level route, ZeRO stage
+0-2, is :class:`~asft_optim.integrations.hf.AnchorPenaltyMixin`). Its engine, set up by the HF Trainer when
 ``TrainingArguments(deepspeed=...)`` is given (or by ``accelerate launch`` with a DeepSpeed
 plugin), drops the optimizer passed in ``optimizers=(opt, None)`` and builds its own AdamW;
 ZeRO-1/2 flatten the parameters the anchored step must see, and ZeRO-3 partitions them to
@@ -28,7 +29,9 @@ __all__ = [
 
 #: What to use instead, named in every DeepSpeed refusal.
 DEEPSPEED_ALTERNATIVES = (
-    "train without deepspeed=: one process, DDP, or sharded with FSDP2 "
+    "with DeepSpeed ZeRO stage 0-2, the loss-level penalty: class AnchoredTrainer(AnchorPenaltyMixin, "
+    "Trainer) from asft_optim.integrations, built with anchors=...; or train without deepspeed=: "
+    "one process, DDP, or sharded with FSDP2 "
     "(TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2})) or torch's "
     "ZeroRedundancyOptimizer, with optimizers=(AnchoredAdamW(model, anchors, ...), None) or "
     "optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {...})"

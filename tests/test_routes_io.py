@@ -309,10 +309,22 @@ def test_scheduler_changes_nothing_when_one_groups_value_is_invalid():
 # -- #2: the HF Trainer under DeepSpeed ------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """DeepSpeed's one-rank process group lives for this module's tests (DeepSpeed caches its
+    groups), and is destroyed after them: later test modules see no process group."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture
-def deepspeed_env(monkeypatch, clean_accelerate):
+def deepspeed_env(monkeypatch, clean_accelerate, one_rank_group):
     """One CPU process, no MPI, no shared-memory kernel build (one rank needs none)."""
     pytest.importorskip("deepspeed")
+    saved = dict(os.environ)  # accelerate sets ACCELERATE_USE_DEEPSPEED=true for good
     for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu").items():
         monkeypatch.setenv(k, v)
@@ -327,6 +339,9 @@ def deepspeed_env(monkeypatch, clean_accelerate):
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    for k in set(os.environ) - set(saved):
+        del os.environ[k]
+    os.environ.update(saved)
 
 
 def _ds_args(tmp_path, stage):
@@ -337,7 +352,9 @@ def _ds_args(tmp_path, stage):
     return trainer_args(tmp_path, deepspeed=ds, max_steps=1)
 
 
-DS_REFUSAL = r"DeepSpeed ZeRO stage {}.*not supported.*Supported instead: train without deepspeed="
+DS_REFUSAL = (r"DeepSpeed ZeRO stage {}.*not supported.*Supported instead: with DeepSpeed ZeRO stage 0-2, "
+              r"the loss-level penalty: class AnchoredTrainer\(AnchorPenaltyMixin, Trainer\).*"
+              r"or train without deepspeed=")
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -412,6 +429,93 @@ def test_zero3_partitioned_weights_are_named_not_read_as_shape_0(tmp_path, deeps
         trainer.train()
     lora_a = [n for n in seen["names"] if "lora_A" in n]
     assert lora_a and len(seen["names"]) == len(list(model.parameters()))
+
+
+def _sgd_oracle_step(model, anchors_oracle, lam, batch, lr, with_penalty=True):
+    """One float64 SGD step on task loss + λ·(dense oracle penalty), by autograd on a copy."""
+    m = copy.deepcopy(model).double()
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    loss = m(input_ids=batch, labels=batch).loss
+    if with_penalty:
+        loss = loss + ref.oracle_penalty(m, anchors_oracle, lam)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return {n: (p - lr * g).detach() for (n, p), g in zip(params.items(), grads)}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_zero_0_1_2_with_the_penalty_mixin_is_exact(tmp_path, deepspeed_env, stage):
+    """The supported DeepSpeed route: ``AnchorPenaltyMixin`` puts λ·P on the loss; one SGD
+    step under ZeRO-0/1/2 equals the float64 oracle step on task + λ·P (C = V Vᵀ/‖V‖_F dense).
+    DeepSpeed reduces float32 gradients only, so the run is float32 and the oracle float64 from
+    the same weights, hence the tolerance; without the penalty the step would differ by far
+    more than that."""
+    from integration_models import TokenDataset, trainable_state
+    from transformers import Trainer
+
+    from asft_optim.integrations import AnchorPenaltyMixin
+
+    class AnchoredTrainer(AnchorPenaltyMixin, Trainer):
+        pass
+
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"]).float()
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    data = TokenDataset(rows=4, length=5)
+    batch = data.ids % 32  # tiny_llama's vocabulary
+    data.ids = batch
+    lr, lam = 0.05, 0.7
+    want = _sgd_oracle_step(model, oracle, lam, batch, lr)
+    without = _sgd_oracle_step(model, oracle, lam, batch, lr, with_penalty=False)
+    # No clipping (DeepSpeed clips at norm 1.0 unless told otherwise): the oracle step is plain SGD.
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+          "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0}
+    from integration_models import trainer_args
+
+    args = trainer_args(tmp_path, deepspeed=ds, max_steps=1, optim="sgd", learning_rate=lr,
+                        lr_scheduler_type="constant", max_grad_norm=0.0)
+    AnchoredTrainer(model=model, args=args, train_dataset=data, anchors=anchors, anchor_lambda=lam).train()
+    got = {n: t.double() for n, t in trainable_state(model).items()}
+    tol = 1e-6
+    gap = max(float((want[n] - without[n]).abs().max()) for n in want)
+    assert gap > 1000 * tol  # the penalty moves the step well beyond the tolerance
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=tol)
+
+
+def test_deepspeed_zero3_with_the_penalty_mixin_is_refused(tmp_path, deepspeed_env):
+    from integration_models import TokenDataset, tiny_anchors, tiny_lora_llama
+    from transformers import Trainer
+
+    from asft_optim.integrations import AnchorPenaltyMixin
+
+    class AnchoredTrainer(AnchorPenaltyMixin, Trainer):
+        pass
+
+    model = tiny_lora_llama(0)
+    trainer = AnchoredTrainer(model=model, args=_ds_args(tmp_path, 3), train_dataset=TokenDataset(),
+                              anchors=tiny_anchors(model))
+    with pytest.raises(AnchorError, match=r"AnchorPenaltyMixin: DeepSpeed ZeRO-3 is not supported.*stage 0-2"):
+        trainer.train()
+
+
+def test_penalty_mixin_refuses_accumulation_and_a_second_penalty(tmp_path, clean_accelerate):
+    from integration_models import TokenDataset, tiny_anchors, tiny_lora_llama, trainer_args
+    from transformers import Trainer
+
+    from asft_optim.integrations import AnchorPenaltyMixin
+
+    class AnchoredTrainer(AnchorPenaltyMixin, Trainer):
+        pass
+
+    model = tiny_lora_llama(0)
+    anchors = tiny_anchors(model)
+    with pytest.raises(AnchorError, match="gradient_accumulation_steps=2 is not supported"):
+        AnchoredTrainer(model=model, args=trainer_args(tmp_path, gradient_accumulation_steps=2),
+                        train_dataset=TokenDataset(), anchors=anchors)
+    opt = AnchoredAdamW(model, anchors, 1.0, lr=1e-2)
+    trainer = AnchoredTrainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                              anchors=anchors, optimizers=(opt, None))
+    with pytest.raises(AnchorError, match="anchored already.*not both"):
+        trainer.train()
 
 
 def test_deepspeed_refusal_reads_training_arguments_without_a_run(monkeypatch):

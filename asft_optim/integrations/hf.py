@@ -19,13 +19,16 @@ from transformers import TrainerCallback
 
 from ..optimizer import AnchoredAdamW, Coupling
 from ..projection import Projection
-from ..refused import refuse_deepspeed
+from ..penalty import anchor_penalty
+from ..projection import AnchorError
+from ..refused import DEEPSPEED_ALTERNATIVES, refuse_deepspeed, zero3_partitioned
 from ..schedule import AnchorLambdaScheduler, LambdaFn
 from .unwrap import unwrap_optimizer
 
 __all__ = [
     "AnchorLambdaCallback",
     "AnchorLoggingCallback",
+    "AnchorPenaltyMixin",
     "AnchoredAdamWFactory",
     "add_anchor_logging",
     "check_trainer_optimizer",
@@ -217,3 +220,62 @@ class AnchoredAdamWFactory:
     def __repr__(self) -> str:
         return "AnchoredAdamWFactory()"
 
+
+
+class AnchorPenaltyMixin:
+    r"""Trainer mixin adding the loss-level penalty to the training loss, for DeepSpeed ZeRO-0/1/2.
+
+    .. math::
+        L = L_\text{task} + \lambda \sum_W \|(I - C_W)\,\Delta W\|_F^2
+
+    Under ``TrainingArguments(deepspeed=...)`` the Trainer steps DeepSpeed's optimizer, not an
+    :class:`~asft_optim.AnchoredOptimizer`; the penalty then rides on the loss
+    (:func:`~asft_optim.anchor_penalty`), whose gradient DeepSpeed reduces and applies like the
+    task's. Equal to the coupled optimizer route for SGD-like updates; with AdamW the penalty
+    gradient is normalised by Adam's second moment (coupled AsFT, as the reference code).
+
+    Refused (:class:`~asft_optim.AnchorError`): ZeRO-3 (the weights are partitioned outside
+    the forward pass), gradient accumulation (the Trainer rescales the loss per micro-batch in
+    ways that differ by model), and an anchored optimizer (the penalty would count twice).
+
+    Args (keyword, besides the Trainer's):
+        anchors: ``{HF weight name: Projection}``, an :class:`~asft_optim.Anchors`.
+        anchor_lambda: λ (default: 1.0).
+        penalty_kwargs: passed to :func:`~asft_optim.anchor_penalty` (``reference=``, ...).
+
+    Example::
+
+        >>> class AnchoredTrainer(AnchorPenaltyMixin, Trainer): pass
+        >>> AnchoredTrainer(model=peft_model, args=args_with_deepspeed, train_dataset=ds,
+        ...                 anchors=anchors, anchor_lambda=1.0).train()
+    """
+
+    def __init__(self, *args: Any, anchors: Mapping[str, Projection], anchor_lambda: float = 1.0,
+                 penalty_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.anchors, self.anchor_lambda = anchors, anchor_lambda
+        self.penalty_kwargs = dict(penalty_kwargs or {})
+        if self.args.gradient_accumulation_steps != 1:
+            raise AnchorError(
+                f"AnchorPenaltyMixin: gradient_accumulation_steps={self.args.gradient_accumulation_steps} "
+                "is not supported (the penalty must count once per step); use 1 and a larger batch"
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        if unwrap_optimizer(self.optimizer) is not None:
+            raise AnchorError(
+                "AnchorPenaltyMixin: the Trainer's optimizer is anchored already and adds the penalty "
+                "itself; use the mixin (DeepSpeed) or the anchored optimizer, not both"
+            )
+        partitioned = zero3_partitioned(self.model)
+        if partitioned:
+            raise AnchorError(
+                f"AnchorPenaltyMixin: DeepSpeed ZeRO-3 is not supported ({len(partitioned)} partitioned "
+                f"weights); use ZeRO stage 0-2 with this mixin, or: {DEEPSPEED_ALTERNATIVES}"
+            )
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        penalty = anchor_penalty(self.model, self.anchors, self.anchor_lambda, **self.penalty_kwargs)
+        if return_outputs:
+            loss, outputs = out
+            return loss + penalty.to(loss.dtype), outputs
+        return out + penalty.to(out.dtype)
