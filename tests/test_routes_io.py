@@ -518,6 +518,39 @@ def test_penalty_mixin_refuses_accumulation_and_a_second_penalty(tmp_path, clean
         trainer.train()
 
 
+def test_penalty_mixin_adds_the_oracle_penalty_to_training_loss_only(tmp_path, clean_accelerate):
+    """No DeepSpeed: the mixin's training loss is task + λ·(float64 oracle penalty); its
+    evaluation loss is the task's alone."""
+    from integration_models import TokenDataset, trainer_args
+    from transformers import Trainer
+
+    from asft_optim.integrations import AnchorPenaltyMixin
+
+    seen = []
+
+    class AnchoredTrainer(AnchorPenaltyMixin, Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            task = Trainer.compute_loss(self, model, inputs, **kwargs).detach()
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            value = (loss[0] if return_outputs else loss).detach()
+            seen.append((self.model.training, task.double(), value.double()))
+            return loss
+
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    data = TokenDataset(rows=4, length=5)
+    data.ids = data.ids % 32
+    want = float(ref.oracle_penalty(copy.deepcopy(model), oracle, LAM).detach())
+    trainer = AnchoredTrainer(model=model, args=trainer_args(tmp_path, max_steps=1, learning_rate=0.0),
+                              train_dataset=data, eval_dataset=data, anchors=anchors, anchor_lambda=LAM)
+    trainer.train()
+    trainer.evaluate()
+    (train_mode, task, loss), (eval_mode, eval_task, eval_loss) = seen[0], seen[-1]
+    assert train_mode and not eval_mode
+    assert float(loss - task) == pytest.approx(want, rel=1e-12, abs=0)  # the penalty in float64
+    assert float(eval_loss) == float(eval_task)
+
+
 def test_deepspeed_refusal_reads_training_arguments_without_a_run(monkeypatch):
     """The check itself, from the arguments alone (no DeepSpeed engine, no deepspeed package)."""
     from types import SimpleNamespace

@@ -221,7 +221,6 @@ class AnchoredAdamWFactory:
         return "AnchoredAdamWFactory()"
 
 
-
 class AnchorPenaltyMixin:
     r"""Trainer mixin adding the loss-level penalty to the training loss, for DeepSpeed ZeRO-0/1/2.
 
@@ -234,9 +233,10 @@ class AnchorPenaltyMixin:
     task's. Equal to the coupled optimizer route for SGD-like updates; with AdamW the penalty
     gradient is normalised by Adam's second moment (coupled AsFT, as the reference code).
 
-    Refused (:class:`~asft_optim.AnchorError`): ZeRO-3 (the weights are partitioned outside
-    the forward pass), gradient accumulation (the Trainer rescales the loss per micro-batch in
-    ways that differ by model), and an anchored optimizer (the penalty would count twice).
+    Evaluation losses stay the task's. Refused (:class:`~asft_optim.AnchorError`): ZeRO-3
+    (the weights are partitioned outside the forward pass), gradient accumulation (the
+    Trainer rescales the loss per micro-batch in ways that differ by model), and an anchored
+    optimizer (the penalty would count twice).
 
     Args (keyword, besides the Trainer's):
         anchors: ``{HF weight name: Projection}``, an :class:`~asft_optim.Anchors`.
@@ -262,6 +262,8 @@ class AnchorPenaltyMixin:
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        if not self.model.training:  # evaluation: the task's loss alone, as the optimizer route
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if unwrap_optimizer(self.optimizer) is not None:
             raise AnchorError(
                 "AnchorPenaltyMixin: the Trainer's optimizer is anchored already and adds the penalty "
@@ -275,7 +277,9 @@ class AnchorPenaltyMixin:
             )
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         penalty = anchor_penalty(self.model, self.anchors, self.anchor_lambda, **self.penalty_kwargs)
+        # No cast down: the penalty is in its math dtype (float32, or float64 for float64 weights)
+        # while HF losses are upcast to float32 only.
         if return_outputs:
             loss, outputs = out
-            return loss + penalty.to(loss.dtype), outputs
-        return out + penalty.to(out.dtype)
+            return loss + penalty, outputs
+        return out + penalty
