@@ -1,13 +1,15 @@
 """Anchor files: safetensors with validated metadata; nothing is ever unpickled.
 
-Layout of a file (format version 2)::
+Layout of a file (format version 3)::
 
     tensors   {weight name: factor F (d_out, m)}  all in one storage dtype
     metadata  format          "asft-anchors"
-              format_version  "2"
+              format_version  "3"
               dtype           "float32" | "bfloat16" | "float16" | "float64"
               weights         JSON {name: {"shape", "layout", "mode", "rank", "energy"}}
-              checksum        sha256 of every tensor's name, dtype, shape and bytes
+              checksum        sha256 of the whole header (every metadata entry but the
+                              checksum itself) and of every tensor's name, dtype, shape
+                              and bytes
               ...             build metadata (mode, rank, energy, target_modules,
                               base_fingerprint, aligned_fingerprint, library)
 
@@ -16,12 +18,11 @@ it as (out, in); ``rank`` is the number of columns of F and ``energy`` the fract
 ``‖V‖²_F`` it keeps. Every way a file can be wrong (truncated, edited, another format)
 raises :class:`~asft_optim.AnchorError`.
 
-Version 2 differs from version 1 in one guarantee: F has orthogonal columns,
-``F = U diag(√c)`` (C = F Fᵀ as before), which lets the step read F twice instead of four
-times. Version 1 files (exact ``safelora`` factors were ``V/√‖V‖_F``) still load: every
-factor is converted on reading by an SVD of F (same C; milliseconds for low-rank anchors,
-about 40 s for an exact 4096² one on one CPU thread), so save the loaded anchors once to
-skip it next time.
+Every F has orthogonal columns, ``F = U diag(√c)`` (C = F Fᵀ), which lets the step read F
+twice instead of four times. The checksum covers the metadata as well as the tensors: an
+edit of a weight's ``"mode"`` or recorded ``"shape"`` of the same length (which would change
+the penalty silently) fails to load. Files of earlier, never released versions (1 and 2:
+version 2 checksummed the tensors only) are refused with the command that rebuilds them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "STORAGE_DTYPES",
+    "check_output_path",
     "checksum",
     "dtype_name",
     "read_anchors",
@@ -51,9 +53,7 @@ __all__ = [
 ]
 
 FORMAT = "asft-anchors"
-FORMAT_VERSION = "2"
-#: Older versions still read (and converted on loading).
-_OLD_VERSIONS = ("1",)
+FORMAT_VERSION = "3"
 _REBUILD = "rebuild the file with `asft anchors build --base BASE --aligned ALIGNED -o FILE`"
 _RESERVED = ("format", "format_version", "dtype", "weights", "checksum")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -73,14 +73,54 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise AnchorError(f"unsupported anchor storage dtype {dtype}; use one of {list(STORAGE_DTYPES)}")
 
 
-def checksum(tensors: dict[str, Tensor]) -> str:
+def checksum(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 of the header and the data: every ``metadata`` entry but ``"checksum"``
+    (sorted, as canonical JSON), then every tensor's name, dtype, shape and bytes.
+
+    Example::
+
+        >>> meta["checksum"] = checksum(tensors, meta)  # what save_anchors writes
+    """
     h = hashlib.sha256(FORMAT.encode())
+    header = {str(k): str(v) for k, v in metadata.items() if k != "checksum"}
+    h.update(json.dumps(header, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(t.view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Raise :class:`AnchorError` unless an anchor file can be written at ``path``.
+
+    Checked before a long build: the directory exists and is a writable directory, and
+    ``path`` is not itself a directory. A probe file is created and removed (permission
+    bits alone do not tell, e.g. for root or on read-only mounts).
+    """
+    import tempfile
+
+    target = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        example = os.path.join(target, "anchors.safetensors")
+        raise AnchorError(f"output {target!r} is a directory; give a file name such as {example!r}")
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise AnchorError(
+            f"output {target!r}: its directory {parent!r} {what}; create it first (mkdir -p) "
+            "or write elsewhere"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".asft-probe-", dir=parent)
+    except OSError as exc:
+        raise AnchorError(
+            f"output {target!r}: cannot write in {parent!r} ({exc.strerror or exc}); "
+            "pick a writable directory"
+        ) from exc
+    os.close(fd)
+    os.remove(probe)
 
 
 def save_anchors(anchors: Mapping[str, Projection], path: str | os.PathLike) -> None:
@@ -113,8 +153,8 @@ def save_anchors(anchors: Mapping[str, Projection], path: str | os.PathLike) -> 
         format_version=FORMAT_VERSION,
         dtype=dtype_name(dtypes.pop()),
         weights=json.dumps(weights, sort_keys=True),
-        checksum=checksum(tensors),
     )
+    meta["checksum"] = checksum(tensors, meta)
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=meta)
@@ -164,11 +204,11 @@ def read_anchors(
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, "not an anchor file (no 'format: asft-anchors' metadata)")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION and version not in _OLD_VERSIONS:
+    if version != FORMAT_VERSION:
         raise _fail(
             path,
-            f"unsupported anchor format version {version!r} (this library reads "
-            f"{', '.join((*_OLD_VERSIONS, FORMAT_VERSION))}; a newer file needs a newer asft-optim, or {_REBUILD})",
+            f"unsupported anchor format version {version!r} (this library reads version "
+            f"{FORMAT_VERSION} only; a newer file needs a newer asft-optim, an older one: {_REBUILD})",
         )
     storage = meta.get("dtype")
     if storage not in STORAGE_DTYPES:
@@ -193,8 +233,12 @@ def read_anchors(
         if info.get("shape") != [d_out, rank] or rank > (min(d_out, d_in) if d_in > 0 else d_out):
             raise _fail(path, f"{name}: factor shape {info.get('shape')!r} does not fit a weight {shape} (rank {rank})")
     tensors = _read_tensors(path, sorted(weights))
-    if meta.get("checksum") != checksum(tensors):
-        raise _fail(path, "checksum mismatch: the file was modified or corrupted")
+    if meta.get("checksum") != checksum(tensors, meta):
+        raise _fail(
+            path,
+            "checksum mismatch: the header (metadata, a weight's mode, shape, rank or energy) or "
+            f"the tensor data was modified or corrupted; {_REBUILD}",
+        )
     projections, infos = {}, {}
     for name in sorted(weights):
         shape, layout, mode, _, energy = _check_entry(path, name, weights[name])
@@ -202,11 +246,9 @@ def read_anchors(
         if not torch.isfinite(t).all():
             raise _fail(path, f"{name}: factor has non-finite values")
         try:
-            proj = Projection(t, mode, energy, orthogonal_columns=version == FORMAT_VERSION)
-            # Version 1: any F; converted to orthogonal columns (same C).
-            projections[name] = proj.with_orthogonal_columns()
+            projections[name] = Projection(t, mode, energy, orthogonal_columns=True)
         except AnchorError as exc:
-            raise _fail(path, f"{name}: {exc}" + ("" if version == FORMAT_VERSION else f"; {_REBUILD}")) from exc
+            raise _fail(path, f"{name}: {exc}") from exc
         infos[name] = WeightInfo(shape, layout)
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
     return projections, extra, infos

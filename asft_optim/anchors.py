@@ -37,6 +37,7 @@ __all__ = [
     "WeightInfo",
     "anchor_fingerprint",
     "anchor_metadata",
+    "as_anchors",
     "build_anchors",
     "module_name_matcher",
 ]
@@ -203,6 +204,57 @@ class Anchors(Mapping[str, Projection]):
         ]
 
 
+def as_anchors(value: Any, *, where: str = "anchors") -> Mapping[str, Projection]:
+    """The anchors a user passed, as a mapping ``weight name -> Projection``.
+
+    Accepts an anchor file's path (``str`` or ``os.PathLike``: loaded with
+    :meth:`Anchors.load`) or a mapping whose values are all :class:`Projection` (an
+    :class:`Anchors`, returned as is). A mapping of raw tensors ``{name: V}`` and any other
+    type raise :class:`AnchorError` naming what to pass instead, so that a path is never
+    iterated character by character.
+
+    Args:
+        value: a path to an anchor file, an :class:`Anchors`, or ``{name: Projection}``.
+        where: the argument's name in error messages (default: ``"anchors"``).
+
+    Example::
+
+        >>> anchors = as_anchors("qv.anchors.safetensors")  # same as Anchors.load(...)
+        >>> as_anchors(anchors) is anchors
+        True
+    """
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not os.path.isfile(path):
+            raise AnchorError(
+                f"{where}: no anchor file at {path!r}; build one with "
+                "`asft anchors build --base BASE --aligned ALIGNED -o FILE.safetensors` "
+                "or pass Anchors (build_anchors(...))"
+            )
+        return Anchors.load(path)
+    if isinstance(value, Mapping):
+        if not value:
+            raise AnchorError(f"{where} is an empty mapping: no weight is anchored")
+        bad = {k: type(v).__name__ for k, v in value.items() if not isinstance(v, Projection)}
+        if not bad:
+            return value
+        first = ", ".join(map(str, list(bad)[:3])) + (", ..." if len(bad) > 3 else "")
+        if all(isinstance(value[k], Tensor) for k in bad):
+            raise AnchorError(
+                f"{where} maps weight names to raw tensors ({first}): anchors are operators, "
+                "not ΔW. Build them with build_anchors(base, aligned, target_modules), "
+                "Anchors.from_deltas({name: V}, mode) or projection_from_delta(V, mode) per weight"
+            )
+        raise AnchorError(
+            f"{where} values must be Projection; got {sorted(set(bad.values()))} for {first}. "
+            "Build anchors with build_anchors(...) or Anchors.load(path)"
+        )
+    raise AnchorError(
+        f"{where} must be Anchors, a {{name: Projection}} mapping or the path of an anchor file "
+        f"(str or pathlib.Path), not {type(value).__name__}"
+    )
+
+
 def module_name_matcher(target_modules: str | Iterable[str]):
     """PEFT-style matcher on module names: a regex (full match) or a list of suffixes."""
     if isinstance(target_modules, str):
@@ -332,6 +384,8 @@ def build_anchors(
     dtype: torch.dtype = torch.float32,
     layouts: Mapping[str, str] | None = None,
     progress: bool | None = None,
+    base_revision: str | None = None,
+    aligned_revision: str | None = None,
 ) -> Anchors:
     """Build anchors from a base model and its aligned twin, matching weights by name and shape.
 
@@ -339,9 +393,11 @@ def build_anchors(
     else is loaded, so peak memory is about one pair of tensors plus the anchors.
 
     Args:
-        base, aligned: ``nn.Module``, state dict, or HF checkpoint directory
+        base, aligned: ``nn.Module``, state dict, HF checkpoint directory
             (``model.safetensors``, sharded ``model.safetensors.index.json``, or
-            ``pytorch_model.bin`` read with ``weights_only=True``).
+            ``pytorch_model.bin`` read with ``weights_only=True``), or a Hub repo id
+            ``"org/name"`` (its ``config.json`` and safetensors weights are fetched into
+            the huggingface_hub cache, or read from it offline).
         target_modules: module-name suffixes, or a regex matched in full as in PEFT
             (default: ``("q_proj", "v_proj")``). 1-D tensors are skipped.
         mode: operator kind (default: ``"safelora"``); see :class:`~asft_optim.Projection`.
@@ -353,11 +409,13 @@ def build_anchors(
         layouts: ``{weight name: "in_out"}`` overrides for transposed weights (detected
             from modules, or from ``config.json`` for directories).
         progress: show a tqdm bar (default: None, only on a terminal).
+        base_revision, aligned_revision: branch, tag or commit of a Hub repo id
+            (default: None, ``"main"``); an error for anything but a Hub repo id.
     """
     from tqdm.auto import tqdm
 
     anchor_io.dtype_name(dtype)  # reject unsupported storage dtypes before any work
-    base_src, aligned_src = open_source(base), open_source(aligned)
+    base_src, aligned_src = open_source(base, base_revision), open_source(aligned, aligned_revision)
     names = _match(base_src, aligned_src, target_modules)
     projections, weights = {}, {}
     for name in tqdm(names, desc="anchors", unit="weight", disable=None if progress is None else not progress):

@@ -14,8 +14,11 @@ def add_parser(subparsers) -> None:
     sub = parser.add_subparsers(dest="anchors_command", required=True)
 
     build = sub.add_parser("build", help="build anchors from a base and an aligned checkpoint")
-    build.add_argument("--base", required=True, help="base model checkpoint directory")
-    build.add_argument("--aligned", required=True, help="aligned (chat) model checkpoint directory")
+    build.add_argument("--base", required=True, help="base model checkpoint directory or Hub repo id (org/name)")
+    build.add_argument("--aligned", required=True,
+                       help="aligned (chat) model checkpoint directory or Hub repo id (org/name)")
+    build.add_argument("--base-revision", help="branch, tag or commit of a Hub --base (default: main)")
+    build.add_argument("--aligned-revision", help="branch, tag or commit of a Hub --aligned (default: main)")
     targets = build.add_mutually_exclusive_group()
     targets.add_argument("--targets", default="q_proj,v_proj",
                          help="comma-separated module-name suffixes (default: q_proj,v_proj)")
@@ -40,17 +43,20 @@ def add_parser(subparsers) -> None:
 def _build(args: argparse.Namespace) -> int:
     import torch
 
+    from .anchor_io import check_output_path
     from .anchors import build_anchors
 
     targets = args.targets_regex or [t.strip() for t in args.targets.split(",") if t.strip()]
     try:
+        check_output_path(args.output)  # before the build, which can take long
         anchors = build_anchors(
             args.base, args.aligned, target_modules=targets, mode=args.mode, rank=args.rank,
             energy=args.energy, dtype=getattr(torch, args.dtype),
             progress=False if args.no_progress else None,
+            base_revision=args.base_revision, aligned_revision=args.aligned_revision,
         )
         anchors.save(args.output)
-    except AnchorError as exc:
+    except (AnchorError, OSError) as exc:
         print(f"asft anchors build: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {len(anchors)} anchors ({_size(anchors.nbytes)}) to {args.output}")

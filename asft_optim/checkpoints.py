@@ -9,7 +9,9 @@ time whatever the size of the checkpoint.
 
 Directories hold ``model.safetensors``, a sharded ``model.safetensors.index.json``,
 or (only through ``torch.load(weights_only=True)``) ``pytorch_model.bin`` and its
-index. Layouts and tied weights come from a skeleton of the model built from
+index. A string that is no local path but a Hub repo id (``"org/name"``) is resolved
+through huggingface_hub's cache (:func:`resolve_hub_checkpoint`): only ``config.json`` and
+the safetensors weights are fetched, then read as a directory, one tensor at a time. Layouts and tied weights come from a skeleton of the model built from
 ``config.json`` on the meta device; without a config every weight is ``"out_in"``.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +41,7 @@ __all__ = [
     "open_directory",
     "open_source",
     "read_safetensors_header",
+    "resolve_hub_checkpoint",
     "tied_aliases",
 ]
 
@@ -315,7 +319,7 @@ def open_directory(path: str | os.PathLike) -> WeightSource:
     if root.is_file() and root.suffix == ".safetensors":
         return SafetensorsSource([root], None, root.parent)
     if not root.is_dir():
-        raise AnchorError(f"{root}: no such checkpoint directory")
+        raise AnchorError(f"{root}: no such checkpoint directory (nor a Hub repo id such as 'org/name')")
     candidates: list[tuple[str, str, type[WeightSource]]] = [
         ("model.safetensors.index.json", "model.safetensors", SafetensorsSource),
         ("pytorch_model.bin.index.json", "pytorch_model.bin", TorchBinSource),
@@ -359,10 +363,107 @@ def _skeleton(root: Path) -> nn.Module | None:
     return None
 
 
-def open_source(obj: Any) -> WeightSource:
-    """Wrap an ``nn.Module``, a state dict, a checkpoint directory or a source."""
-    if isinstance(obj, WeightSource):
+#: What is fetched from the Hub: the config (layouts, tied weights) and safetensors weights.
+HUB_PATTERNS = ("config.json", "model*.safetensors", "model.safetensors.index.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """``org/name`` with Hub characters only, and no such local path."""
+    return (
+        not os.path.exists(path)
+        and _HUB_ID.fullmatch(path) is not None
+        and not path.endswith((".safetensors", ".bin", ".json"))
+        and ".." not in path
+    )
+
+
+def _hub_help(repo_id: str, revision: str | None) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    include = " ".join(repr(p) if "*" in p else p for p in HUB_PATTERNS)
+    return (
+        f"download it where there is network: `hf download {repo_id}{rev} --include {include}` "
+        "(it is then read from the cache, offline too), or pass a local checkpoint directory"
+    )
+
+
+def resolve_hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot directory of Hub model ``repo_id`` at ``revision``, fetched if needed.
+
+    Only :data:`HUB_PATTERNS` are fetched (no ``pytorch_model.bin``, no other files). Offline
+    (``HF_HUB_OFFLINE=1``, or no network) a cached snapshot is used; when there is none the
+    :class:`AnchorError` says how to fetch it.
+
+    Args:
+        repo_id: ``"org/name"`` on the Hugging Face Hub.
+        revision: branch, tag or commit (default: None, ``"main"``).
+
+    Example::
+
+        >>> root = resolve_hub_checkpoint("HuggingFaceTB/SmolLM2-135M", revision="main")
+    """
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import (
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as exc:  # pragma: no cover - installed with transformers
+        raise AnchorError(
+            f"{repo_id}: no such local directory, and huggingface_hub is not installed to read it "
+            "from the Hub"
+        ) from exc
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
+    except HFValidationError as exc:
+        raise AnchorError(f"{repo_id}: no such checkpoint directory, and not a valid Hub repo id ({exc})") from exc
+    except RevisionNotFoundError as exc:
+        raise AnchorError(
+            f"{where}: the Hub repo has no such revision; pass an existing branch, tag or commit"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise AnchorError(
+            f"{repo_id}: no such checkpoint directory, and no such Hub repo (or it is private or gated: "
+            "log in with `hf auth login` and accept its licence on the Hub)"
+        ) from exc
+    except LocalEntryNotFoundError as exc:  # offline, or the Hub unreachable, and not cached
+        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise AnchorError(
+            f"{where}: no such checkpoint directory, and this Hub model is not in the local cache "
+            f"({constants.HF_HUB_CACHE}) while {offline}; {_hub_help(repo_id, revision)}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - network and cache errors of several kinds
+        raise AnchorError(
+            f"{where}: cannot fetch the Hub model ({type(exc).__name__}: {exc}); "
+            f"{_hub_help(repo_id, revision)}"
+        ) from exc
+    if not any(root.glob("*.safetensors")):
+        raise AnchorError(
+            f"{where}: the cached Hub snapshot ({root}) has no safetensors weights (only those are read "
+            f"from the Hub); {_hub_help(repo_id, revision)}, or convert the checkpoint to safetensors"
+        )
+    return root
+
+
+def open_source(obj: Any, revision: str | None = None) -> WeightSource:
+    """Wrap an ``nn.Module``, a state dict, a checkpoint directory, a Hub repo id or a source.
+
+    ``revision`` (a branch, tag or commit) applies to Hub repo ids only.
+    """
+    if isinstance(obj, WeightSource) and revision is None:
         return obj
+    if isinstance(obj, str) and _looks_like_hub_id(obj):
+        source = open_directory(resolve_hub_checkpoint(obj, revision))
+        source.description = f"hub:{obj}" + (f"@{revision}" if revision else "")
+        return source
+    if revision is not None:
+        raise AnchorError(
+            f"revision={revision!r} applies to Hub repo ids ('org/name'), not to {type(obj).__name__} "
+            f"{str(obj)[:80]!r}; drop it, or check out that revision into the directory"
+        )
     if isinstance(obj, (str, os.PathLike)):
         return open_directory(obj)
     if isinstance(obj, (nn.Module, Mapping)):

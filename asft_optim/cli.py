@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "quiet_third_party_noise"]
 
 # sub-command name -> (module providing ``add_parser(subparsers)``, its line in ``asft --help``;
 # the same text as the module's own ``help=``, checked by tests/test_layout.py)
@@ -51,8 +52,38 @@ def _command(argv: Sequence[str]) -> str | None:
     return first if first in _COMMANDS else None
 
 
+#: Third-party log records that are not errors for any ``asft`` command, by logger name and
+#: message prefix. bitsandbytes (imported by peft and transformers when installed) logs this
+#: warning at import on CPUs with AVX512-BF16 when it cannot fetch an optional 4-bit kernel
+#: from the Hub; no command uses 4-bit kernels.
+_QUIET: dict[str, tuple[str, ...]] = {
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+
+
+class _DropKnownNoise(logging.Filter):
+    """Drops the records of one logger whose message starts with a known prefix, only."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.ERROR and str(record.msg).startswith(self.prefixes))
+
+
+def quiet_third_party_noise() -> None:
+    """Install the filters of :data:`_QUIET` (once; loggers may be configured before their
+    module is imported, so nothing is imported here)."""
+    for name, prefixes in _QUIET.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(prefixes))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party_noise()
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -124,7 +124,7 @@ def test_nan_with_valid_checksum_is_rejected(tmp_path, good_bytes):
 
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    header["__metadata__"]["checksum"] = checksum(tensors)
+    header["__metadata__"]["checksum"] = checksum(tensors, header["__metadata__"])
     with pytest.raises(AnchorError, match="non-finite"):
         load_bytes(tmp_path, join(header, body))
 
@@ -145,54 +145,6 @@ def test_version_and_dtype_checks(tmp_path, good_bytes):
     header["__metadata__"]["dtype"] = "bfloat16"
     with pytest.raises(AnchorError, match="dtype"):
         load_bytes(tmp_path, join(header, body))
-
-
-def _as_version_1(anchors: Anchors, path, mix: bool) -> None:
-    """Write ``anchors`` as a format-version-1 file; ``mix``: factors F·Q (Q orthogonal) whose
-    columns are not orthogonal, as version 1 allowed (exact safelora was F = V/√‖V‖_F)."""
-    from safetensors.torch import save_file
-
-    anchors.save(path)
-    header, _ = split(path.read_bytes())
-    meta = dict(header["__metadata__"], format_version="1")
-    tensors = {}
-    for n, p in anchors.items():
-        f = p.factor
-        if mix and f.shape[1] > 1:
-            q = torch.linalg.qr(torch.randn(f.shape[1], f.shape[1], generator=torch.Generator().manual_seed(0),
-                                            dtype=torch.float64))[0]
-            f = (f.double() @ q).to(f.dtype)
-        tensors[n] = f.contiguous()
-    meta["checksum"] = checksum(tensors)
-    save_file(tensors, path, metadata=meta)
-
-
-@pytest.mark.parametrize("mode", ["safelora", "orthogonal"])
-def test_version_1_files_load_converted_and_save_as_version_2(pair, tmp_path, mode):
-    kw = dict(mode=mode) if mode == "safelora" else dict(mode=mode, rank=3)
-    anchors = build_anchors(*pair, ["q_proj", "v_proj"], dtype=torch.float64, **kw)
-    old = tmp_path / "v1.safetensors"
-    _as_version_1(anchors, old, mix=True)
-    raw = _load_factors(old)
-    loaded = Anchors.load(old)
-    for n, p in loaded.items():
-        f = p.factor
-        assert p.orthogonal_columns and p.mode == mode and f.shape == raw[n].shape
-        assert not torch.allclose(raw[n].T @ raw[n], torch.diag(torch.diagonal(raw[n].T @ raw[n])))
-        torch.testing.assert_close(f @ f.T, raw[n] @ raw[n].T, atol=1e-12, rtol=1e-10)  # same C
-        g = f.T @ f
-        torch.testing.assert_close(g, torch.diag(torch.diagonal(g)), atol=1e-12, rtol=0)
-    loaded.save(tmp_path / "v2.safetensors")
-    header, _ = split((tmp_path / "v2.safetensors").read_bytes())
-    assert header["__metadata__"]["format_version"] == "2"
-    again = Anchors.load(tmp_path / "v2.safetensors")
-    assert all(torch.equal(again[n].factor, loaded[n].factor) and again[n].orthogonal_columns for n in loaded)
-
-
-def _load_factors(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def test_saving_a_factor_without_orthogonal_columns_converts_it(tmp_path):

@@ -1,7 +1,8 @@
 """Glue for the training loops people already run (imported lazily).
 
-* :mod:`asft_optim.integrations.hf`: :class:`AnchorLoggingCallback` (Trainer logs) and
-  :class:`AnchoredAdamWFactory` (``optimizer_cls_and_kwargs=``, TRL ``peft_config=``).
+* :mod:`asft_optim.integrations.hf`: :class:`AnchorLoggingCallback` (Trainer logs),
+  :class:`AnchoredAdamWFactory` (``optimizer_cls_and_kwargs=``, TRL ``peft_config=``) and
+  :class:`AnchorPenaltyMixin` (the loss-level penalty in a Trainer, DeepSpeed ZeRO-0/1/2).
 * :func:`unwrap_optimizer` / :func:`anchor_summary`: the anchored optimizer behind
   accelerate's ``AcceleratedOptimizer`` (or any ``.optimizer`` wrapper), and its
   statistics in one line for plain loops.
@@ -13,9 +14,16 @@ from __future__ import annotations
 
 from .unwrap import anchor_summary, unwrap_optimizer
 
-_HF_NAMES = ("AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory")
+_HF_NAMES = ("AnchorLambdaCallback", "AnchorLoggingCallback", "AnchorPenaltyMixin", "AnchoredAdamWFactory")
 
-__all__ = ["AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory", "anchor_summary", "unwrap_optimizer"]
+__all__ = [
+    "AnchorLambdaCallback",
+    "AnchorLoggingCallback",
+    "AnchorPenaltyMixin",
+    "AnchoredAdamWFactory",
+    "anchor_summary",
+    "unwrap_optimizer",
+]
 
 
 def __getattr__(name: str):

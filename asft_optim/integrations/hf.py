@@ -19,14 +19,46 @@ from transformers import TrainerCallback
 
 from ..optimizer import AnchoredAdamW, Coupling
 from ..projection import Projection
+from ..penalty import anchor_penalty
+from ..projection import AnchorError
+from ..refused import DEEPSPEED_ALTERNATIVES, refuse_deepspeed, zero3_partitioned
 from ..schedule import AnchorLambdaScheduler, LambdaFn
 from .unwrap import unwrap_optimizer
 
-__all__ = ["AnchorLambdaCallback", "AnchorLoggingCallback", "AnchoredAdamWFactory", "add_anchor_logging"]
+__all__ = [
+    "AnchorLambdaCallback",
+    "AnchorLoggingCallback",
+    "AnchorPenaltyMixin",
+    "AnchoredAdamWFactory",
+    "add_anchor_logging",
+    "check_trainer_optimizer",
+]
 
 # The Trainer's own rule for parameters that get no weight decay (transformers 5.x
 # ``Trainer.get_decay_parameter_names``): biases, LayerNorm modules and *norm* names.
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def check_trainer_optimizer(optimizer: Any, args: Any = None, *, who: str = "asft-optim"):
+    """The :class:`~asft_optim.AnchoredOptimizer` the Trainer will step, or an error.
+
+    Called by the callbacks at ``on_train_begin``: a Trainer that replaced the anchored
+    optimizer (DeepSpeed drops ``optimizers=(opt, None)``) would otherwise train without
+    the penalty and say nothing.
+
+    Raises:
+        AnchorError: DeepSpeed is in use (its message names the supported routes).
+        TypeError: the Trainer's optimizer is not anchored for another reason.
+    """
+    opt = unwrap_optimizer(optimizer)
+    if opt is not None:
+        return opt
+    refuse_deepspeed(f"{who}: the Trainer's optimizer is {type(optimizer).__name__}, not the anchored one", args)
+    raise TypeError(
+        f"{who}: the Trainer's optimizer ({type(optimizer).__name__}) is not an AnchoredOptimizer; pass "
+        "optimizers=(AnchoredAdamW(model, anchors, ...), None) or "
+        "optimizer_cls_and_kwargs=(AnchoredAdamWFactory, {...})"
+    )
 
 
 class AnchorLoggingCallback(TrainerCallback):
@@ -49,6 +81,11 @@ class AnchorLoggingCallback(TrainerCallback):
     def __init__(self, prefix: str | None = None, strict: bool = True) -> None:
         self.prefix = prefix
         self.strict = strict
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # Before the first step: a replaced optimizer (DeepSpeed) must not train unanchored.
+        if self.strict:
+            check_trainer_optimizer(optimizer, args, who="AnchorLoggingCallback")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs and "train_loss" not in logs:
@@ -88,9 +125,7 @@ class AnchorLambdaCallback(TrainerCallback):
         self.scheduler: AnchorLambdaScheduler | None = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        opt = unwrap_optimizer(optimizer)
-        if opt is None:
-            raise TypeError(f"AnchorLambdaCallback needs an AnchoredOptimizer, the Trainer has {type(optimizer).__name__}")
+        opt = check_trainer_optimizer(optimizer, args, who="AnchorLambdaCallback")
         self.scheduler = AnchorLambdaScheduler(opt, self.lambda_fn)
         self.scheduler.set_step(state.global_step)
 
@@ -158,6 +193,9 @@ class AnchoredAdamWFactory:
         strict: bool = True,
         **adamw_kwargs: Any,
     ) -> AnchoredAdamW:
+        # The Trainer calls the factory inside DeepSpeed's set-up, before ZeRO touches the
+        # parameters: refusing here gives the reason, not an error from deep inside.
+        refuse_deepspeed("AnchoredAdamWFactory")
         if anchors is None:
             raise TypeError("AnchoredAdamWFactory needs anchors=... in optimizer_cls_and_kwargs")
         if lr is None:
@@ -182,3 +220,66 @@ class AnchoredAdamWFactory:
     def __repr__(self) -> str:
         return "AnchoredAdamWFactory()"
 
+
+class AnchorPenaltyMixin:
+    r"""Trainer mixin adding the loss-level penalty to the training loss, for DeepSpeed ZeRO-0/1/2.
+
+    .. math::
+        L = L_\text{task} + \lambda \sum_W \|(I - C_W)\,\Delta W\|_F^2
+
+    Under ``TrainingArguments(deepspeed=...)`` the Trainer steps DeepSpeed's optimizer, not an
+    :class:`~asft_optim.AnchoredOptimizer`; the penalty then rides on the loss
+    (:func:`~asft_optim.anchor_penalty`), whose gradient DeepSpeed reduces and applies like the
+    task's. Equal to the coupled optimizer route for SGD-like updates; with AdamW the penalty
+    gradient is normalised by Adam's second moment (coupled AsFT, as the reference code).
+
+    Evaluation losses stay the task's. Refused (:class:`~asft_optim.AnchorError`): ZeRO-3
+    (the weights are partitioned outside the forward pass), gradient accumulation (the
+    Trainer rescales the loss per micro-batch in ways that differ by model), and an anchored
+    optimizer (the penalty would count twice).
+
+    Args (keyword, besides the Trainer's):
+        anchors: ``{HF weight name: Projection}``, an :class:`~asft_optim.Anchors`.
+        anchor_lambda: λ (default: 1.0).
+        penalty_kwargs: passed to :func:`~asft_optim.anchor_penalty` (``reference=``, ...).
+
+    Example::
+
+        >>> class AnchoredTrainer(AnchorPenaltyMixin, Trainer): pass
+        >>> AnchoredTrainer(model=peft_model, args=args_with_deepspeed, train_dataset=ds,
+        ...                 anchors=anchors, anchor_lambda=1.0).train()
+    """
+
+    def __init__(self, *args: Any, anchors: Mapping[str, Projection], anchor_lambda: float = 1.0,
+                 penalty_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.anchors, self.anchor_lambda = anchors, anchor_lambda
+        self.penalty_kwargs = dict(penalty_kwargs or {})
+        if self.args.gradient_accumulation_steps != 1:
+            raise AnchorError(
+                f"AnchorPenaltyMixin: gradient_accumulation_steps={self.args.gradient_accumulation_steps} "
+                "is not supported (the penalty must count once per step); use 1 and a larger batch"
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        if not self.model.training:  # evaluation: the task's loss alone, as the optimizer route
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if unwrap_optimizer(self.optimizer) is not None:
+            raise AnchorError(
+                "AnchorPenaltyMixin: the Trainer's optimizer is anchored already and adds the penalty "
+                "itself; use the mixin (DeepSpeed) or the anchored optimizer, not both"
+            )
+        partitioned = zero3_partitioned(self.model)
+        if partitioned:
+            raise AnchorError(
+                f"AnchorPenaltyMixin: DeepSpeed ZeRO-3 is not supported ({len(partitioned)} partitioned "
+                f"weights); use ZeRO stage 0-2 with this mixin, or: {DEEPSPEED_ALTERNATIVES}"
+            )
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        penalty = anchor_penalty(self.model, self.anchors, self.anchor_lambda, **self.penalty_kwargs)
+        # No cast down: the penalty is in its math dtype (float32, or float64 for float64 weights)
+        # while HF losses are upcast to float32 only.
+        if return_outputs:
+            loss, outputs = out
+            return loss + penalty, outputs
+        return out + penalty
