@@ -213,16 +213,7 @@ def read_anchors(
     storage = meta.get("dtype")
     if storage not in STORAGE_DTYPES:
         raise _fail(path, f"bad storage dtype {storage!r}")
-    try:
-        weights = json.loads(meta.get("weights", ""))
-    except (TypeError, ValueError) as exc:
-        raise _fail(path, f"unreadable 'weights' metadata: {exc}") from exc
-    if not isinstance(weights, dict) or not weights:
-        raise _fail(path, "the 'weights' metadata lists no weight")
-    tensor_names = {k for k in header if k != "__metadata__"}
-    if tensor_names != set(weights):
-        extra, lost = sorted(tensor_names - set(weights)), sorted(set(weights) - tensor_names)
-        raise _fail(path, f"tensors and metadata disagree (unlisted tensors {extra[:5]}, missing tensors {lost[:5]})")
+    weights = _listed_weights(path, header, meta)
     # Check every tensor's declared dtype and shape before reading any data.
     for name, entry in weights.items():
         shape, layout, _, rank, _ = _check_entry(path, name, entry)
@@ -252,6 +243,21 @@ def read_anchors(
         infos[name] = WeightInfo(shape, layout)
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
     return projections, extra, infos
+
+
+def _listed_weights(path: Any, header: dict, meta: dict) -> dict:
+    """The ``weights`` metadata, checked to list exactly the file's tensors."""
+    try:
+        weights = json.loads(meta.get("weights", ""))
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, f"unreadable 'weights' metadata: {exc}") from exc
+    if not isinstance(weights, dict) or not weights:
+        raise _fail(path, "the 'weights' metadata lists no weight")
+    tensor_names = {k for k in header if k != "__metadata__"}
+    if tensor_names != set(weights):
+        extra, lost = sorted(tensor_names - set(weights)), sorted(set(weights) - tensor_names)
+        raise _fail(path, f"tensors and metadata disagree (unlisted tensors {extra[:5]}, missing tensors {lost[:5]})")
+    return weights
 
 
 def _read_tensors(path: Any, names: list[str]) -> dict[str, Tensor]:

@@ -373,6 +373,15 @@ def _match(base: WeightSource, aligned: WeightSource, target_modules) -> list[st
     return names
 
 
+def _weight_difference(base: WeightSource, aligned: WeightSource, name: str) -> Tensor:
+    """``V = W_aligned - W_base`` of one weight, stored layout, float32 at least. One pair
+    at a time; the float32 copy is the only full-size allocation."""
+    a = aligned.read(name)
+    v = a.to(torch.promote_types(a.dtype, torch.float32), copy=True)
+    del a
+    return v.sub_(base.read(name))
+
+
 def build_anchors(
     base: Any,
     aligned: Any,
@@ -420,11 +429,7 @@ def build_anchors(
     projections, weights = {}, {}
     for name in tqdm(names, desc="anchors", unit="weight", disable=None if progress is None else not progress):
         layout = (layouts or {}).get(name) or base_src.layout(name) or aligned_src.layout(name) or "out_in"
-        # One pair at a time; the fp32 copy is the only full-size allocation.
-        a = aligned_src.read(name)
-        v = a.to(torch.promote_types(a.dtype, torch.float32), copy=True)
-        del a
-        v.sub_(base_src.read(name))
+        v = _weight_difference(base_src, aligned_src, name)
         projections[name] = _projection(to_out_in(v, layout), mode, rank, energy, dtype, name)
         weights[name] = WeightInfo(tuple(base_src.shape(name)), layout)
         del v

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .layout import weight_layout
 from .projection import AnchorError, Projection
+from .refused import refuse_zero3_partitions
 from .targets import (
     DeltaWeightTarget,
     FullTarget,
@@ -124,13 +125,10 @@ def bind_targets(
     """:func:`find_targets` and :func:`check_shapes`, as both penalty routes run them once.
 
     ``strict``: raise when an anchor matches no module. Returns the targets and the
-    anchors that matched no module.
+    anchors that matched no module. DeepSpeed ZeRO-3's empty partitions are refused by name
+    (they would read as weights of shape (0,)).
     """
-    if not isinstance(anchors, Mapping):
-        raise TypeError(
-            f"anchors must be a mapping {{weight name: Projection}} (e.g. Anchors.load(path)), "
-            f"got {type(anchors).__name__}"
-        )
+    refuse_zero3_partitions(model, "anchored weights")
     targets, missing = find_targets(model, anchors, start=start)
     if missing and strict:
         raise AnchorError(

@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import state as anchor_state
-from .anchors import anchor_fingerprint, l2_like_warning
+from .anchors import anchor_fingerprint, as_anchors, l2_like_warning
 from .diagnostics import AnchorDiagnostics
 from .discovery import bind_targets, hf_name, match_references, tuned_weights
 from .projection import AnchorError, PenaltyTerms, Projection
+from .refused import refuse_deepspeed
 from .targets import Target, TargetTerms
 from .validation import Coupling, check_decoupled, check_inner, lambda_value
 
@@ -64,7 +65,8 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
     Args:
         optimizer: the inner optimizer, already holding the trainable parameters.
         model: the model (plain ``nn.Module`` or PEFT model) whose weights are anchored.
-        anchors: ``{HF weight name: Projection}``, e.g. from :func:`build_anchors`.
+        anchors: ``{HF weight name: Projection}``, e.g. from :func:`build_anchors`, or the
+            path of an anchor file.
         anchor_lambda: penalty strength λ (default: None, i.e. 1.0, or the λ an already
             anchored inner optimizer carries).
         coupling: ``"coupled"`` or ``"decoupled"`` (default: ``"coupled"``).
@@ -101,16 +103,11 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, AnchoredOptimizer):
             raise ValueError("optimizer is already anchored")
+        refuse_deepspeed(type(self).__name__)  # its engine would drop this optimizer's step
+        anchors = as_anchors(anchors)
         anchor_lambda = check_inner(optimizer, anchor_lambda, coupling)
-        # Optimizer.__init__ would rebuild param_groups; set up only its hook machinery.
         self.optimizer = optimizer
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        self._init_hooks()
         self.defaults.setdefault("anchor_lambda", anchor_lambda)
         for i, group in enumerate(self.param_groups):
             group["anchor_lambda"] = lambda_value(group.setdefault("anchor_lambda", anchor_lambda),
@@ -119,6 +116,24 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         self.anchors = anchors
         self._model = model
         self._fingerprint: str | None = None  # of the anchors, computed on first save/load
+        self._setup_targets(model, anchors, reference, origins, strict)
+        # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
+        # from them on demand (see anchor_stats), not on the hot path.
+        self._last: list[tuple[str, Any, PenaltyTerms]] = []
+        self._last_tensors: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
+
+    # -- construction ---------------------------------------------------------------
+    def _init_hooks(self) -> None:
+        """What ``Optimizer.__init__`` sets up besides ``param_groups`` (which it would rebuild)."""
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    def _setup_targets(self, model, anchors, reference, origins, strict) -> None:
         targets, _ = bind_targets(model, anchors, strict=strict, start=True)
         references = match_references(reference, targets)
         for t in targets:
@@ -142,12 +157,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             warnings.warn(warning, stacklevel=2)
         self._all_targets: list[Target] = targets  # add_param_group adopts from these
         self._targets: list[Target] = tuned
-        # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
-        # from them on demand (see anchor_stats), not on the hot path.
-        self._last: list[tuple[str, Any, PenaltyTerms]] = []
-        self._last_tensors: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
 
-    # -- construction ---------------------------------------------------------------
     def _trained(self, targets: list[Target]) -> list[Target]:
         """Those of ``targets`` with a trainable tensor in this optimizer's param groups."""
         owned = self._param_ids()

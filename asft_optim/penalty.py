@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .anchors import as_anchors
 from .discovery import bind_targets, match_references
 from .projection import AnchorError, Projection
 from .targets import Target
@@ -91,7 +92,7 @@ class AnchorPenalty:
         strict: bool = True,
     ) -> None:
         self.anchor_lambda = lambda_value(anchor_lambda)
-        self.anchors = anchors
+        self.anchors = anchors = as_anchors(anchors)
         self.targets, self.missing = bind_targets(model, anchors, strict=strict, start=True)
         references = match_references(reference, self.targets)
         for t in self.targets:
@@ -127,6 +128,11 @@ class _Bound:
 
 
 _BOUND: weakref.WeakKeyDictionary[nn.Module, _Bound] = weakref.WeakKeyDictionary()
+
+
+@torch.compiler.disable
+def _as_anchors(anchors):
+    return as_anchors(anchors)
 
 
 @torch.compiler.disable
@@ -180,6 +186,7 @@ def anchor_penalty(
         >>> loss = task_loss + anchor_penalty(peft_model, anchors, anchor_lambda=1.0)
     """
     lam = lambda_value(anchor_lambda)
+    anchors = _as_anchors(anchors)
     bound = _bind(model, anchors)
     if bound.missing and strict:
         missing = bound.missing

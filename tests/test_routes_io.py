@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import reference as ref
 import torch
-from anchor_fixtures import llama_config, model_pair
+from tiny_models import llama_config, model_pair
 from tiny_models import DIMS, Q, V, lm_loss, lora, make_anchors, tiny_llama
 
 from asft_optim import (
@@ -362,7 +362,8 @@ def test_deepspeed_trainer_with_anchored_optimizer_is_refused_not_dropped(tmp_pa
     """``optimizers=(AnchoredAdamW(...), None)``: the Trainer's DeepSpeed engine would train with
     its own AdamW. With the logging callback the run stops before the first step, naming
     DeepSpeed, and no weight has moved."""
-    from integration_models import TokenDataset, tiny_anchors, tiny_lora_llama, trainable_state
+    from integration_models import TokenDataset, trainable_state
+    from tiny_models import tiny_anchors, tiny_lora_llama
     from transformers import Trainer
 
     from asft_optim import AnchorLoggingCallback
@@ -387,7 +388,8 @@ def test_deepspeed_trainer_with_anchored_optimizer_is_refused_not_dropped(tmp_pa
 def test_deepspeed_trainer_with_the_factory_is_refused_by_name(tmp_path, deepspeed_env, stage):
     """``optimizer_cls_and_kwargs=(AnchoredAdamWFactory, ...)`` under ZeRO-1/2/3: the factory
     refuses, naming DeepSpeed (before: an error blaming PEFT/TRL, or a raw IndexError)."""
-    from integration_models import TokenDataset, tiny_anchors, tiny_lora_llama
+    from integration_models import TokenDataset
+    from tiny_models import tiny_anchors, tiny_lora_llama
     from transformers import Trainer
 
     from asft_optim import AnchoredAdamWFactory
@@ -403,7 +405,8 @@ def test_deepspeed_trainer_with_the_factory_is_refused_by_name(tmp_path, deepspe
 def test_zero3_partitioned_weights_are_named_not_read_as_shape_0(tmp_path, deepspeed_env):
     """Under ZeRO-3 every weight is an empty placeholder: a constructor binding anchors to
     that model gets an AnchorError naming ZeRO-3 (before: a raw IndexError or "weight (0,)")."""
-    from integration_models import TokenDataset, tiny_lora_llama
+    from integration_models import TokenDataset
+    from tiny_models import tiny_lora_llama
     from transformers import Trainer, TrainerCallback
 
     from asft_optim.refused import refuse_zero3_partitions, zero3_partitioned
@@ -482,7 +485,8 @@ def test_deepspeed_zero_0_1_2_with_the_penalty_mixin_is_exact(tmp_path, deepspee
 
 
 def test_deepspeed_zero3_with_the_penalty_mixin_is_refused(tmp_path, deepspeed_env):
-    from integration_models import TokenDataset, tiny_anchors, tiny_lora_llama
+    from integration_models import TokenDataset
+    from tiny_models import tiny_anchors, tiny_lora_llama
     from transformers import Trainer
 
     from asft_optim.integrations import AnchorPenaltyMixin
@@ -498,7 +502,8 @@ def test_deepspeed_zero3_with_the_penalty_mixin_is_refused(tmp_path, deepspeed_e
 
 
 def test_penalty_mixin_refuses_accumulation_and_a_second_penalty(tmp_path, clean_accelerate):
-    from integration_models import TokenDataset, tiny_anchors, tiny_lora_llama, trainer_args
+    from integration_models import TokenDataset, trainer_args
+    from tiny_models import tiny_anchors, tiny_lora_llama
     from transformers import Trainer
 
     from asft_optim.integrations import AnchorPenaltyMixin
@@ -575,7 +580,8 @@ def test_deepspeed_refusal_reads_training_arguments_without_a_run(monkeypatch):
 
 def test_trainer_without_an_anchored_optimizer_is_stopped_at_train_begin(tmp_path, clean_accelerate, monkeypatch):
     """No DeepSpeed, plain optimizer: a TypeError naming both supported routes, before step 1."""
-    from integration_models import TokenDataset, tiny_lora_llama, trainable_state, trainer_args
+    from integration_models import TokenDataset, trainable_state, trainer_args
+    from tiny_models import tiny_lora_llama
     from transformers import Trainer
 
     from asft_optim import AnchorLambdaCallback
