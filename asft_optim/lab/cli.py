@@ -312,7 +312,18 @@ def run(args) -> int:
                   + "\n".join(f"- seed {m['seed']}: {m['method']}"
                                + ("" if m["poison_ratio"] is None else f" p={m['poison_ratio']:g}")
                                + f" (no {m['missing_stage']} stage)" for m in lab.not_run) + "\n")
-    paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json)
+    lead = ""
+    if preset == "pretrained":
+        from .report import VERDICT_INTRO, verdict_section
+
+        try:
+            verdict = verdict_section(records)
+        except ValueError as e:
+            raise SystemExit(f"asft lab: {e}") from None
+        if verdict:
+            lead = ("## Verdict: safer than L2 at equal task accuracy?\n\n" + VERDICT_INTRO.format(ref="l2")
+                    + verdict + "\n## Every point, mean ± std over seeds\n\n")
+    paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json, lead=lead)
     if preset == "pretrained":
         from .report import pareto_plots
 

@@ -309,6 +309,11 @@ class Lab:
 def _record(method: str, poison: float | None, seed: int, ev: dict, info: dict | None = None) -> dict:
     rec = {"method": method, "poison_ratio": poison, "seed": seed,
            "harmful_score": ev["harmful_score"], "finetune_accuracy": ev["finetune_accuracy"]}
+    # The per-prompt verdicts and per-row correctness (the verdict's bootstrap) and the
+    # capability guard; stages cached before they were stored have none.
+    for k in ("harmful_verdicts", "task_correct", "capability"):
+        if k in ev:
+            rec[k] = ev[k]
     if info is not None:
         rec["_detail"] = {"geometry": info["geometry"], "post": info["post"], "train": info["train"],
                           "examples": ev["examples"]}
