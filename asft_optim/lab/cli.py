@@ -106,6 +106,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--cached-only", action="store_true",
                    help="build nothing: report the grid points whose stages are all in the cache and "
                         "list the others as not run (a grid run over several sessions)")
+    g.add_argument("--records", type=Path, metavar="DIR",
+                   help="the point records: each finished point is written to DIR as a small JSON file at once "
+                   "(a killed run loses none), and a point found there is not built again, nor its models; "
+                   "with --plan, counts only what DIR and the cache lack; with --cached-only, reports from both "
+                   "(e.g. benchmarks/results/lab-pretrained/GRID/points)")
     g.add_argument("--plan", action="store_true",
                    help="build nothing: count the stages this grid needs, cached and to build, and "
                         "estimate the build time left from the cache's recorded stage times (medians; OUT/plan.json)")
@@ -278,15 +283,16 @@ def run(args) -> int:
         from .pretrained_lab import PretrainedLab
 
         lab = PretrainedLab(cfg, data, out, _settings(args), progress=not args.no_progress,
-                            cached_only=args.cached_only, device=args.device, plan=args.plan)
+                            cached_only=args.cached_only, device=args.device, plan=args.plan, records=args.records)
     else:
         lab = Lab(cfg, data, out, progress=not args.no_progress, cached_only=args.cached_only, device=args.device,
-                  plan=args.plan)
+                  plan=args.plan, records=args.records)
     records = lab.run()
     if args.plan:
         return _print_plan(lab, out, device)
     if args.cached_only and not any(r["poison_ratio"] is not None for r in records):
-        raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {lab.cache}; "
+        where = f"{lab.cache}" + (f" or in the records {args.records}" if args.records else "")
+        raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {where}; "
                          "run it without --cached-only to build them")
     base = lab.base_evals()
     extra = f"\nDevice: {device}.\n"
@@ -307,6 +313,7 @@ def run(args) -> int:
                       "run count (nothing is interpolated); the attacker-side points (LR sweep, all-linear) "
                       "are left out. One seed's point has a 95 % interval of about ±7-10 points.\n\n"
                       + matched)
+    extra += _records_text(lab)
     if lab.not_run:
         extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
                   + "\n".join(f"- seed {m['seed']}: {m['method']}"
@@ -329,11 +336,29 @@ def run(args) -> int:
 
         paths.update(pareto_plots(records, out))
     wall = time.perf_counter() - start
+    if lab.records is not None:
+        print(f"records: {len(lab.recorded)} stages read from {lab.records.directory}, "
+              f"{len(lab.records.written)} written there")
     (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"device": device, "config": repr(cfg), "not_run": lab.not_run},
                                              indent=1) + "\n")
     print((out / "table.md").read_text())
     print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _records_text(lab) -> str:
+    """The report's lines on records it refused or kept apart (none: nothing, so that a report
+    rebuilt from the records reads as the one from the cache)."""
+    store = lab.records
+    if store is None:
+        return ""
+    lines = [f"- {name}: refused, {why}" for name, why in store.refused]
+    counts = store.scan()
+    if counts["other_version"] or counts["other_setting"] or counts["unreadable"]:
+        lines.append(f"- kept apart in {store.directory.name}/: {counts['other_version']} of another code version, "
+                     f"{counts['other_setting']} of another evaluation setting or device, "
+                     f"{counts['unreadable']} unreadable (never averaged in)")
+    return ("\n## Records not used\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def _print_plan(lab, out: Path, device: str) -> int:
@@ -347,8 +372,9 @@ def _print_plan(lab, out: Path, device: str) -> int:
         est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
         lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {median} | {est} |")
     left = plan["estimate_seconds"]
-    text = (f"Plan ({device}): {plan['cached'] + plan['to_build']} stages, {plan['cached']} cached, "
-            f"{plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
+    recorded = f", {plan['recorded']} in the records ({lab.records.directory})" if lab.records is not None else ""
+    text = (f"Plan ({device}): {plan['cached'] + plan['to_build'] + plan['recorded']} stages, {plan['cached']} cached"
+            f"{recorded}, {plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
             f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's median stage times")
     if plan["unknown_kinds"]:
         text += f", not counting {', '.join(plan['unknown_kinds'])} (no stage of that kind has a recorded time)"
@@ -383,7 +409,7 @@ def run_times(lab, wall: float) -> dict:
         per_kind[kind] = round(per_kind.get(kind, 0.0) + (sec or 0.0), 1)
     return {"wall_seconds": round(wall, 1), "stage_seconds": {k: round(v, 1) for k, v in lab.timings.items()},
             "used_stages": len(lab.stage_seconds), "used_stage_seconds": round(sum(s or 0.0 for s in used), 1),
-            "used_stage_seconds_per_kind": per_kind,
+            "used_stage_seconds_per_kind": per_kind, "recorded_stages": len(lab.recorded),
             "untimed_stages": sum(s is None for s in used)}
 
 

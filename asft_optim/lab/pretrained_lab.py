@@ -191,8 +191,10 @@ class PretrainedLab(Lab):
     answer_logits = True  # a 49k-way LM head: project the answer positions only
 
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
-                 progress: bool = True, cached_only: bool = False, device: str = "cpu", plan: bool = False):
-        super().__init__(config, data, out, progress=progress, cached_only=cached_only, device=device, plan=plan)
+                 progress: bool = True, cached_only: bool = False, device: str = "cpu", plan: bool = False,
+                 records: str | Path | None = None):
+        super().__init__(config, data, out, progress=progress, cached_only=cached_only, device=device, plan=plan,
+                         records=records)
         self.settings = settings or PretrainedSettings()
 
     def _evaluate(self, model, tok) -> dict:
@@ -241,6 +243,9 @@ class PretrainedLab(Lab):
         its own so that another evaluation set never retrains the model it judges."""
         if model not in ("base", "aligned"):
             raise ValueError(f"judged takes 'base' or 'aligned', got {model!r}")
+        return self._served(lambda: self._judged(model, seed))
+
+    def _judged(self, model: str, seed: int) -> dict:
         tok, _ = self.tokenizer()
         path, info = self.base() if model == "base" else self.aligned(seed)
         payload = {"model": f"{model}-{info['key']}", "judge": self.judge.name, **self._eval_key()}
@@ -249,7 +254,7 @@ class PretrainedLab(Lab):
             m = load(path, self.device).eval()
             return {"eval": self._evaluate(m, tok), **self._over_refusal(m, tok)}
 
-        return self._stage("judged", payload, build)[1]
+        return self._stage("judged", payload, build, meta={"model": model, "seed": seed})[1]
 
     def tokenizer(self):
         path, info = self.base()
@@ -313,7 +318,7 @@ class PretrainedLab(Lab):
                 bar.update(1 + len(grid) * len(c.poisons))
                 continue
             if not info.get("planned"):
-                records.append(_record("aligned", None, seed, info["eval"]))
+                records.append(self._with_setting(_record("aligned", None, seed, info["eval"])))
             bar.update()
             for method, label, attack, variant in grid:
                 for p in c.poisons:
@@ -327,7 +332,7 @@ class PretrainedLab(Lab):
                     if info.get("planned"):
                         bar.update()
                         continue
-                    rec = _record(label, p, seed, info["eval"], info)
+                    rec = self._with_setting(_record(label, p, seed, info["eval"], info))
                     rec["variant"] = variant or {"method": method}
                     records.append(rec)
                     bar.update()
