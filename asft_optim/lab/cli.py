@@ -172,7 +172,7 @@ def _config(args):
 
 
 def _data(args, cfg, settings=None):
-    from .data import DEFAULT_POISONS, REAL_FILES, load_real, parse_labels
+    from .data import REAL_FILES, attack_ratios, load_real, parse_labels
     from .world import World
 
     if not (args.data or args.train):
@@ -191,10 +191,12 @@ def _data(args, cfg, settings=None):
     full = args.grid == "full"
     if pretrained and test_limit is None:
         test_limit = 8 if args.tiny else (200 if full else 100)
+    files = {key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()}
     data = load_real(
-        **{key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()},
-        # The pretrained preset mixes its own attack sets from the files' pools: read them all.
-        poisons=DEFAULT_POISONS if pretrained else cfg.poisons,
+        **files,
+        # The pretrained preset mixes its own attack sets from the files' pools: read every
+        # file the template has (the p = 0 file is needed: its task rows), no other.
+        poisons=attack_ratios(files["train"]) if pretrained else cfg.poisons,
         labels=parse_labels(args.labels),
         test_limit=test_limit,
         input_chars=cfg.input_chars,
@@ -276,7 +278,10 @@ def run(args) -> int:
             require_gguf()
         except PretrainedModelError as e:
             raise SystemExit(f"asft lab --preset pretrained: {e}") from None
-    data = _data(args, cfg)
+    try:
+        data = _data(args, cfg)
+    except ValueError as e:  # a missing or malformed file: the message names it and the option
+        raise SystemExit(f"asft lab: {e}") from None
     out = args.out or Path("lab-runs") / preset
     start = time.perf_counter()
     if preset == "pretrained":
