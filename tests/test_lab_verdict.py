@@ -137,3 +137,38 @@ def test_bad_input_is_refused():
         Point("l2", 0, "", "1")
     with pytest.raises(ValueError, match="only '0' and '1'"):
         Point("l2", 0, "1x", "1")
+
+
+@pytest.mark.parametrize("df, want", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (30, 2.0423), (1000, 1.9623)])
+def test_t_quantile_matches_the_tables(df, want):
+    from asft_optim.lab.verdict import t_quantile
+
+    assert t_quantile(0.975, df) == pytest.approx(want, abs=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 40), st.floats(0.55, 0.995))
+def test_t_quantile_inverts_the_distribution_function(df, q):
+    # Oracle: the t density integrated numerically from 0 to the quantile is q - 1/2.
+    from math import gamma, pi, sqrt
+
+    from asft_optim.lab.verdict import t_quantile
+
+    t = t_quantile(q, df)
+    xs = np.linspace(0, t, 20001)
+    c = np.exp(np.log(gamma((df + 1) / 2)) - np.log(gamma(df / 2))) / sqrt(df * pi) if df < 150 else 1 / sqrt(2 * pi)
+    dens = c * (1 + xs**2 / df) ** (-(df + 1) / 2)
+    assert np.trapezoid(dens, xs) == pytest.approx(q - 0.5, abs=1e-6)
+
+
+def test_the_interval_holds_the_seeds_t_interval():
+    # Two seeds whose differences are -25 and -50: the t interval with 1 degree of freedom
+    # is -37.5 ± 12.706 · 17.68 / √2, far wider than the bootstrap's, clipped to ±100.
+    (d,) = paired_differences(HAND, levels=(50.0,), replicates=400)
+    assert (d.low, d.high) == (-100.0, 100.0) and not d.safer
+    # A third seed like seed 0 (-25): mean -33.3, sd 14.43, t(2) = 4.3027: -33.3 ± 35.86.
+    third = [Point(p.method, 2, p.harmful, p.correct) for p in HAND if p.seed == 0]
+    (d,) = paired_differences(HAND + third, levels=(50.0,), replicates=400)
+    half = 4.30265 * (np.std([-25, -50, -25], ddof=1)) / 3 ** 0.5
+    assert d.mean == pytest.approx(-100 / 3) and d.n_seeds == 3
+    assert d.low <= -100 / 3 - half + 1e-9 and d.high >= -100 / 3 + half - 1e-9 > 0

@@ -287,8 +287,9 @@ VERDICT_INTRO = (
     "Each defence against {ref}: HS − HS({ref}) at equal task accuracy, read off each seed's curve "
     "(HS against FA along the method's swept setting, straight lines between its points, never "
     "beyond them), paired by seed, averaged over seeds: mean [95 % interval], n seeds. The interval "
-    "is a bootstrap over seeds and, within each seed, over the evaluation prompts and task rows "
-    "(both sources of noise). **safer** only where the whole interval is below 0; \"not reached\": "
+    "spans a bootstrap over seeds and, within each seed, over the evaluation prompts and task rows "
+    "(both sources of noise), and Student's t interval over the seeds' differences (a few seeds "
+    "have heavy tails). **safer** only where the whole interval is below 0; \"not reached\": "
     "no seed's curves both reach that FA. A method run at one setting is a single point: it "
     "reaches only its own FA.\n\n")
 

@@ -22,8 +22,10 @@ task rows with replacement (multinomial weights), the *same* draw for every poin
 seed, of every method; it recomputes every point's HS and FA from its per-prompt verdicts
 and per-row correctness, both curves, and :math:`d_s(x)`. The replicate's value is the mean
 over the drawn seeds whose curves still reach ``x`` (a replicate in which none does is
-counted in :attr:`Difference.unreached`). The interval is the 2.5 and 97.5 percentiles of
-the replicates.
+counted in :attr:`Difference.unreached`). The bootstrap interval is the 2.5 and 97.5
+percentiles of the replicates. With two seeds or more, the reported interval is the union of
+that one and Student's t interval over the per-seed differences,
+:math:`\hat d \pm t_{0.975,\,n-1}\, s_d/\sqrt n` (each :math:`d_s` holds both noises).
 
 Why this one:
 
@@ -32,10 +34,19 @@ Why this one:
   evaluation (±7-10 points for 100 prompts). A seed-only bootstrap has, with 2-5 seeds,
   only a few distinct resamples and (n−1)/n of the variance, and zero width for one seed;
   resampling the prompts inside each drawn seed adds the measurement noise back.
-* It is conservative, on purpose: each seed's :math:`d_s` already holds its measurement
-  noise, which the second stage adds again (at most a factor √2 on the width when the
-  measurement noise dominates; Davison & Hinkley 1997, §3.8). For a claim "safer than L2"
-  a too-wide interval errs towards "no verdict", a too-narrow one towards a false claim.
+* Why the union with the t interval: a percentile bootstrap over a few seeds cannot
+  produce the heavy tails of a mean of 2-5 draws. In a simulation (true difference 0, a
+  per-seed attack effect of sd 8 points, 100 prompts and rows, 200 grids;
+  ``benchmarks/lab_verdict_coverage.py``) the bootstrap alone excluded 0 in 11 % of grids
+  with 2 seeds (5 % with 5 seeds); the reported union, in 5.0 % (2 seeds) and 2.5 %
+  (5 seeds). With one seed
+  there is no t interval: the bootstrap then carries the prompts' noise alone, and the
+  table says "1 seed" (the attack's randomness is not in it).
+* It errs wide, on purpose: each seed's :math:`d_s` already holds its measurement noise,
+  which the bootstrap's second stage adds again (at most a factor √2 on the width when the
+  measurement noise dominates; Davison & Hinkley 1997, §3.8), and the union takes the wider
+  bound of two intervals. For a claim "safer than L2" a too-wide interval errs towards "no
+  verdict", a too-narrow one towards a false claim.
 * Paired resampling: one draw of prompts and rows serves every point of a seed, so a prompt
   every model answers (or refuses) moves all curves together and cancels in the
   difference, as it does in the data. Two identical methods give exactly 0 in every
@@ -70,6 +81,7 @@ __all__ = [
     "Point",
     "hs_at_fa",
     "paired_differences",
+    "t_quantile",
     "verdict_table",
 ]
 
@@ -191,6 +203,57 @@ def hs_at_fa(points: Sequence[tuple[float, float]], level: float) -> float | Non
     return None if math.isnan(v) else v
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (Lentz's method)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function :math:`I_x(a, b)`."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def t_quantile(q: float, df: int) -> float:
+    """Student's t quantile (``q`` in (0.5, 1)), by bisection on its distribution function.
+
+    Example::
+
+        >>> round(t_quantile(0.975, 1), 3), round(t_quantile(0.975, 4), 3)
+        (12.706, 2.776)
+    """
+    if not 0.5 < q < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df ≥ 1, got q={q}, df={df}")
+    tail = 1 - q  # P(T > t) = I_{df/(df+t²)}(df/2, 1/2) / 2
+    lo, hi = 0.0, 1.0
+    while _betainc(df / 2, 0.5, df / (df + hi * hi)) / 2 > tail:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _betainc(df / 2, 0.5, df / (df + mid * mid)) / 2 > tail:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def _group(points: Sequence[Point], reference: str) -> tuple[list[int], list[str], dict]:
     seeds = sorted({p.seed for p in points})
     methods = list(dict.fromkeys(p.method for p in points if p.method != reference))
@@ -290,6 +353,12 @@ def paired_differences(
             if len(ok):
                 low, high = (float(v) for v in np.quantile(ok, [alpha, 1 - alpha]))
             mean = sum(d0[(s, m, x)] for s in reach) / n
+            if n > 1:  # the union with Student's t interval over the per-seed differences
+                sd = math.sqrt(sum((d0[(s, m, x)] - mean) ** 2 for s in reach) / (n - 1))
+                half = t_quantile(1 - alpha, n - 1) * sd / math.sqrt(n)
+                low = mean - half if low is None else min(low, mean - half)
+                high = mean + half if high is None else max(high, mean + half)
+                low, high = max(low, -100.0), min(high, 100.0)  # a difference of two percentages
             out.append(Difference(m, float(x), mean, low, high, n, float(1 - len(ok) / replicates)))
     return out
 
