@@ -44,6 +44,10 @@ class AttackConfig:
     alt_rank: int = 8
     alt_lambda: float = 10.0
     safe_lora_threshold: float = 0.5
+    #: ``weight-decay``'s AdamW decoupled weight decay on the LoRA factors (the baseline users
+    #: try first). Large on purpose: the decay per step is ``lr · weight_decay``, and an attack
+    #: of ~20 steps at lr 2e-3 barely feels 0.1 (0.4 % in all).
+    adamw_weight_decay: float = 10.0
 
 
 #: LoRA on every linear layer of a Llama block (the lab's models), beside the paper's q/v.
@@ -113,6 +117,12 @@ def _asft_orthogonal(ctx):
     return _anchored(ctx, anchors, ctx.config.anchor_lambda)
 
 
+def _weight_decay(ctx):
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    decay = ctx.config.adamw_weight_decay
+    return torch.optim.AdamW(params, lr=ctx.config.train.lr, weight_decay=decay), {"weight_decay": decay}
+
+
 def _l2(ctx):
     return _anchored(ctx, l2_anchors(ctx.model, list(ctx.config.target_modules)), ctx.config.l2_lambda)
 
@@ -148,6 +158,8 @@ METHODS: dict[str, Method] = {
                describe="AnchoredAdamW, harmful-gradient subspace (AsFT_Alt)"),
         Method("safe-lora", None, ("safe_lora_threshold",), trains_as="sft", post=_safe_lora,
                describe="Safe LoRA projection of the sft adapter"),
+        Method("weight-decay", _weight_decay, ("adamw_weight_decay",),
+               describe="plain AdamW with decoupled weight decay on the LoRA factors"),
     ]
 }
 

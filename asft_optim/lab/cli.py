@@ -60,9 +60,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--test", help="task test file (default: DIR/agnews_test.json)")
     g.add_argument("--harmful-eval", help="harmful evaluation prompts (default: DIR/beavertails_eval_250.json)")
     g.add_argument("--labels", help="output string of each test label id, comma separated (default: World,Sports,Business,Sci/Tech)")
-    g.add_argument("--grid", choices=("reduced", "full"), default="reduced",
+    g.add_argument("--grid", choices=("reduced", "full", "fine"), default="reduced",
                    help="pretrained preset: reduced (p 0,0.1; λ sweeps of asft and l2; 100 test rows and "
-                   "100 harmful prompts) or full (p 0,0.05,0.1,0.2; every method swept; 200 and 250)")
+                   "100 harmful prompts), full (p 0,0.05,0.1,0.2; every method swept; 200 and 250) or fine "
+                   "(the reduced grid's p and sizes; every method swept, l2 and asft-orthogonal at λ 0.001, "
+                   "0.01, 0.02, 0.035, 0.06, 0.1, 1: where the fronts turn)")
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
     g.add_argument("--harmful-limit", type=int, help="judge the first N harmful evaluation prompts (default: all)")
     g.add_argument("--sweep-values", type=_floats, metavar="V1,V2,...",
@@ -216,6 +218,7 @@ def _data(args, cfg, settings=None):
 def _settings(args):
     from .pretrained_lab import (
         ATTACKER_FIELDS,
+        FINE_SWEEPS,
         FULL_SWEEPS,
         LR_FACTORS,
         TINY_SETTINGS,
@@ -226,12 +229,15 @@ def _settings(args):
         settings = TINY_SETTINGS
     elif args.grid == "full":
         settings = PretrainedSettings(sweeps=FULL_SWEEPS, lr_factors=LR_FACTORS)
+    elif args.grid == "fine":
+        settings = PretrainedSettings(sweeps=FINE_SWEEPS)
     else:
         settings = PretrainedSettings()
     if args.lr_sweep is not None:
         settings = replace(settings, lr_factors=args.lr_sweep)
     if args.sweep is not None:
-        table = {s.method: s for s in FULL_SWEEPS if s.field not in ATTACKER_FIELDS}
+        table = {s.method: s for s in (FINE_SWEEPS if args.grid == "fine" else FULL_SWEEPS)
+                 if s.field not in ATTACKER_FIELDS}
         # The full grid's attacker-side sweep of sft's layers stays: it is not a method's setting.
         attacker = tuple(s for s in settings.sweeps if s.field in ATTACKER_FIELDS)
         settings = replace(settings, sweeps=tuple(table[m] for m in args.sweep) + attacker)

@@ -93,13 +93,25 @@ FULL_SWEEPS = (
     Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
     Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
     Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),
+    Sweep("weight-decay", "adamw_weight_decay", (1.0, 10.0, 30.0, 100.0, 300.0)),
+)
+
+#: ``--grid fine``: λ where the fronts turn (0.01 to 0.1 in five steps, with the ends already
+#: known), for l2 and asft-orthogonal; every other swept method as in :data:`FULL_SWEEPS`.
+FINE_LAMBDAS = (0.001, 0.01, 0.02, 0.035, 0.06, 0.1, 1.0)
+
+#: ``--grid fine``'s sweeps (no attacker-side sweep: the defender's knob against one attacker).
+FINE_SWEEPS = (
+    Sweep("asft-orthogonal", "anchor_lambda", FINE_LAMBDAS),
+    Sweep("l2", "l2_lambda", FINE_LAMBDAS),
+    *(s for s in FULL_SWEEPS if s.method in ("asft", "asft-alt", "safe-lora", "weight-decay")),
 )
 
 #: The attacker's learning rate as multiples of the preset's (``--lr-sweep``; ``--grid full``).
 LR_FACTORS = (0.2, 1.0, 5.0)
 
 #: The defender's setting an attacker-LR point is run at (named in its label).
-_SETTING_FIELDS = ("anchor_lambda", "l2_lambda", "alt_lambda", "safe_lora_threshold")
+_SETTING_FIELDS = ("anchor_lambda", "l2_lambda", "alt_lambda", "safe_lora_threshold", "adamw_weight_decay")
 
 
 def variants(methods, attack: AttackConfig, sweeps, lr_factors=()) -> list[tuple[str, str, AttackConfig, dict | None]]:
