@@ -62,8 +62,9 @@ def main() -> None:
     args = p.parse_args()
     rows = [coverage(int(n), args.sims) for n in args.seeds.split(",")]
     for r in rows:
-        print(f"{r['seeds']} seeds, {r['grids']} grids: 0 excluded by the bootstrap alone in "
-              f"{100 * r['bootstrap_excludes_0']:.1f} %, by the reported interval in {100 * r['reported_excludes_0']:.1f} %")
+        boot, reported = 100 * r["bootstrap_excludes_0"], 100 * r["reported_excludes_0"]
+        print(f"{r['seeds']} seeds, {r['grids']} grids: 0 excluded by the bootstrap alone in {boot:.1f} %, "
+              f"by the reported interval in {reported:.1f} %")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
 

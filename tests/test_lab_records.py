@@ -65,7 +65,8 @@ def test_plan_counts_what_the_records_lack(tmp_path):
     out = tmp_path / "fresh"
     assert main(["lab", "--tiny", "--no-progress", "--plan", "--out", str(out), *GRID, "--records", str(records)]) == 0
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["to_build"] == 0 and plan["recorded"] == 4 and plan["recorded_per_kind"] == {"aligned": 1, "base": 1, "eval": 2}
+    assert plan["to_build"] == 0 and plan["recorded"] == 4
+    assert plan["recorded_per_kind"] == {"aligned": 1, "base": 1, "eval": 2}
     # One more ratio: its attack and evaluation, and the models they need (no cache here).
     assert main(["lab", "--tiny", "--no-progress", "--plan", "--out", str(out), "--methods", "sft,asft",
                  "--poison", "0.1,0.2", "--seeds", "0", "--records", str(records)]) == 0
@@ -93,7 +94,8 @@ def test_records_of_another_code_version_or_setting_are_refused(tmp_path):
     assert f"- {evals[0].name}: refused, another code version (lab 0, this lab 1)" in table
     assert "1 of another code version" in table
     not_run = json.loads((tmp_path / "b" / "run.json").read_text())["not_run"]
-    assert [(m["method"], m["missing_stage"]) for m in not_run] == [(old["meta"]["method"], "tokenizer")]  # a bare machine: nothing cached
+    # A bare machine: nothing cached, so the refused point misses its first stage.
+    assert [(m["method"], m["missing_stage"]) for m in not_run] == [(old["meta"]["method"], "tokenizer")]
 
 
 def test_a_killed_run_keeps_every_finished_point(tmp_path, monkeypatch):

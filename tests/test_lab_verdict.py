@@ -172,3 +172,16 @@ def test_the_interval_holds_the_seeds_t_interval():
     half = 4.30265 * (np.std([-25, -50, -25], ddof=1)) / 3 ** 0.5
     assert d.mean == pytest.approx(-100 / 3) and d.n_seeds == 3
     assert d.low <= -100 / 3 - half + 1e-9 and d.high >= -100 / 3 + half - 1e-9 > 0
+
+
+def test_the_coverage_benchmark_runs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lab_verdict_coverage.py"
+    spec = importlib.util.spec_from_file_location("lab_verdict_coverage", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.coverage(2, 3, replicates=50)
+    assert row["seeds"] == 2 and 0 < row["grids"] <= 3
+    assert 0 <= row["reported_excludes_0"] <= row["bootstrap_excludes_0"] <= 1  # the union is never narrower
