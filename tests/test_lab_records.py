@@ -129,3 +129,14 @@ def test_records_dir_must_be_a_folder(tmp_path):
         from asft_optim.lab.records import RecordStore
 
         RecordStore(tmp_path / "file", 1, {})
+
+
+def test_a_refused_record_is_replaced_when_its_point_is_built(tmp_path):
+    records = tmp_path / "points"
+    _lab(tmp_path / "a", *GRID, "--records", str(records))
+    path = sorted(records.glob("eval-*.json"))[0]
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "lab_version": 0}))
+    # The cache still holds the point: a run reads it there and writes a good record back.
+    _lab(tmp_path / "a", *GRID, "--records", str(records))
+    assert json.loads(path.read_text()) == good

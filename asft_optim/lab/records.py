@@ -73,24 +73,30 @@ class RecordStore:
             return "another evaluation setting"
         return None
 
-    def get(self, kind: str, key: str) -> dict | None:
-        """The stage's info from its record, or ``None`` (no record, or a refused one)."""
+    def _load(self, kind: str, key: str) -> tuple[dict | None, str | None]:
+        """``(info, None)`` for a usable record, ``(None, why)`` for a refused one, ``(None, None)``
+        for none."""
         path = self.path(kind, key)
         if not path.is_file():
-            return None
+            return None, None
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            self.refused.append((path.name, f"unreadable ({e})"))
-            return None
+            return None, f"unreadable ({e})"
         why = self._why_not(rec, kind, key)
+        return (None, why) if why is not None else (rec["info"], None)
+
+    def get(self, kind: str, key: str) -> dict | None:
+        """The stage's info from its record, or ``None`` (no record, or a refused one, which
+        :attr:`refused` lists)."""
+        info, why = self._load(kind, key)
         if why is not None:
-            self.refused.append((path.name, why))
-            return None
-        return rec["info"]
+            self.refused.append((self.path(kind, key).name, why))
+        return info
 
     def has(self, kind: str, key: str) -> bool:
-        return self.path(kind, key).is_file()
+        """True when a usable record of the stage is there (a refused one is replaced on write)."""
+        return self._load(kind, key)[0] is not None
 
     def put(self, kind: str, key: str, info: dict, meta: dict | None = None) -> Path:
         """Write the record of a finished stage, atomically: a temporary file renamed."""
