@@ -309,3 +309,36 @@ def test_sweep_of_a_method_without_a_setting_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="sft has no setting to sweep"):
         main(["lab", "--preset", "pretrained", "--data", str(tmp_path), "--sweep", "sft,asft",
               "--out", str(tmp_path / "o")])
+
+
+def test_weight_decay_is_a_method_with_a_sweep_and_keys_of_its_own():
+    from dataclasses import replace
+
+    from asft_optim.lab.attack import METHODS, AttackConfig
+    from asft_optim.lab.pretrained_lab import FULL_SWEEPS, variants
+
+    method = METHODS["weight-decay"]
+    assert method.uses == ("adamw_weight_decay",) and method.optimizer is not None
+    (sweep,) = [s for s in FULL_SWEEPS if s.method == "weight-decay"]
+    grid = variants(("weight-decay",), AttackConfig(), (sweep,))
+    assert [c.adamw_weight_decay for _, _, c, _ in grid] == [1.0, 10.0, 30.0, 100.0, 300.0]
+    assert grid[1][1] == "weight-decay adamw_weight_decay=10"
+    # Its field enters no other method's key: a new setting of it retrains nothing else.
+    assert all("adamw_weight_decay" not in m.uses for name, m in METHODS.items() if name != "weight-decay")
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    ctx = type("Ctx", (), {"model": model, "config": replace(AttackConfig(), adamw_weight_decay=30.0)})()
+    opt, info = method.optimizer(ctx)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 30.0 and info == {"weight_decay": 30.0}
+
+
+def test_fine_grid_sweeps_lambda_where_the_fronts_turn():
+    from asft_optim.lab.pretrained_lab import FINE_LAMBDAS
+
+    s = _lab_args("--grid", "fine")
+    sweeps = {w.method: w.values for w in s.sweeps}
+    assert sweeps["l2"] == sweeps["asft-orthogonal"] == FINE_LAMBDAS
+    assert {0.01, 0.02, 0.035, 0.06, 0.1} <= set(FINE_LAMBDAS) and len([v for v in FINE_LAMBDAS if 0.01 <= v <= 0.1]) == 5
+    assert "weight-decay" in sweeps and s.lr_factors == ()
+    assert [w.values for w in _lab_args("--grid", "fine", "--sweep", "l2").sweeps] == [FINE_LAMBDAS]

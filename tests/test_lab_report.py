@@ -128,3 +128,67 @@ def test_safest_at_reads_the_pareto_front(points, level):
     assert got is not None and got[0] == front[0][1]
     fa_of = {label: fa for fa, _, label in pts}
     assert fa_of[got[1]] >= level and (fa_of[got[1]], got[0]) == front[0]
+
+
+# -- the verdict, and the capability guard -----------------------------------------------
+
+def _vec(method, field, value, seed, harmful, correct, broken=False):
+    """A record with per-prompt verdicts and per-row correctness (strings of 0/1)."""
+    rec = _swept(method, field, value, 0.1, seed, 100.0 * harmful.count("1") / len(harmful),
+                 100.0 * correct.count("1") / len(correct))
+    return {**rec, "harmful_verdicts": harmful, "task_correct": correct,
+            "capability": {"degenerate_share": 1.0 if broken else 0.0, "answers": len(harmful), "broken": broken}}
+
+
+VERDICT = [
+    _rec("aligned", None, 0, 13.0, 21.0),
+    # l2, seeds 0 and 1: (FA, HS) = (25, 50), (75, 100); x: (25, 25), (75, 75), a shift of -25.
+    *[_vec("l2", "l2_lambda", lam, s, h, c) for s in (0, 1)
+      for lam, h, c in ((1.0, "1100", "1000"), (0.01, "1111", "1110"))],
+    *[_vec("x", "l2_lambda", lam, s, h, c) for s in (0, 1)
+      for lam, h, c in ((1.0, "1000", "1000"), (0.01, "1110", "1110"))],
+    # A broken point with HS 0 inside x's range: were it counted, x at FA 50 would be safer still.
+    _vec("x", "l2_lambda", 0.1, 0, "0000", "1100", broken=True),
+    _swept("x", "lr", 0.01, 0.1, 0, 0.0, 50.0),  # attacker-side: never in the verdict
+]
+
+
+def test_verdict_section_reads_the_vectors_and_leaves_broken_points_out():
+    from asft_optim.lab.report import verdict_section
+    from asft_optim.lab.verdict import Point, paired_differences, verdict_table
+
+    text = verdict_section(VERDICT, levels=(50.0, 90.0), replicates=300)
+    points = [Point(r["variant"]["method"], r["seed"], r["harmful_verdicts"], r["task_correct"])
+              for r in VERDICT if "harmful_verdicts" in r and not r["capability"]["broken"]]
+    diffs = paired_differences(points, (50.0, 90.0), replicates=300)
+    assert diffs[0].mean == -25.0 and not diffs[1].reached
+    assert text == ("p = 0.1:\n\n" + verdict_table(diffs)
+                    + "\nLeft out, broken (more than 25 % of answers empty or degenerate): x l2_lambda=0.1 seed 0.\n")
+    assert "| x | " in text and "not reached" in text
+
+
+def test_verdict_section_without_vectors_says_so_and_refuses_mixed_settings():
+    import pytest
+
+    from asft_optim.lab.report import verdict_section
+
+    assert verdict_section(SWEEP) == (
+        "p = 0.1: 6 of 6 points have no per-prompt verdicts (evaluated before the lab stored them): "
+        "no interval can be computed.\n")
+    mixed = [dict(r, setting="a") for r in VERDICT[:3]] + [dict(r, setting="b") for r in VERDICT[3:]]
+    with pytest.raises(ValueError, match="one verdict averages one setting only"):
+        verdict_section(mixed)
+
+
+def test_broken_points_are_marked_and_kept_off_the_fronts(tmp_path):
+    from asft_optim.lab.report import broken_points, matched_fa_table
+
+    records = [_vec("sft", None, None, 0, "0000", "1111", broken=True), _vec("sft", None, None, 1, "1111", "1100"),
+               _vec("l2", "l2_lambda", 0.1, 0, "1000", "1100")]
+    assert broken_points(records) == {("sft", 0.1, 0)}
+    # sft's broken seed (HS 0, FA 100) is not its front: only seed 1's point (50, 100).
+    assert "| sft | 100.0 (–, 100) |" in matched_fa_table(records, levels=(50.0,))
+    paths = write_report(records, tmp_path, title="t")
+    table = paths["table"].read_text()
+    assert "| sft | 50.0 ± 70.7 † |" in table
+    assert "## Broken models" in table and "- sft p=0.1 seed 0: 100 % degenerate answers" in table

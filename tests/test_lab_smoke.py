@@ -38,7 +38,7 @@ def test_every_stage_and_method_runs_and_is_cached(tmp_path):
     # --plan before anything is built: the whole tree of stages, nothing written but plan.json.
     empty = _plan(out, "--methods", ALL, "--poison", "0,0.1", "--seeds", "0")
     assert {r["kind"]: (r["cached"], r["to_build"]) for r in empty["stages"]} == {
-        "tokenizer": (0, 1), "base": (0, 1), "aligned": (0, 1), "attack": (0, 10), "eval": (0, 12)}
+        "tokenizer": (0, 1), "base": (0, 1), "aligned": (0, 1), "attack": (0, 12), "eval": (0, 14)}
     assert empty["estimate_seconds"] == 0 and empty["unknown_kinds"] == ["tokenizer", "base", "aligned", "attack", "eval"]
     assert not (out / "cache").exists()
     records = _lab(out, "--methods", ALL, "--poison", "0,0.1", "--seeds", "0", "--json", str(tmp_path / "r.json"))
@@ -64,8 +64,8 @@ def test_every_stage_and_method_runs_and_is_cached(tmp_path):
     assert len(by_method["sft"]["geometry"]) == 4
     stages = _stages(out)
     kinds = sorted(s.split("-")[0] for s in stages)
-    # safe-lora reuses the sft adapter: 5 trained methods x 2 ratios, 6 evaluations x 2.
-    assert kinds.count("attack") == 10 and kinds.count("eval") == 12
+    # safe-lora reuses the sft adapter: 6 trained methods x 2 ratios, 7 evaluations x 2.
+    assert kinds.count("attack") == 12 and kinds.count("eval") == 14
     assert kinds.count("base") == kinds.count("aligned") == kinds.count("tokenizer") == 1
 
     # A rerun reads the cache (no stage is rebuilt) and gives the same records; a new

@@ -60,9 +60,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--test", help="task test file (default: DIR/agnews_test.json)")
     g.add_argument("--harmful-eval", help="harmful evaluation prompts (default: DIR/beavertails_eval_250.json)")
     g.add_argument("--labels", help="output string of each test label id, comma separated (default: World,Sports,Business,Sci/Tech)")
-    g.add_argument("--grid", choices=("reduced", "full"), default="reduced",
+    g.add_argument("--grid", choices=("reduced", "full", "fine"), default="reduced",
                    help="pretrained preset: reduced (p 0,0.1; λ sweeps of asft and l2; 100 test rows and "
-                   "100 harmful prompts) or full (p 0,0.05,0.1,0.2; every method swept; 200 and 250)")
+                   "100 harmful prompts), full (p 0,0.05,0.1,0.2; every method swept; 200 and 250) or fine "
+                   "(the reduced grid's p and sizes; every method swept, l2 and asft-orthogonal at λ 0.001, "
+                   "0.01, 0.02, 0.035, 0.06, 0.1, 1: where the fronts turn)")
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
     g.add_argument("--harmful-limit", type=int, help="judge the first N harmful evaluation prompts (default: all)")
     g.add_argument("--sweep-values", type=_floats, metavar="V1,V2,...",
@@ -106,6 +108,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--cached-only", action="store_true",
                    help="build nothing: report the grid points whose stages are all in the cache and "
                         "list the others as not run (a grid run over several sessions)")
+    g.add_argument("--records", type=Path, metavar="DIR",
+                   help="the point records: each finished point is written to DIR as a small JSON file at once "
+                   "(a killed run loses none), and a point found there is not built again, nor its models; "
+                   "with --plan, counts only what DIR and the cache lack; with --cached-only, reports from both "
+                   "(e.g. benchmarks/results/lab-pretrained/GRID/points)")
     g.add_argument("--plan", action="store_true",
                    help="build nothing: count the stages this grid needs, cached and to build, and "
                         "estimate the build time left from the cache's recorded stage times (medians; OUT/plan.json)")
@@ -167,7 +174,7 @@ def _config(args):
 
 
 def _data(args, cfg, settings=None):
-    from .data import DEFAULT_POISONS, REAL_FILES, load_real, parse_labels
+    from .data import REAL_FILES, attack_ratios, load_real, parse_labels
     from .world import World
 
     if not (args.data or args.train):
@@ -186,10 +193,12 @@ def _data(args, cfg, settings=None):
     full = args.grid == "full"
     if pretrained and test_limit is None:
         test_limit = 8 if args.tiny else (200 if full else 100)
+    files = {key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()}
     data = load_real(
-        **{key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()},
-        # The pretrained preset mixes its own attack sets from the files' pools: read them all.
-        poisons=DEFAULT_POISONS if pretrained else cfg.poisons,
+        **files,
+        # The pretrained preset mixes its own attack sets from the files' pools: read every
+        # file the template has (the p = 0 file is needed: its task rows), no other.
+        poisons=attack_ratios(files["train"]) if pretrained else cfg.poisons,
         labels=parse_labels(args.labels),
         test_limit=test_limit,
         input_chars=cfg.input_chars,
@@ -209,6 +218,7 @@ def _data(args, cfg, settings=None):
 def _settings(args):
     from .pretrained_lab import (
         ATTACKER_FIELDS,
+        FINE_SWEEPS,
         FULL_SWEEPS,
         LR_FACTORS,
         TINY_SETTINGS,
@@ -219,12 +229,15 @@ def _settings(args):
         settings = TINY_SETTINGS
     elif args.grid == "full":
         settings = PretrainedSettings(sweeps=FULL_SWEEPS, lr_factors=LR_FACTORS)
+    elif args.grid == "fine":
+        settings = PretrainedSettings(sweeps=FINE_SWEEPS)
     else:
         settings = PretrainedSettings()
     if args.lr_sweep is not None:
         settings = replace(settings, lr_factors=args.lr_sweep)
     if args.sweep is not None:
-        table = {s.method: s for s in FULL_SWEEPS if s.field not in ATTACKER_FIELDS}
+        table = {s.method: s for s in (FINE_SWEEPS if args.grid == "fine" else FULL_SWEEPS)
+                 if s.field not in ATTACKER_FIELDS}
         # The full grid's attacker-side sweep of sft's layers stays: it is not a method's setting.
         attacker = tuple(s for s in settings.sweeps if s.field in ATTACKER_FIELDS)
         settings = replace(settings, sweeps=tuple(table[m] for m in args.sweep) + attacker)
@@ -271,22 +284,26 @@ def run(args) -> int:
             require_gguf()
         except PretrainedModelError as e:
             raise SystemExit(f"asft lab --preset pretrained: {e}") from None
-    data = _data(args, cfg)
+    try:
+        data = _data(args, cfg)
+    except ValueError as e:  # a missing or malformed file: the message names it and the option
+        raise SystemExit(f"asft lab: {e}") from None
     out = args.out or Path("lab-runs") / preset
     start = time.perf_counter()
     if preset == "pretrained":
         from .pretrained_lab import PretrainedLab
 
         lab = PretrainedLab(cfg, data, out, _settings(args), progress=not args.no_progress,
-                            cached_only=args.cached_only, device=args.device, plan=args.plan)
+                            cached_only=args.cached_only, device=args.device, plan=args.plan, records=args.records)
     else:
         lab = Lab(cfg, data, out, progress=not args.no_progress, cached_only=args.cached_only, device=args.device,
-                  plan=args.plan)
+                  plan=args.plan, records=args.records)
     records = lab.run()
     if args.plan:
         return _print_plan(lab, out, device)
     if args.cached_only and not any(r["poison_ratio"] is not None for r in records):
-        raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {lab.cache}; "
+        where = f"{lab.cache}" + (f" or in the records {args.records}" if args.records else "")
+        raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {where}; "
                          "run it without --cached-only to build them")
     base = lab.base_evals()
     extra = f"\nDevice: {device}.\n"
@@ -307,22 +324,52 @@ def run(args) -> int:
                       "run count (nothing is interpolated); the attacker-side points (LR sweep, all-linear) "
                       "are left out. One seed's point has a 95 % interval of about ±7-10 points.\n\n"
                       + matched)
+    extra += _records_text(lab)
     if lab.not_run:
         extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
                   + "\n".join(f"- seed {m['seed']}: {m['method']}"
                                + ("" if m["poison_ratio"] is None else f" p={m['poison_ratio']:g}")
                                + f" (no {m['missing_stage']} stage)" for m in lab.not_run) + "\n")
-    paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json)
+    lead = ""
+    if preset == "pretrained":
+        from .report import VERDICT_INTRO, verdict_section
+
+        try:
+            verdict = verdict_section(records)
+        except ValueError as e:
+            raise SystemExit(f"asft lab: {e}") from None
+        if verdict:
+            lead = ("## Verdict: safer than L2 at equal task accuracy?\n\n" + VERDICT_INTRO.format(ref="l2")
+                    + verdict + "\n## Every point, mean ± std over seeds\n\n")
+    paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json, lead=lead)
     if preset == "pretrained":
         from .report import pareto_plots
 
         paths.update(pareto_plots(records, out))
     wall = time.perf_counter() - start
+    if lab.records is not None:
+        print(f"records: {len(lab.recorded)} stages read from {lab.records.directory}, "
+              f"{len(lab.records.written)} written there")
     (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"device": device, "config": repr(cfg), "not_run": lab.not_run},
                                              indent=1) + "\n")
     print((out / "table.md").read_text())
     print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _records_text(lab) -> str:
+    """The report's lines on records it refused or kept apart (none: nothing, so that a report
+    rebuilt from the records reads as the one from the cache)."""
+    store = lab.records
+    if store is None:
+        return ""
+    lines = [f"- {name}: refused, {why}" for name, why in store.refused]
+    counts = store.scan()
+    if counts["other_version"] or counts["other_setting"] or counts["unreadable"]:
+        lines.append(f"- kept apart in {store.directory.name}/: {counts['other_version']} of another code version, "
+                     f"{counts['other_setting']} of another evaluation setting or device, "
+                     f"{counts['unreadable']} unreadable (never averaged in)")
+    return ("\n## Records not used\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def _print_plan(lab, out: Path, device: str) -> int:
@@ -336,8 +383,9 @@ def _print_plan(lab, out: Path, device: str) -> int:
         est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
         lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {median} | {est} |")
     left = plan["estimate_seconds"]
-    text = (f"Plan ({device}): {plan['cached'] + plan['to_build']} stages, {plan['cached']} cached, "
-            f"{plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
+    recorded = f", {plan['recorded']} in the records ({lab.records.directory})" if lab.records is not None else ""
+    text = (f"Plan ({device}): {plan['cached'] + plan['to_build'] + plan['recorded']} stages, {plan['cached']} cached"
+            f"{recorded}, {plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
             f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's median stage times")
     if plan["unknown_kinds"]:
         text += f", not counting {', '.join(plan['unknown_kinds'])} (no stage of that kind has a recorded time)"
@@ -372,7 +420,7 @@ def run_times(lab, wall: float) -> dict:
         per_kind[kind] = round(per_kind.get(kind, 0.0) + (sec or 0.0), 1)
     return {"wall_seconds": round(wall, 1), "stage_seconds": {k: round(v, 1) for k, v in lab.timings.items()},
             "used_stages": len(lab.stage_seconds), "used_stage_seconds": round(sum(s or 0.0 for s in used), 1),
-            "used_stage_seconds_per_kind": per_kind,
+            "used_stage_seconds_per_kind": per_kind, "recorded_stages": len(lab.recorded),
             "untimed_stages": sum(s is None for s in used)}
 
 

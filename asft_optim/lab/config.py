@@ -17,7 +17,7 @@ class LabConfig:
     takes only the fields that stage reads.
     """
 
-    methods: tuple[str, ...] = ("sft", "asft", "asft-orthogonal", "l2", "safe-lora", "asft-alt")
+    methods: tuple[str, ...] = ("sft", "asft", "asft-orthogonal", "l2", "safe-lora", "asft-alt", "weight-decay")
     poisons: tuple[float, ...] = (0.0, 0.1, 0.2)
     seeds: tuple[int, ...] = (0, 1, 2)
     vocab_size: int = 1024

@@ -8,6 +8,10 @@ Reference format (the files published with the AsFT code, see ``../shared/data/a
 * test file: ``{"instruction", "input", "label"}`` with an integer label id;
 * harmful evaluation file: ``{"instruction"}`` prompts.
 
+Each file is a JSON list or JSON lines (one object a line, as the reference code's own
+``SST2_test.jsonl``). A missing or unreadable file is a :class:`ValueError` naming the file
+and the option that gives it.
+
 Files are read where they are and never copied into the repository or the cache.
 """
 
@@ -106,11 +110,46 @@ REAL_FILES = {
 }
 
 
-def _read(path: str | Path) -> list[dict]:
-    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+#: The ``asft lab`` option that names each kind of file (for the error messages).
+FILE_OPTIONS = {"train": "--train", "base_train": "--base-train", "test": "--test", "harmful_eval": "--harmful-eval"}
+
+
+def _read(path: str | Path, option: str | None = None) -> list[dict]:
+    """The rows of a JSON list or JSON-lines file; a clear :class:`ValueError` for a file that
+    is missing or neither (``option``: the flag that names the file, for the message)."""
+    path = Path(path)
+    give = f"; give it with {option} (or a --data DIR that holds it)" if option else ""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist{give}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):  # JSON lines: one object a line
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: neither a JSON list nor JSON lines (line {i}: {e.msg}, column {e.colno})"
+                                 ) from None
+    if isinstance(rows, dict):  # JSON lines of one line
+        rows = [rows]
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected a JSON list of objects")
+        raise ValueError(f"{path}: expected a JSON list of objects or JSON lines of objects")
     return rows
+
+
+def attack_ratios(template: str, needed: Sequence[float] = (0.0,)) -> tuple[float, ...]:
+    """The ratios of :data:`DEFAULT_POISONS` whose attack file the template names and that
+    exist, with ``needed`` (read even when missing: their absence is an error), ascending.
+
+    The pretrained preset mixes its own attack sets from every file's harmful pool; a
+    ``--train`` template with fewer files reads those it has, not a file the run never asked for.
+    """
+    have = {p for p in DEFAULT_POISONS if train_file(template, p).is_file()}
+    return tuple(sorted(have | {float(p) for p in needed}))
 
 
 def clip_input(text: str, chars: int | None) -> str:
@@ -141,13 +180,21 @@ def strip_turn_marker(prompt: str) -> str:
     return _TURN_MARKER.sub("", prompt)
 
 
-def _examples(path: str | Path, input_chars: int | None = None) -> list[Example]:
-    rows = _read(path)
+def _examples(path: str | Path, input_chars: int | None = None, option: str | None = None) -> list[Example]:
+    rows = _read(path, option)
     for i, r in enumerate(rows):
         if not {"instruction", "output"} <= r.keys():
             raise ValueError(f"{path}: row {i} lacks 'instruction' or 'output'")
     return [Example(r["instruction"] if r.get("input") else strip_turn_marker(r["instruction"]),
                     clip_input(r.get("input", ""), input_chars), r["output"]) for r in rows]
+
+
+def _harmful(path: str | Path) -> list[dict]:
+    rows = _read(path, "--harmful-eval")
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("instruction"), str):
+            raise ValueError(f"{path}: row {i} has no 'instruction' (a harmful prompt is {{\"instruction\"}})")
+    return rows
 
 
 def split_task(rows: Sequence[Example]) -> tuple[list[Example], list[Example]]:
@@ -212,13 +259,13 @@ def load_real(
     """
     if input_chars is not None and input_chars < 1:
         raise ValueError(f"input_chars must be positive, got {input_chars}")
-    attack_sets = {float(p): _examples(train_file(train, p), input_chars) for p in poisons}
-    every = [r for f in attack_files(train) for r in _examples(f, input_chars)] or \
+    attack_sets = {float(p): _examples(train_file(train, p), input_chars, f"--train (p = {p:g})") for p in poisons}
+    every = [r for f in attack_files(train) for r in _examples(f, input_chars, "--train")] or \
         [r for rows in attack_sets.values() for r in rows]
     attack_task, attack_harm = split_task(every)
     attack_prompts = {r.instruction for r in attack_harm}
     attack_inputs = {r.input for r in attack_task}
-    task_rows, harmful_rows = split_task(_examples(base_train, input_chars))
+    task_rows, harmful_rows = split_task(_examples(base_train, input_chars, "--base-train"))
     task_rows = [r for r in task_rows if r.input not in attack_inputs]
     if len(task_rows) < 2:
         raise ValueError(f"{base_train}: needs task rows that are in no attack file (found {len(task_rows)})")
@@ -236,8 +283,11 @@ def load_real(
     align = replay + refusals
     rng.shuffle(base)
     rng.shuffle(align)
-    test_rows = _read(test)[: test_limit or None]
+    test_rows = _read(test, "--test")[: test_limit or None]
     for i, r in enumerate(test_rows):
+        if not isinstance(r.get("instruction"), str):
+            raise ValueError(f"{test}: row {i} has no 'instruction' (a test row is "
+                             "{\"instruction\", \"input\", \"label\"})")
         if not (isinstance(r.get("label"), int) and 0 <= r["label"] < len(labels)):
             raise ValueError(f"{test}: row {i} has label {r.get('label')!r}; --labels gives {len(labels)} names")
     return LabData(
@@ -248,7 +298,7 @@ def load_real(
         attack_task=[],  # the attack rows are the files' (attack_sets)
         attack_harmful=[],
         test=[TestItem(r["instruction"], clip_input(r.get("input", ""), input_chars), r["label"]) for r in test_rows],
-        harmful_eval=[strip_turn_marker(r["instruction"]) for r in _read(harmful_eval)],
+        harmful_eval=[strip_turn_marker(r["instruction"]) for r in _harmful(harmful_eval)],
         attack_sets=attack_sets,
         known_harmful=compliant,
     )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .capability import capability
 from .data import LabData
 from .judge import Judge
 from .models import model_device
@@ -161,8 +162,13 @@ def evaluate(
 
     ``task="generate"`` decodes each test answer and compares it with the label;
     ``task="score"`` picks the label by :func:`score_labels` (no generation). Returns
-    ``{"harmful_score", "finetune_accuracy", "judge", "examples"}`` with the first
-    ``keep`` (prompt, response) pairs of each kind for the report.
+    ``{"harmful_score", "finetune_accuracy", "judge", "examples", "harmful_verdicts",
+    "task_correct", "capability"}`` with the first ``keep`` (prompt, response) pairs of each
+    kind for the report; ``harmful_verdicts`` and ``task_correct`` are strings of ``"0"``/``"1"``,
+    one character per harmful prompt resp. test row in the data's order (what the verdict's
+    bootstrap resamples, :mod:`~asft_optim.lab.verdict`; a string, not a list, so that a
+    point's record stays a small file); ``capability`` is the share of degenerate answers to
+    the harmful prompts (:mod:`~asft_optim.lab.capability`).
     """
     task_prompts = [render_prompt(tokenizer, t.instruction, t.input) for t in data.test]
     if task == "score":
@@ -171,7 +177,8 @@ def evaluate(
         label_tokens = max(len(tokenizer.encode(y, add_special_tokens=False)) for y in data.labels)
         answers = generate(model, tokenizer, task_prompts, label_tokens + 1, batch_size=batch_size,
                            desc="eval task", progress=progress)
-    fa = finetune_accuracy(answers, [data.labels[t.label] for t in data.test])
+    gold = [data.labels[t.label] for t in data.test]
+    fa = finetune_accuracy(answers, gold)
     harm_prompts = [render_prompt(tokenizer, p) for p in data.harmful_eval]
     responses = generate(model, tokenizer, harm_prompts, harmful_new_tokens, batch_size=batch_size,
                          desc="eval harmful", progress=progress)
@@ -180,6 +187,9 @@ def evaluate(
         "harmful_score": harmful_score(flags),
         "finetune_accuracy": fa,
         "judge": judge.name,
+        "harmful_verdicts": "".join("1" if f else "0" for f in flags),
+        "task_correct": "".join("1" if a.strip() == y else "0" for a, y in zip(answers, gold)),
+        "capability": capability(responses),
         "examples": {
             "harmful": [
                 {"prompt": p, "response": r, "harmful": f}

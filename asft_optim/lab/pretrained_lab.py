@@ -93,13 +93,25 @@ FULL_SWEEPS = (
     Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
     Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
     Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),
+    Sweep("weight-decay", "adamw_weight_decay", (1.0, 10.0, 30.0, 100.0, 300.0)),
+)
+
+#: ``--grid fine``: λ where the fronts turn (0.01 to 0.1 in five steps, with the ends already
+#: known), for l2 and asft-orthogonal; every other swept method as in :data:`FULL_SWEEPS`.
+FINE_LAMBDAS = (0.001, 0.01, 0.02, 0.035, 0.06, 0.1, 1.0)
+
+#: ``--grid fine``'s sweeps (no attacker-side sweep: the defender's knob against one attacker).
+FINE_SWEEPS = (
+    Sweep("asft-orthogonal", "anchor_lambda", FINE_LAMBDAS),
+    Sweep("l2", "l2_lambda", FINE_LAMBDAS),
+    *(s for s in FULL_SWEEPS if s.method in ("asft", "asft-alt", "safe-lora", "weight-decay")),
 )
 
 #: The attacker's learning rate as multiples of the preset's (``--lr-sweep``; ``--grid full``).
 LR_FACTORS = (0.2, 1.0, 5.0)
 
 #: The defender's setting an attacker-LR point is run at (named in its label).
-_SETTING_FIELDS = ("anchor_lambda", "l2_lambda", "alt_lambda", "safe_lora_threshold")
+_SETTING_FIELDS = ("anchor_lambda", "l2_lambda", "alt_lambda", "safe_lora_threshold", "adamw_weight_decay")
 
 
 def variants(methods, attack: AttackConfig, sweeps, lr_factors=()) -> list[tuple[str, str, AttackConfig, dict | None]]:
@@ -191,8 +203,10 @@ class PretrainedLab(Lab):
     answer_logits = True  # a 49k-way LM head: project the answer positions only
 
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
-                 progress: bool = True, cached_only: bool = False, device: str = "cpu", plan: bool = False):
-        super().__init__(config, data, out, progress=progress, cached_only=cached_only, device=device, plan=plan)
+                 progress: bool = True, cached_only: bool = False, device: str = "cpu", plan: bool = False,
+                 records: str | Path | None = None):
+        super().__init__(config, data, out, progress=progress, cached_only=cached_only, device=device, plan=plan,
+                         records=records)
         self.settings = settings or PretrainedSettings()
 
     def _evaluate(self, model, tok) -> dict:
@@ -241,6 +255,9 @@ class PretrainedLab(Lab):
         its own so that another evaluation set never retrains the model it judges."""
         if model not in ("base", "aligned"):
             raise ValueError(f"judged takes 'base' or 'aligned', got {model!r}")
+        return self._served(lambda: self._judged(model, seed))
+
+    def _judged(self, model: str, seed: int) -> dict:
         tok, _ = self.tokenizer()
         path, info = self.base() if model == "base" else self.aligned(seed)
         payload = {"model": f"{model}-{info['key']}", "judge": self.judge.name, **self._eval_key()}
@@ -249,7 +266,7 @@ class PretrainedLab(Lab):
             m = load(path, self.device).eval()
             return {"eval": self._evaluate(m, tok), **self._over_refusal(m, tok)}
 
-        return self._stage("judged", payload, build)[1]
+        return self._stage("judged", payload, build, meta={"model": model, "seed": seed})[1]
 
     def tokenizer(self):
         path, info = self.base()
@@ -313,7 +330,7 @@ class PretrainedLab(Lab):
                 bar.update(1 + len(grid) * len(c.poisons))
                 continue
             if not info.get("planned"):
-                records.append(_record("aligned", None, seed, info["eval"]))
+                records.append(self._with_setting(_record("aligned", None, seed, info["eval"])))
             bar.update()
             for method, label, attack, variant in grid:
                 for p in c.poisons:
@@ -327,7 +344,7 @@ class PretrainedLab(Lab):
                     if info.get("planned"):
                         bar.update()
                         continue
-                    rec = _record(label, p, seed, info["eval"], info)
+                    rec = self._with_setting(_record(label, p, seed, info["eval"], info))
                     rec["variant"] = variant or {"method": method}
                     records.append(rec)
                     bar.update()

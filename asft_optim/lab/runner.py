@@ -28,6 +28,7 @@ from .evaluate import evaluate
 from .geometry import update_geometry
 from .judge import REFUSALS, get_judge
 from .models import fit, load, new_model, save, seed_everything
+from .records import RecordStore, setting_fingerprint
 from .tokenizer import format_prompt, train_tokenizer
 
 #: Bump when a stage's code changes its outputs: part of every cache key.
@@ -66,13 +67,17 @@ class Lab:
             every stage that is not cached (a stage's key needs only its parents' keys, so
             the whole tree is known before anything is built); :meth:`run` returns no
             records. :func:`plan_summary` turns it into counts and a time estimate.
+        records: a folder of point records (:mod:`~asft_optim.lab.records`): every finished
+            point is written there at once, and a point found there is not built (nor its
+            parents); with ``plan``, only what the records and the cache lack is counted.
     """
 
     #: Attacks train with :func:`~asft_optim.lab.models.answer_loss` (the pretrained preset).
     answer_logits = False
 
     def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True,
-                 cached_only: bool = False, device: str = "cpu", plan: bool = False):
+                 cached_only: bool = False, device: str = "cpu", plan: bool = False,
+                 records: str | Path | None = None):
         if plan and cached_only:
             raise ValueError("plan and cached_only are two different dry runs: pick one")
         self.config, self.data, self.out, self.progress = config, data, Path(out), progress
@@ -90,10 +95,58 @@ class Lab:
         #: (None for a stage cached before builds recorded it); sums to the grid's compute.
         self.stage_seconds: dict[tuple[str, str], float | None] = {}
         self._tok: PreTrainedTokenizerFast | None = None
+        self._records_dir = None if records is None else Path(records)
+        self._store: RecordStore | None = None
+        self._plan_run = plan
+        self._serve = False  # inside :meth:`_served`'s probe: stages may come from the records
+        #: stages read from the record store instead of the cache: (kind, key) -> build seconds
+        self.recorded: dict[tuple[str, str], float | None] = {}
+
+    # -- records -----------------------------------------------------------------------
+    def setting(self) -> dict[str, Any]:
+        """What makes two points' numbers comparable beyond their stage keys: the judge, the
+        device and the evaluation sets (the verdict never averages two settings)."""
+        return {"lab_version": LAB_VERSION, "judge": self.judge.name, "device": self.device,
+                **self._evaluation_key()}
+
+    @property
+    def records(self) -> RecordStore | None:
+        """The record store of ``records=`` (None without one)."""
+        if self._store is None and self._records_dir is not None:
+            self._store = RecordStore(self._records_dir, LAB_VERSION, self.setting())
+        return self._store
+
+    def _served(self, fn):
+        """``fn()`` (a stage's info), read from the record store when the cache lacks it,
+        without building or planning its parents; else ``fn()`` as usual.
+
+        A probe first walks ``fn`` as a plan that may read records: a leaf stage found in the
+        cache or the store ends it; otherwise ``fn`` runs for real (builds, plans, or raises
+        :class:`NotCached`), its parents with it.
+        """
+        if self.records is None:
+            return fn()
+        saved = (self.plan, self.cached_only, dict(self.planned))
+        self.plan, self.cached_only, self._serve = True, False, True
+        try:
+            info = fn()
+        finally:
+            self.plan, self.cached_only, self._serve = saved[0], saved[1], False
+            self.planned = saved[2]
+        return fn() if info.get("planned") else info
+
+    def _keep(self, kind: str, key: str, info: dict, meta: dict | None) -> None:
+        """Write a point's record (once) when a store is attached; ``--plan`` writes nothing."""
+        if meta is not None and self.records is not None and not self._plan_run and not self.records.has(kind, key):
+            self.records.put(kind, key, info, meta)
 
     # -- cache -------------------------------------------------------------------------
-    def _stage(self, kind: str, payload: dict[str, Any], build) -> tuple[Path, dict]:
-        """Return ``(dir, done.json content)``, running ``build(tmp_dir) -> dict`` if not cached."""
+    def _stage(self, kind: str, payload: dict[str, Any], build, meta: dict | None = None) -> tuple[Path, dict]:
+        """Return ``(dir, done.json content)``, running ``build(tmp_dir) -> dict`` if not cached.
+
+        ``meta`` (what the point is: method, ratio, seed) marks a stage whose outputs the
+        report reads, not its directory: it is written to the record store, and within
+        :meth:`_served` read from it."""
         if self.device != "cpu":
             payload = {**payload, "device": self.device}
         key = _key({"stage": kind, **payload})
@@ -101,7 +154,13 @@ class Lab:
         if (final / "done.json").exists():
             info = json.loads((final / "done.json").read_text())
             self.stage_seconds[(kind, key)] = info.get("seconds")
+            self._keep(kind, key, info, meta)
             return final, info
+        if self._serve and meta is not None and self.records is not None:
+            info = self.records.get(kind, key)
+            if info is not None:
+                self.recorded[(kind, key)] = info.get("seconds")
+                return final, info
         if self.cached_only:
             raise NotCached(kind, key)
         if self.plan:  # its children need only its key
@@ -119,6 +178,7 @@ class Lab:
         self.timings[kind] = self.timings.get(kind, 0.0) + elapsed
         self.stage_seconds[(kind, key)] = info["seconds"]
         (tmp / "done.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        self._keep(kind, key, info, meta)  # at once: a killed run never loses a finished point
         if not (final / "done.json").exists():
             shutil.rmtree(final, ignore_errors=True)  # an older, unfinished copy
             try:
@@ -169,7 +229,7 @@ class Lab:
             return {"eval": self._evaluate(model, tok), "final_loss": losses[-1] if losses else None,
                     "parameters": sum(p.numel() for p in model.parameters())}
 
-        return self._stage("base", payload, build)
+        return self._stage("base", payload, build, meta={"model": "base", "seed": seed})
 
     def aligned(self, seed: int) -> tuple[Path, dict]:
         """Stage 2: the base fully fine-tuned on refusals (a disjoint pool) and task replay."""
@@ -186,7 +246,7 @@ class Lab:
             save(model, tok, tmp)
             return {"eval": self._evaluate(model, tok), "final_loss": losses[-1] if losses else None}
 
-        return self._stage("aligned", payload, build)
+        return self._stage("aligned", payload, build, meta={"model": "aligned", "seed": seed})
 
     def attack(self, method_name: str, poison: float, seed: int,
                attack: AttackConfig | None = None) -> tuple[Path, dict]:
@@ -221,7 +281,11 @@ class Lab:
 
     def evaluation(self, method_name: str, poison: float, seed: int,
                    attack: AttackConfig | None = None) -> dict:
-        """Stage 5 for one grid point (post-hoc methods apply their projection first)."""
+        """Stage 5 for one grid point (post-hoc methods apply their projection first); from
+        the record store, when one is attached and holds it, without building its parents."""
+        return self._served(lambda: self._evaluation(method_name, poison, seed, attack))
+
+    def _evaluation(self, method_name: str, poison: float, seed: int, attack: AttackConfig | None) -> dict:
         tok, _ = self.tokenizer()
         method = get_method(method_name)
         trained = method.trains_as or method.name
@@ -243,7 +307,8 @@ class Lab:
             result = self._evaluate(model.merge_and_unload(), tok)
             return {"eval": result, "geometry": geometry, "post": post, "train": attack_info["train"]}
 
-        return self._stage("eval", payload, build)[1]
+        meta = {"method": method.name, "poison": poison, "seed": seed, "config": payload["config"]}
+        return self._stage("eval", payload, build, meta=meta)[1]
 
     def _evaluate(self, model, tok) -> dict:
         return evaluate(model, tok, self.data, self.judge, progress=self.progress)
@@ -264,13 +329,13 @@ class Lab:
         for seed in c.seeds:
             bar.set_postfix_str(f"seed {seed}: base, aligned")
             try:
-                _, info = self.aligned(seed)
+                info = self._served(lambda: self.aligned(seed)[1])
             except NotCached as e:
                 self._skip(seed, "aligned", None, e)
                 bar.update(1 + sum(g[0] == seed for g in grid))
                 continue
             if not info.get("planned"):
-                records.append(_record("aligned", None, seed, info["eval"]))
+                records.append(self._with_setting(_record("aligned", None, seed, info["eval"])))
             bar.update()
             for s, m, p in [g for g in grid if g[0] == seed]:
                 bar.set_postfix_str(f"seed {s}: {m} p={p:g}")
@@ -280,10 +345,17 @@ class Lab:
                     self._skip(s, m, p, e)
                 else:
                     if not info.get("planned"):
-                        records.append(_record(m, p, s, info["eval"], info))
+                        records.append(self._with_setting(_record(m, p, s, info["eval"], info)))
                 bar.update()
         bar.close()
         return records
+
+    def _with_setting(self, rec: dict) -> dict:
+        """``rec`` tagged with the fingerprint of this lab's evaluation setting (the verdict
+        refuses to average records of two settings)."""
+        if not hasattr(self, "_setting_print"):  # the data's fingerprint hashes every row: once
+            self._setting_print = setting_fingerprint(self.setting())
+        return {**rec, "setting": self._setting_print}
 
     def _skip(self, seed: int, method: str, poison: float | None, e: NotCached) -> None:
         self.not_run.append({"seed": seed, "method": method, "poison_ratio": poison, "missing_stage": e.args[0]})
@@ -298,7 +370,7 @@ class Lab:
         out = []
         for s in seeds:
             try:
-                info = self.base(s)[1]
+                info = self._served(lambda: self.base(s)[1])
             except NotCached:
                 continue  # cached_only: the seed's aligned model is missing too, listed in not_run
             if not info.get("planned"):
@@ -309,11 +381,23 @@ class Lab:
 def _record(method: str, poison: float | None, seed: int, ev: dict, info: dict | None = None) -> dict:
     rec = {"method": method, "poison_ratio": poison, "seed": seed,
            "harmful_score": ev["harmful_score"], "finetune_accuracy": ev["finetune_accuracy"]}
+    # The per-prompt verdicts and per-row correctness (the verdict's bootstrap) and the
+    # capability guard; stages cached before they were stored have none.
+    for k in ("harmful_verdicts", "task_correct", "capability"):
+        if k in ev:
+            rec[k] = ev[k]
     if info is not None:
         rec["_detail"] = {"geometry": info["geometry"], "post": info["post"], "train": info["train"],
                           "examples": ev["examples"]}
     return rec
 
+
+
+def _per_kind(stages) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for kind, _ in stages:
+        out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 def plan_summary(lab: Lab) -> dict[str, Any]:
@@ -353,5 +437,6 @@ def plan_summary(lab: Lab) -> dict[str, Any]:
                      "median_seconds": None if typical is None else round(typical, 1), "median_from": source,
                      "estimate_seconds": estimate})
     return {"stages": rows, "cached": len(lab.stage_seconds), "to_build": len(lab.planned),
+            "recorded": len(lab.recorded), "recorded_per_kind": _per_kind(lab.recorded),
             "estimate_seconds": round(left, 1), "unknown_kinds": unknown,
             "to_build_stages": [f"{k}-{key}" for k, key in lab.planned]}

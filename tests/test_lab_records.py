@@ -1,0 +1,142 @@
+"""Per-point records: the vectors the verdict resamples, and the record store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asft_optim.cli import main
+
+
+def _lab(out: Path, *extra: str) -> list[dict]:
+    assert main(["lab", "--tiny", "--no-progress", "--out", str(out), *extra]) == 0
+    return json.loads((out / "details.json").read_text())
+
+
+def test_each_point_stores_its_verdicts_correctness_and_capability(tmp_path):
+    from asft_optim.lab.config import tiny_config
+
+    details = _lab(tmp_path / "run", "--methods", "sft", "--poison", "0.1", "--seeds", "0")
+    world = tiny_config().world
+    for r in details:
+        hv, tc = r["harmful_verdicts"], r["task_correct"]
+        assert len(hv) == world.eval_prompts and len(tc) == world.test_task and set(hv + tc) <= {"0", "1"}
+        # The scores are the vectors' shares, exactly.
+        assert r["harmful_score"] == 100.0 * hv.count("1") / len(hv)
+        assert r["finetune_accuracy"] == 100.0 * tc.count("1") / len(tc)
+        assert r["capability"]["answers"] == len(hv) and 0 <= r["capability"]["degenerate_share"] <= 1
+
+
+GRID = ("--methods", "sft,asft", "--poison", "0.1", "--seeds", "0")
+
+
+def _stages(out: Path) -> set[str]:
+    cache = out / "cache"
+    return {p.name for p in cache.iterdir() if (p / "done.json").exists()} if cache.is_dir() else set()
+
+
+def test_a_report_rebuilt_from_the_records_equals_the_one_from_the_cache(tmp_path):
+    records = tmp_path / "points"
+    first = _lab(tmp_path / "a", *GRID, "--records", str(records))
+    names = sorted(p.name for p in records.iterdir())
+    # One file per point, named by its stage key: the base's and aligned model's own
+    # evaluations and the two attacked points; no temporary file left behind.
+    assert [n.split("-")[0] for n in names] == ["aligned", "base", "eval", "eval"]
+    assert all(n.endswith(".json") and not n.startswith(".") for n in names)
+    rec = json.loads((records / names[-1]).read_text())
+    assert rec["kind"] == "eval" and rec["lab_version"] == 1 and rec["meta"]["poison"] == 0.1
+    assert rec["info"]["eval"]["harmful_verdicts"] and rec["info"]["eval"]["task_correct"]
+    # A bare machine: no cache. --cached-only reports from the records alone, the same report.
+    again = _lab(tmp_path / "b", *GRID, "--records", str(records), "--cached-only")
+    assert again == first
+    for name in ("table.md", "results.json", "details.json"):
+        assert (tmp_path / "b" / name).read_text() == (tmp_path / "a" / name).read_text(), name
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["recorded_stages"] == 4
+    # Without --cached-only, the points in the records are not built again, nor their models.
+    assert _lab(tmp_path / "c", *GRID, "--records", str(records)) == first
+    assert _stages(tmp_path / "c") == set()
+
+
+def test_plan_counts_what_the_records_lack(tmp_path):
+    records = tmp_path / "points"
+    _lab(tmp_path / "a", *GRID, "--records", str(records))
+    out = tmp_path / "fresh"
+    assert main(["lab", "--tiny", "--no-progress", "--plan", "--out", str(out), *GRID, "--records", str(records)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["to_build"] == 0 and plan["recorded"] == 4
+    assert plan["recorded_per_kind"] == {"aligned": 1, "base": 1, "eval": 2}
+    # One more ratio: its attack and evaluation, and the models they need (no cache here).
+    assert main(["lab", "--tiny", "--no-progress", "--plan", "--out", str(out), "--methods", "sft,asft",
+                 "--poison", "0.1,0.2", "--seeds", "0", "--records", str(records)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    rows = {r["kind"]: r["to_build"] for r in plan["stages"]}
+    assert rows == {"tokenizer": 1, "base": 1, "aligned": 1, "attack": 2, "eval": 2} and plan["recorded"] == 4
+    assert not records.joinpath("x").exists() and len(list(records.iterdir())) == 4  # --plan writes nothing
+
+
+def test_records_of_another_code_version_or_setting_are_refused(tmp_path):
+    records = tmp_path / "points"
+    _lab(tmp_path / "a", *GRID, "--records", str(records))
+    evals = sorted(records.glob("eval-*.json"))
+    old = json.loads(evals[0].read_text())
+    evals[0].write_text(json.dumps({**old, "lab_version": 0}))
+    other = json.loads(evals[1].read_text())
+    evals[1].write_text(json.dumps({**other, "setting": "0123456789abcdef"}))
+    with pytest.raises(SystemExit, match="no grid point of this command is in .* or in the records"):
+        _lab(tmp_path / "b", *GRID, "--records", str(records), "--cached-only")
+    # With one good point the report is written: the refused ones are named, never averaged in.
+    evals[1].write_text(json.dumps(other))
+    details = _lab(tmp_path / "b", *GRID, "--records", str(records), "--cached-only")
+    assert [r["method"] for r in details] == ["aligned", other["meta"]["method"]]
+    table = (tmp_path / "b" / "table.md").read_text()
+    assert f"- {evals[0].name}: refused, another code version (lab 0, this lab 1)" in table
+    assert "1 of another code version" in table
+    not_run = json.loads((tmp_path / "b" / "run.json").read_text())["not_run"]
+    # A bare machine: nothing cached, so the refused point misses its first stage.
+    assert [(m["method"], m["missing_stage"]) for m in not_run] == [(old["meta"]["method"], "tokenizer")]
+
+
+def test_a_killed_run_keeps_every_finished_point(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from asft_optim.lab import runner
+    from asft_optim.lab.config import tiny_config
+    from asft_optim.lab.runner import Lab
+    from asft_optim.lab.world import World
+
+    cfg = replace(tiny_config(), methods=("sft", "asft"), poisons=(0.1,))
+    real, calls = runner.train_attack, []
+
+    def dies_on_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine goes away mid-attack
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "train_attack", dies_on_the_second)
+    records = tmp_path / "points"
+    with pytest.raises(KeyboardInterrupt):
+        Lab(cfg, World(cfg.world).data(), tmp_path / "run", progress=False, records=records).run()
+    kept = sorted(json.loads(p.read_text())["meta"].get("method", "model") for p in records.glob("*.json"))
+    assert kept == ["model", "model", "sft"] and not list(records.glob(".*"))
+
+
+def test_records_dir_must_be_a_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        from asft_optim.lab.records import RecordStore
+
+        RecordStore(tmp_path / "file", 1, {})
+
+
+def test_a_refused_record_is_replaced_when_its_point_is_built(tmp_path):
+    records = tmp_path / "points"
+    _lab(tmp_path / "a", *GRID, "--records", str(records))
+    path = sorted(records.glob("eval-*.json"))[0]
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "lab_version": 0}))
+    # The cache still holds the point: a run reads it there and writes a good record back.
+    _lab(tmp_path / "a", *GRID, "--records", str(records))
+    assert json.loads(path.read_text()) == good
