@@ -49,7 +49,7 @@ class SafetySubspace:
 
     Args:
         basis: ``Q`` of shape (d_out, k), orthonormal columns (checked to 1e-4 in float32
-            terms: the guarantee ``QᵀΔW = 0`` needs a projector).
+            terms, looser for bf16/fp16 storage: the guarantee ``QᵀΔW = 0`` needs a projector).
         d_in: input size of the weight (default: None, any).
         energy: share of ``Σ‖G_i‖²`` the basis keeps (informative; default: 1.0).
 
@@ -69,7 +69,9 @@ class SafetySubspace:
             raise AnchorError(f"a safety basis must be (d_out, k) with 1 ≤ k ≤ d_out, got shape {tuple(q.shape)}")
         q64 = q.detach().double()
         err = float((q64.T @ q64 - torch.eye(q.shape[1], dtype=q64.dtype, device=q.device)).abs().max())
-        if not err < 1e-4:
+        # Exact to the storage precision: 1e-4 in float32/64, looser in bf16/fp16.
+        tol = max(1e-4, 8 * torch.finfo(q.dtype).eps * q.shape[0] ** 0.5) if q.is_floating_point() else 0.0
+        if not err < tol:
             raise AnchorError(
                 f"a safety basis must have orthonormal columns (|QᵀQ − I| = {err:.2e}); "
                 "orthonormalise it (torch.linalg.qr(q).Q) or build it with subspace_from_gram"
