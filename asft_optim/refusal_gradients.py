@@ -19,18 +19,83 @@ flags and train/eval modes restored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .anchors import _natural
 from .baselines.targeted import targeted_weights
-from .layout import out_in_shape, to_out_in
+from .basis_io import read_bases, save_bases
+from .layout import WeightInfo, out_in_shape, to_out_in
 from .projection import AnchorError
 from .safety_subspace import SafetySubspace, subspace_from_gram
+from .version import __version__
 
-__all__ = ["greedy_refusals", "refusal_subspaces"]
+__all__ = ["GRADIENT_SIDE", "SafetySubspaces", "greedy_refusals", "refusal_subspaces"]
+
+#: The ``side`` metadata value of a safety-subspace file.
+GRADIENT_SIDE = "gradient"
+
+
+class SafetySubspaces(Mapping[str, SafetySubspace]):
+    """Read-only mapping ``weight name -> SafetySubspace`` plus string metadata; saved as an
+    anchor file of side ``gradient`` (:mod:`asft_optim.basis_io`).
+
+    Example::
+
+        >>> subs = refusal_subspaces(aligned, greedy_refusals(aligned, prompt_ids), target_modules=["q_proj"], rank=4)
+        >>> subs.save("q.gradient.anchors.safetensors"); subs = SafetySubspaces.load("q.gradient.anchors.safetensors")
+    """
+
+    def __init__(
+        self,
+        subspaces: Mapping[str, SafetySubspace],
+        metadata: Mapping[str, str] | None = None,
+        weights: Mapping[str, WeightInfo] | None = None,
+    ) -> None:
+        if not subspaces:
+            raise AnchorError("safety subspaces are empty: no weight matched")
+        self._subspaces = dict(subspaces)
+        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
+        weights = dict(weights or {})
+        for name, sub in self._subspaces.items():
+            if name not in weights:
+                if sub.d_in is None:
+                    raise AnchorError(f"{name}: give its WeightInfo (the subspace does not know d_in)")
+                weights[name] = WeightInfo((sub.d_out, sub.d_in))
+            if (problem := sub.fits(weights[name].out_in_shape)) is not None:
+                raise AnchorError(f"{name}: {problem}")
+        self.weights: dict[str, WeightInfo] = {n: weights[n] for n in self._subspaces}
+
+    def __getitem__(self, name: str) -> SafetySubspace:
+        return self._subspaces[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._subspaces)
+
+    def __len__(self) -> int:
+        return len(self._subspaces)
+
+    def __repr__(self) -> str:
+        return f"SafetySubspaces({len(self)} weights)"
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SafetySubspaces:
+        return SafetySubspaces({n: s.to(device, dtype) for n, s in self.items()}, self.metadata, self.weights)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the anchor file, side ``gradient``."""
+        save_bases(path, GRADIENT_SIDE, {n: s.basis for n, s in self.items()},
+                   {n: s.energy for n, s in self.items()}, self.weights, self.metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SafetySubspaces:
+        """Read and validate a ``gradient``-side file; any defect raises :class:`AnchorError`."""
+        bases, energies, weights, metadata = read_bases(path, GRADIENT_SIDE)
+        subs = {n: SafetySubspace(b, weights[n].out_in_shape[1], energies[n]) for n, b in bases.items()}
+        return cls(subs, metadata, weights)
 
 IGNORE_INDEX = -100
 
@@ -99,8 +164,8 @@ def refusal_subspaces(
     energy: float | None = None,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
-) -> dict[str, SafetySubspace]:
-    """``{weight name: SafetySubspace}`` from per-example refusal-loss gradients.
+) -> SafetySubspaces:
+    """Per-weight :class:`SafetySubspace` from per-example refusal-loss gradients.
 
     Args:
         model: the aligned model (plain or PEFT: the tuners' base weights are used).
@@ -141,11 +206,19 @@ def refusal_subspaces(
             m.training = training
     if n == 0:
         raise AnchorError("no refusal example was given")
-    out = {}
-    for name, (w, layout) in weights.items():
+    out, infos = {}, {}
+    for name in sorted(weights, key=_natural):  # the order files are read in
+        w, layout = weights[name]
         if id(w) not in grams:
             raise AnchorError(f"{name}: the refusal loss does not reach this weight; drop it from target_modules")
         d_in = out_in_shape(tuple(w.shape), layout)[1]
         sub = subspace_from_gram(grams[id(w)], rank, energy, d_in=d_in, name=name)
-        out[name] = sub.to("cpu", dtype)
-    return out
+        out[name], infos[name] = sub.to("cpu", dtype), WeightInfo(tuple(w.shape), layout)
+    metadata = {
+        "side": GRADIENT_SIDE, "source": "refusal-gradients", "examples": str(n),
+        "rank": "" if rank is None else str(rank), "energy": "" if energy is None else str(energy),
+        "storage_dtype": str(dtype).removeprefix("torch."),
+        "target_modules": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
+        "library": f"asft-optim {__version__}",
+    }
+    return SafetySubspaces(out, metadata, infos)

@@ -229,11 +229,11 @@ def test_round_trip_is_exact_and_marks_the_side(built, tmp_path):
 def test_each_reader_refuses_the_other_side(built, tmp_path):
     path = tmp_path / "in.anchors.safetensors"
     built.save(path)
-    with pytest.raises(AnchorError, match="'input'-side anchors; load it with InputAnchors.load"):
+    with pytest.raises(AnchorError, match="input-side anchors, not output-side ones; load it with InputAnchors.load"):
         Anchors.load(path)
     out = tmp_path / "out.anchors.safetensors"
     Anchors.from_deltas({"w.weight": torch.randn(4, 3)}, "orthogonal", rank=2).save(out)
-    with pytest.raises(AnchorError, match="output-side anchors .*Anchors.load"):
+    with pytest.raises(AnchorError, match="output-side anchors, not input-side ones; load it with Anchors.load"):
         InputAnchors.load(out)
 
 
@@ -279,5 +279,5 @@ def test_edited_files_are_refused(built, tmp_path):
 
     edited(flip_byte, "checksum mismatch")
     edited(bad_rank, "bad rank")
-    edited(other_version, "unsupported input-anchor format version")
+    edited(other_version, "unsupported input-side format version")
     edited(drop_weight, "tensors and metadata disagree")

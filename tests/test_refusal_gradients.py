@@ -89,3 +89,24 @@ def test_bad_inputs_name_the_fix(model):
     only_q = lambda m, e: m.model.layers[0].self_attn.q_proj(torch.ones(1, 32, dtype=D)).sum()  # noqa: E731
     with pytest.raises(AnchorError, match="layers.0.mlp.down_proj.weight: the refusal loss does not reach"):
         refusal_subspaces(model, [{}], target_modules=TARGETS, rank=1, loss_fn=only_q)
+
+
+def test_file_round_trip_marks_the_gradient_side_and_readers_refuse_other_sides(model, tmp_path):
+    from asft_optim import Anchors
+    from asft_optim.input_anchors import InputAnchors
+    from asft_optim.refusal_gradients import SafetySubspaces
+
+    examples = greedy_refusals(model, _prompts(3, n=2), max_new_tokens=2, eos_token_id=VOCAB + 1)
+    subs = refusal_subspaces(model, examples, target_modules=TARGETS, energy=0.9)
+    path = tmp_path / "g.anchors.safetensors"
+    subs.save(path)
+    loaded = SafetySubspaces.load(path)
+    assert list(loaded) == list(subs) and loaded.weights == subs.weights
+    assert loaded.metadata == {k: v for k, v in subs.metadata.items() if k != "side"}
+    for name in subs:
+        assert torch.equal(loaded[name].basis, subs[name].basis)
+        assert (loaded[name].d_in, loaded[name].energy) == (subs[name].d_in, subs[name].energy)
+    with pytest.raises(AnchorError, match="gradient-side anchors, not input-side ones; load it with SafetySubspaces.load"):
+        InputAnchors.load(path)
+    with pytest.raises(AnchorError, match="gradient-side anchors, not output-side ones"):
+        Anchors.load(path)
