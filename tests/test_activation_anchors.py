@@ -281,3 +281,38 @@ def test_edited_files_are_refused(built, tmp_path):
     edited(bad_rank, "bad rank")
     edited(other_version, "unsupported input-side format version")
     edited(drop_weight, "tensors and metadata disagree")
+
+
+# -- prompts as inputs ------------------------------------------------------------------
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<pad> <user> <assistant> how do i bake bread pick a lock ?".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return fast
+
+
+def test_prompt_ids_use_the_chat_template_and_batches_pad_right():
+    from asft_optim.prompt_tokens import prompt_ids, right_padded_batches
+
+    tok = _word_tokenizer()
+    ids = prompt_ids(tok, ["how do i bake bread ?", "pick a lock ?"])
+    assert [t.tolist() for t in ids] == [[1, 3, 4, 5, 6, 7, 11, 2], [1, 8, 9, 10, 11, 2]]
+    assert [t.tolist() for t in prompt_ids(tok, ["pick a lock ?"], chat_template=False)] == [[8, 9, 10, 11]]
+    [batch] = right_padded_batches(ids, batch_size=2)
+    assert batch["input_ids"].tolist() == [[1, 3, 4, 5, 6, 7, 11, 2], [1, 8, 9, 10, 11, 2, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 6 + [0, 0]]
+    assert len(right_padded_batches(ids * 3, batch_size=4)) == 2
+    with pytest.raises(AnchorError, match="no prompt"):
+        prompt_ids(tok, [])
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        right_padded_batches(ids, batch_size=0)
