@@ -129,7 +129,8 @@ def read_bases(
         if not isinstance(info, dict) or info.get("dtype") != _ST_NAMES[storage]:
             raise _fail(path, f"{name}: tensor dtype is not {storage}")
         if info.get("shape") != [rows, rank] or rank > rows:
-            raise _fail(path, f"{name}: basis shape {info.get('shape')!r} does not fit a weight {list(shape)} (rank {rank})")
+            raise _fail(path, f"{name}: basis shape {info.get('shape')!r} does not fit a weight "
+                        f"{list(shape)} (rank {rank})")
     names = sorted(entries, key=_natural)
     tensors = anchor_io._read_tensors(path, names)
     if meta.get("checksum") != anchor_io.checksum(tensors):

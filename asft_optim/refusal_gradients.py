@@ -122,7 +122,9 @@ def greedy_refusals(
     """
     if not prompts:
         raise AnchorError("no harmful prompt was given")
-    eos = eos_token_id if eos_token_id is not None else getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos_token_id
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     training = [(m, m.training) for m in model.modules()]

@@ -78,7 +78,8 @@ def test_hooks_capture_exactly_the_layer_inputs_on_unmasked_tokens(model):
                 want[i] += x.T @ x
     for i in (0, 1):
         for m in ("q_proj", "v_proj"):
-            torch.testing.assert_close(covs[f"model.layers.{i}.self_attn.{m}.weight"].total, want[i], rtol=1e-10, atol=1e-10)
+            got = covs[f"model.layers.{i}.self_attn.{m}.weight"].total
+            torch.testing.assert_close(got, want[i], rtol=1e-10, atol=1e-10)
 
 
 def test_padding_is_masked_out_whatever_the_batching(model):
@@ -129,7 +130,8 @@ def test_contrast_vectors_solve_the_generalised_eigenproblem(d, seed, eps):
     torch.testing.assert_close(h @ v, (t + ridge * torch.eye(d, dtype=D)) @ v * mu, rtol=1e-8, atol=1e-8)
     assert torch.all(mu[:-1] >= mu[1:])
     # The oracle: scipy-free, the eigenvalues of (Σ_t + εI)⁻¹ Σ_h (a non-symmetric matrix).
-    ratio = torch.linalg.eigvals(torch.linalg.solve(t + ridge * torch.eye(d, dtype=D), h)).real.sort(descending=True).values
+    ratio = torch.linalg.eigvals(torch.linalg.solve(t + ridge * torch.eye(d, dtype=D), h)).real
+    ratio = ratio.sort(descending=True).values
     torch.testing.assert_close(mu, ratio[:k], rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=D), rtol=0, atol=1e-10)
     torch.testing.assert_close(u @ (u.T @ v), v, rtol=1e-8, atol=1e-8)  # same span
@@ -316,3 +318,22 @@ def test_prompt_ids_use_the_chat_template_and_batches_pad_right():
         prompt_ids(tok, [])
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         right_padded_batches(ids, batch_size=0)
+
+
+def test_the_container_checks_each_basis_against_its_weight(built):
+    from asft_optim.input_projection import InputProjection
+    from asft_optim.layout import WeightInfo
+
+    name = next(iter(built))
+    op = built[name]
+    with pytest.raises(AnchorError, match=f"{name}: input-side anchor fits a weight"):
+        InputAnchors({name: op}, weights={name: WeightInfo((op.d_out, op.d_in + 1))})
+    with pytest.raises(AnchorError, match="input anchors are empty"):
+        InputAnchors({})
+    gpt2_style = InputAnchors({name: op}, weights={name: WeightInfo((op.d_in, op.d_out), "in_out")})
+    assert gpt2_style.weights[name].out_in_shape == (op.d_out, op.d_in)
+    mixed = InputAnchors({name: op, "x.weight": InputProjection(op.basis.double(), op.d_out)})
+    with pytest.raises(AnchorError, match="mix storage dtypes"):
+        mixed.save("unused.safetensors")
+    assert built.to(dtype=D)[name].basis.dtype == D
+    assert {row["side"] for row in built.summary()} == {"input"}

@@ -106,7 +106,7 @@ def test_file_round_trip_marks_the_gradient_side_and_readers_refuse_other_sides(
     for name in subs:
         assert torch.equal(loaded[name].basis, subs[name].basis)
         assert (loaded[name].d_in, loaded[name].energy) == (subs[name].d_in, subs[name].energy)
-    with pytest.raises(AnchorError, match="gradient-side anchors, not input-side ones; load it with SafetySubspaces.load"):
+    with pytest.raises(AnchorError, match="gradient-side anchors, not input-side ones; load it with SafetySub"):
         InputAnchors.load(path)
     with pytest.raises(AnchorError, match="gradient-side anchors, not output-side ones"):
         Anchors.load(path)
