@@ -3,7 +3,8 @@
 Per anchored weight (a ``Linear``, or a GPT-2 ``Conv1D``, or the PEFT tuner wrapping one),
 a forward pre-hook on the aligned model collects the layer's inputs ``x`` (d_in) on every
 *unmasked* token of the defender's prompts and accumulates, in float64 and streaming over
-batches, ``Σ = Σ_tokens x xᵀ = XᵀX`` (d_in × d_in). The basis ``U`` is then
+batches, ``Σ = Σ_tokens x xᵀ = XᵀX`` (d_in × d_in), uncentred on purpose: the change of
+the output is ``ΔW x`` for the input itself, its mean included. The basis ``U`` is then
 
 * ``plain``: the top-k eigenvectors of ``Σ_h / n_h`` (harmful prompts): the directions
   the layer reads most on those prompts;
