@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(["model", "variant", "median", "p10 – p90", "n", "share of an AdamW step"], rows)
     command = "PYTHONPATH=. python benchmarks/operator_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {"environment": environment(device), "results": results}
-    if not args.tiny:
-        write(args.out, "operator_cost", payload, table, command.strip())
-    else:
-        print(table)
+    write(args.out, "operator_cost", payload, table, command.strip())
     return payload
 
 
