@@ -94,7 +94,11 @@ def input_covariances(
             returned to its train/eval modes.
         batches: dicts of model inputs (``input_ids``, ``attention_mask``; ``labels`` is
             ignored). Tokens with ``attention_mask == 0`` are left out; pad on the
-            *right* (left padding shifts the positions of a Llama's tokens).
+            *right* (left padding shifts the positions of a Llama's tokens). An optional
+            ``token_mask`` (same shape, not passed to the model) further selects the tokens
+            that count, e.g. to leave out a chat template's shared system prompt, whose
+            activations are the same for every prompt
+            (:func:`~asft_optim.prompt_tokens.right_padded_batches` ``skip_prefix``).
         target_modules: module-name suffixes or a full-match regex, as in PEFT.
     """
     modules = _anchored_modules(model, target_modules)
@@ -134,9 +138,13 @@ def input_covariances(
         n_batches = 0
         with torch.no_grad():
             for batch in batches:
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_mask")}
                 mask = inputs.get("attention_mask")
-                current["mask"] = None if mask is None else mask.to(torch.bool)
+                mask = None if mask is None else mask.to(torch.bool)
+                if batch.get("token_mask") is not None:
+                    keep = batch["token_mask"].to(torch.bool)
+                    mask = keep if mask is None else mask & keep
+                current["mask"] = mask
                 model(**inputs)
                 n_batches += 1
         if n_batches == 0:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .projection import AnchorError
 
-__all__ = ["prompt_ids", "right_padded_batches"]
+__all__ = ["prompt_ids", "right_padded_batches", "shared_prefix_length"]
 
 
 def prompt_ids(tokenizer: Any, prompts: Sequence[str], *, chat_template: bool | None = None) -> list[Tensor]:
@@ -50,10 +50,33 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str], *, chat_template: bool | 
     return out
 
 
-def right_padded_batches(ids: Sequence[Tensor], batch_size: int = 8, pad_id: int = 0) -> list[dict[str, Tensor]]:
-    """Batches ``{"input_ids", "attention_mask"}`` padded on the right with ``pad_id`` (masked)."""
+def shared_prefix_length(ids: Sequence[Tensor]) -> int:
+    """Length of the longest token prefix every prompt shares (a chat template's system prompt
+    and user header): causal models give those tokens the same activations in every prompt."""
+    if not ids:
+        return 0
+    n = min(len(t) for t in ids)
+    first = ids[0][:n]
+    for t in ids[1:]:
+        diff = (t[:n] != first).nonzero()
+        n = int(diff[0]) if len(diff) else n
+        first = first[:n]
+    return n
+
+
+def right_padded_batches(
+    ids: Sequence[Tensor], batch_size: int = 8, pad_id: int = 0, *, skip_prefix: int = 0
+) -> list[dict[str, Tensor]]:
+    """Batches ``{"input_ids", "attention_mask"}`` padded on the right with ``pad_id`` (masked).
+
+    ``skip_prefix > 0`` adds a ``token_mask`` leaving out each prompt's first ``skip_prefix``
+    tokens from the statistics (they still run through the model), e.g.
+    :func:`shared_prefix_length` of all the prompts (default: 0, no ``token_mask``).
+    """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not (isinstance(skip_prefix, int) and 0 <= skip_prefix < min(len(t) for t in ids)):
+        raise ValueError(f"skip_prefix must be an int in [0, shortest prompt's length), got {skip_prefix!r}")
     out = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
@@ -62,5 +85,9 @@ def right_padded_batches(ids: Sequence[Tensor], batch_size: int = 8, pad_id: int
         mask = torch.zeros(len(chunk), length, dtype=torch.long)
         for row, t in enumerate(chunk):
             input_ids[row, : len(t)], mask[row, : len(t)] = t, 1
-        out.append({"input_ids": input_ids, "attention_mask": mask})
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if skip_prefix:
+            batch["token_mask"] = mask.clone()
+            batch["token_mask"][:, :skip_prefix] = 0
+        out.append(batch)
     return out

@@ -28,7 +28,7 @@ from _common import environment, markdown_table, parser, setup, write
 from asft_optim.activation_anchors import contrast_directions, input_covariances, top_directions
 from asft_optim.lab.pretrained import load_gguf
 from asft_optim.lab.prompts import CHAT_PROMPTS, HARMFUL_CHAT_PROMPTS
-from asft_optim.prompt_tokens import prompt_ids, right_padded_batches
+from asft_optim.prompt_tokens import prompt_ids, right_padded_batches, shared_prefix_length
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -40,6 +40,8 @@ def captured(u: torch.Tensor, cov: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.split("\n", 1)[0])
     p.add_argument("--ranks", default="8,32,128")
+    p.add_argument("--keep-prefix", action="store_true",
+                   help="count the chat template's shared prefix (system prompt) tokens too")
     p.add_argument("--eps", default="1e-3,0.1,1,10", help="the contrast's relative ridges, comma-separated")
     args = p.parse_args(argv)
     device = setup(args)
@@ -51,10 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
     t_load = time.perf_counter() - t0
     pad = tokenizer.pad_token_id or 0
 
+    every = prompt_ids(tokenizer, list(HARMFUL_CHAT_PROMPTS) + list(CHAT_PROMPTS))
+    skip = 0 if args.keep_prefix else shared_prefix_length(every)
+    print(f"shared prefix left out of the statistics: {skip} tokens", file=sys.stderr)
+
     def covs(prompts):
         ids = prompt_ids(tokenizer, list(prompts))
         t = time.perf_counter()
-        out = input_covariances(model, right_padded_batches(ids, 8, pad), TARGETS)
+        out = input_covariances(model, right_padded_batches(ids, 8, pad, skip_prefix=skip), TARGETS)
         return out, time.perf_counter() - t, len(ids)
 
     sets = {
@@ -96,13 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([k, form, f"{100 * hv:.1f} %", f"{100 * tv:.1f} %", f"{hv / tv:.2f}"])
     table = markdown_table(
         ["k", "form", "held-out harmful energy in span(U)", "held-out task energy in span(U)", "ratio"], rows)
-    table += (f"\n\nMean over {len(stats['harmful_build'])} weights (q_proj, v_proj of 30 layers), "
-              f"d_in = 576. Build cost: one forward pass per batch of 8 prompts "
+    table += (f"\n\nMean over {len(stats['harmful_build'])} weights (q_proj, v_proj), d_in = 576; "
+              f"tokens counted: all but the {skip} of the chat template's shared prefix. Build cost: one forward pass per batch of 8 prompts "
               f"({timing['harmful_build']['prompts']} harmful prompts, "
               f"{timing['harmful_build']['forward_s']:.1f} s; + {timing['task_build']['prompts']} task prompts for "
               f"contrast, {timing['task_build']['forward_s']:.1f} s) on this CPU; model load {t_load:.0f} s.")
     command = "PYTHONPATH=. python benchmarks/operator_geometry.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    payload = {"environment": environment(device), "timing": timing, "eps": epsilons, "per_weight": per_weight}
+    payload = {"environment": environment(device), "timing": timing, "skipped_prefix_tokens": skip, "eps": epsilons, "per_weight": per_weight}
     write(args.out, "operator_geometry", payload, table, command.strip())
     return payload
 

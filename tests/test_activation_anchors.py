@@ -337,3 +337,25 @@ def test_the_container_checks_each_basis_against_its_weight(built):
         mixed.save("unused.safetensors")
     assert built.to(dtype=D)[name].basis.dtype == D
     assert {row["side"] for row in built.summary()} == {"input"}
+
+
+def test_a_token_mask_leaves_a_shared_prefix_out_of_the_statistics(model):
+    from asft_optim.prompt_tokens import right_padded_batches, shared_prefix_length
+
+    prefix = torch.tensor([5, 6, 7])
+    prompts = [torch.cat([prefix, p]) for p in _prompts(8, n=4)]
+    skip = shared_prefix_length(prompts)
+    assert skip >= 3 and shared_prefix_length([torch.tensor([1, 2]), torch.tensor([3])]) == 0
+    batches = right_padded_batches(prompts, batch_size=3, skip_prefix=skip)
+    assert all(torch.equal(b["token_mask"][:, :skip], torch.zeros_like(b["token_mask"][:, :skip])) for b in batches)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    got = input_covariances(model, batches, ["layers.0.self_attn.q_proj"])[name]
+    want = torch.zeros(32, 32, dtype=D)
+    with torch.no_grad():
+        for p in prompts:  # the layer's input on the tokens after the prefix, computed by hand
+            x = model.model.layers[0].input_layernorm(model.model.embed_tokens(p[None]))[0, skip:]
+            want += x.T @ x
+    assert got.tokens == sum(len(p) - skip for p in prompts)
+    torch.testing.assert_close(got.total, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="skip_prefix must be an int"):
+        right_padded_batches(prompts, skip_prefix=100)
