@@ -203,6 +203,9 @@ def read_anchors(
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, "not an anchor file (no 'format: asft-anchors' metadata)")
+    if meta.get("side", "output") != "output":  # data-driven operators: asft_optim.basis_io
+        raise _fail(path, f"holds {meta.get('side')}-side anchors, not output-side ones; load it with "
+                    "InputAnchors.load (side input) or SafetySubspaces.load (side gradient)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise _fail(

@@ -60,3 +60,11 @@ def test_step_overhead_smoke(tmp_path):
     assert {"adamw", "anchored", "anchored_decoupled", "penalty_only"} <= set(r["stats"])
     assert r["targets"] == 4  # q_proj and v_proj of two layers
     assert (tmp_path / r["profile"]["file"]).exists()
+
+
+def test_operator_cost_smoke(tmp_path):
+    out = _run("operator_cost", tmp_path)
+    (r,) = out["results"]
+    assert r["lora_pairs"] == 4  # q_proj, v_proj of 2 layers
+    assert set(r["stats"]) == {"adamw", "input_k4", "sum_k4", "spf_k4"}
+    assert all(s["share_of_adamw_step"] > 0 for k, s in r["stats"].items() if k != "adamw")
