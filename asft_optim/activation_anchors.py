@@ -34,7 +34,8 @@ from .input_anchors import INPUT_SIDE, InputAnchors
 from .input_projection import InputProjection
 from .layout import WeightInfo, out_in_shape, weight_layout
 from .projection import AnchorError
-from .targets import hf_name, is_tuner
+from .discovery import hf_name
+from .targets import is_tuner
 from .version import __version__
 
 __all__ = [

@@ -8,7 +8,7 @@ weight's entry (which also carries ``"mode": side``, unknown to output-side read
     metadata  side       "input"    (U, rows = d_in:  penalty ‖ΔW U‖², InputProjection)
                          "gradient" (Q, rows = d_out: the update kept ⊥ Q, SafetySubspace)
               weights    JSON {name: {"shape", "layout", "side", "mode", "rank", "energy"}}
-              checksum   :func:`asft_optim.anchor_io.checksum` of the tensors
+              checksum   :func:`asft_optim.anchor_io.checksum` of the whole header and the tensors
               ...        build metadata
 
 Every defect raises :class:`~asft_optim.AnchorError`; a file of another side is refused
@@ -66,8 +66,8 @@ def save_bases(
     meta.update(
         format=anchor_io.FORMAT, format_version=anchor_io.FORMAT_VERSION, side=side,
         dtype=anchor_io.dtype_name(dtypes.pop()), weights=json.dumps(entries, sort_keys=True),
-        checksum=anchor_io.checksum(tensors),
     )
+    meta["checksum"] = anchor_io.checksum(tensors, meta)  # the whole header and the data
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=meta)
@@ -133,8 +133,8 @@ def read_bases(
                         f"{list(shape)} (rank {rank})")
     names = sorted(entries, key=_natural)
     tensors = anchor_io._read_tensors(path, names)
-    if meta.get("checksum") != anchor_io.checksum(tensors):
-        raise _fail(path, "checksum mismatch: the file was modified or corrupted")
+    if meta.get("checksum") != anchor_io.checksum(tensors, meta):
+        raise _fail(path, "checksum mismatch: the header or the data was modified or corrupted")
     energies, infos = {}, {}
     for name in names:
         shape, layout, _, energy = _entry(path, side, name, entries[name])
