@@ -8,9 +8,12 @@ best-known names are also reachable from here, resolved on first use.
 
 from .anchors import Anchors, build_anchors
 from .conversion import convert_reference_lambda, lora_scaling
+from .input_anchors import InputAnchors
+from .input_projection import InputProjection, SumOperator
 from .optimizer import AnchoredAdamW, AnchoredOptimizer
 from .penalty import AnchorPenalty, anchor_penalty
 from .projection import AnchorError, Projection, projection_from_delta
+from .safety_subspace import SafetySubspace
 from .schedule import AnchorLambdaScheduler
 from .version import __version__ as __version__
 
@@ -18,6 +21,10 @@ from .version import __version__ as __version__
 # their own layer (``asft_optim.baselines``), so `import asft_optim` loads the core only.
 _LAZY = {
     "SafeLoRALayer": "asft_optim.baselines",
+    "SafetySubspaces": "asft_optim.refusal_gradients",
+    "build_input_anchors": "asft_optim.activation_anchors",
+    "greedy_refusals": "asft_optim.refusal_gradients",
+    "refusal_subspaces": "asft_optim.refusal_gradients",
     "harmful_anchors": "asft_optim.baselines",
     "l2_anchors": "asft_optim.baselines",
     "safe_lora_project": "asft_optim.baselines",
@@ -48,17 +55,25 @@ __all__ = [
     "AnchoredAdamW",
     "AnchoredOptimizer",
     "Anchors",
+    "InputAnchors",
+    "InputProjection",
     "Projection",
     "SafeLoRALayer",
+    "SafetySubspace",
+    "SafetySubspaces",
+    "SumOperator",
     "add_anchor_logging",
     "anchor_penalty",
     "anchor_summary",
     "build_anchors",
+    "build_input_anchors",
     "convert_reference_lambda",
+    "greedy_refusals",
     "harmful_anchors",
     "l2_anchors",
     "lora_scaling",
     "projection_from_delta",
+    "refusal_subspaces",
     "safe_lora_project",
     "unwrap_optimizer",
 ]

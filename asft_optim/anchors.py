@@ -38,6 +38,8 @@ __all__ = [
     "anchor_fingerprint",
     "anchor_metadata",
     "as_anchors",
+    "combine_anchors",
+    "is_operator",
     "build_anchors",
     "module_name_matcher",
 ]
@@ -204,12 +206,40 @@ class Anchors(Mapping[str, Projection]):
         ]
 
 
+def is_operator(value: Any) -> bool:
+    """Whether ``value`` is a penalty operator of the one interface the targets call
+    (``prepare``, ``version``, ``fits``, ``dense_terms``, ``lora_terms``, ``residual``):
+    a :class:`Projection`, an input-side :class:`~asft_optim.input_projection.InputProjection`
+    or a :class:`~asft_optim.input_projection.SumOperator` of them."""
+    return isinstance(value, Projection) or all(
+        callable(getattr(value, m, None)) for m in ("prepare", "fits", "dense_terms", "lora_terms", "residual")
+    )
+
+
+def combine_anchors(mappings: list[Mapping[str, Any]], where: str = "anchors") -> Mapping[str, Any]:
+    """One mapping from several: a weight in one of them keeps its operator, a weight in
+    several gets their :class:`~asft_optim.input_projection.SumOperator` (penalties sum)."""
+    from .input_projection import SumOperator
+
+    if not mappings:
+        raise AnchorError(f"{where} is an empty list: no weight is anchored")
+    if len(mappings) == 1:
+        return mappings[0]
+    names = list(dict.fromkeys(n for m in mappings for n in m))
+    out = {}
+    for n in names:
+        parts = [m[n] for m in mappings if n in m]
+        out[n] = parts[0] if len(parts) == 1 else SumOperator(parts)
+    return out
+
+
 def as_anchors(value: Any, *, where: str = "anchors") -> Mapping[str, Projection]:
     """The anchors a user passed, as a mapping ``weight name -> Projection``.
 
     Accepts an anchor file's path (``str`` or ``os.PathLike``: loaded with
-    :meth:`Anchors.load`) or a mapping whose values are all :class:`Projection` (an
-    :class:`Anchors`, returned as is). A mapping of raw tensors ``{name: V}`` and any other
+    :meth:`Anchors.load`), a mapping whose values are all operators (:func:`is_operator`:
+    an :class:`Anchors`, an ``InputAnchors``, returned as is), or a list of those, whose
+    penalties sum (:func:`combine_anchors`). A mapping of raw tensors ``{name: V}`` and any other
     type raise :class:`AnchorError` naming what to pass instead, so that a path is never
     iterated character by character.
 
@@ -232,10 +262,12 @@ def as_anchors(value: Any, *, where: str = "anchors") -> Mapping[str, Projection
                 "or pass Anchors (build_anchors(...))"
             )
         return Anchors.load(path)
+    if isinstance(value, (list, tuple)):
+        return combine_anchors([as_anchors(v, where=f"{where}[{i}]") for i, v in enumerate(value)], where)
     if isinstance(value, Mapping):
         if not value:
             raise AnchorError(f"{where} is an empty mapping: no weight is anchored")
-        bad = {k: type(v).__name__ for k, v in value.items() if not isinstance(v, Projection)}
+        bad = {k: type(v).__name__ for k, v in value.items() if not is_operator(v)}
         if not bad:
             return value
         first = ", ".join(map(str, list(bad)[:3])) + (", ..." if len(bad) > 3 else "")
@@ -326,14 +358,18 @@ def anchor_fingerprint(anchors: Mapping[str, Projection]) -> str:
             h.update(f"{k}={meta.get(k, '')};".encode())
     for name in sorted(anchors):
         p = anchors[name]
-        h.update(f"{name}|{p.mode}|{p.d_out}|{p.rank};".encode())
+        if isinstance(p, Projection):
+            h.update(f"{name}|{p.mode}|{p.d_out}|{p.rank};".encode())
+        else:  # another operator (input-side, a sum): its kind and every defining tensor
+            h.update(f"{name}|{type(p).__name__}|{getattr(p, 'mode', '')}|{p.d_out};".encode())
         if not by_meta:
-            f = p.factor.detach()
-            f = f.full_tensor() if hasattr(f, "full_tensor") else f
-            f = f.to("cpu").contiguous()
-            h.update(str(f.dtype).encode())
-            # The raw bytes (any dtype, bf16 included), one factor at a time.
-            h.update(f.view(-1).view(torch.uint8).numpy().tobytes() if f.numel() else b"")
+            for f in p.state_tensors():
+                f = f.detach()
+                f = f.full_tensor() if hasattr(f, "full_tensor") else f
+                f = f.to("cpu").contiguous()
+                h.update(str(f.dtype).encode() if isinstance(p, Projection) else f"{f.dtype}{tuple(f.shape)}".encode())
+                # The raw bytes (any dtype, bf16 included), one tensor at a time.
+                h.update(f.view(-1).view(torch.uint8).numpy().tobytes() if f.numel() else b"")
     return h.hexdigest()[:16]
 
 

@@ -68,6 +68,8 @@ class InputProjection:
     basis: Tensor
     d_out: int
     energy: float = 1.0
+    #: The operator's kind, as ``Projection.mode`` names the output-side ones.
+    mode = "input"
 
     def __post_init__(self) -> None:
         if self.basis.dim() != 2 or self.basis.shape[1] < 1:
@@ -88,6 +90,19 @@ class InputProjection:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> InputProjection:
         """A copy with the basis moved/cast (nothing to precompute: U is used as stored)."""
         return replace(self, basis=self.basis.to(device=device, dtype=dtype))
+
+    def prepare(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> InputProjection:
+        """What a target caches on the weight's device and math dtype (a plain cast here)."""
+        return self.to(device, dtype)
+
+    @property
+    def version(self) -> int:
+        """The basis's in-place version counter (a cached moved copy is stale once it moves)."""
+        return self.basis._version
+
+    def state_tensors(self) -> tuple[Tensor, ...]:
+        """The tensors that define the operator (for the anchors' fingerprint)."""
+        return (self.basis,)
 
     def fits(self, out_in_shape: tuple[int, int]) -> str | None:
         """None if this operator fits a weight of ``out_in_shape``, else the problem."""
@@ -185,6 +200,21 @@ class SumOperator:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SumOperator:
         return SumOperator([op.to(device, dtype) for op in self.operators], self.weights)
+
+    def prepare(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SumOperator:
+        """Every part prepared (an output-side part caches its Gram matrix)."""
+        return SumOperator([op.prepare(device, dtype) for op in self.operators], self.weights)
+
+    @property
+    def version(self) -> tuple:
+        return tuple(op.version for op in self.operators)
+
+    @property
+    def mode(self) -> str:
+        return "sum"
+
+    def state_tensors(self) -> tuple[Tensor, ...]:
+        return tuple(t for op in self.operators for t in op.state_tensors())
 
     def fits(self, out_in_shape: tuple[int, int]) -> str | None:
         problems = [p for op in self.operators if (p := op.fits(out_in_shape)) is not None]

@@ -78,6 +78,11 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             weight (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA), shaped like the parameters
             (default: their values at construction; give them when the adapter was trained
             before, e.g. reloaded with ``PeftModel.from_pretrained``).
+        subspaces: ``{name: SafetySubspace}`` (e.g. ``SafetySubspaces.load(path)``, built from
+            the aligned model's refusal gradients): after every inner step the update of
+            each such weight is projected out of ``span(Q)``, so ``QᵀΔW = 0`` exactly
+            (LoRA: ``B ← (I − QQᵀ)B``, which needs ``B₀ = 0``; full weights:
+            ``W ← W − QQᵀ(W − W_ref)``; DoRA refused) (default: None).
         strict: raise if an anchor matches no module of the model (default: True).
 
     Example::
@@ -97,6 +102,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         coupling: Coupling = "coupled",
         reference: Mapping[str, Tensor] | None = None,
         origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
+        subspaces: Mapping[str, Any] | None = None,
         strict: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -117,6 +123,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         self._model = model
         self._fingerprint: str | None = None  # of the anchors, computed on first save/load
         self._setup_targets(model, anchors, reference, origins, strict)
+        self._setup_subspaces(model, subspaces, reference)
         # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
         # from them on demand (see anchor_stats), not on the hot path.
         self._last: list[tuple[str, Any, PenaltyTerms]] = []
@@ -157,6 +164,30 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             warnings.warn(warning, stacklevel=2)
         self._all_targets: list[Target] = targets  # add_param_group adopts from these
         self._targets: list[Target] = tuned
+
+    def _setup_subspaces(self, model, subspaces, reference) -> None:
+        """The weights whose update is projected out of a safety subspace after every step."""
+        self.subspaces = subspaces
+        self._constrained: list[Target] = []
+        if subspaces is None:
+            return
+        if not isinstance(subspaces, Mapping) or not subspaces:
+            raise AnchorError("subspaces must be a non-empty {weight name: SafetySubspace} mapping "
+                              "(e.g. SafetySubspaces.load(path))")
+        targets, _ = bind_targets(model, subspaces, strict=True, start=True)
+        references = match_references(reference, targets)
+        for t in targets:
+            t.use_start(references, {}, stateless=False)
+            t.check_subspace(subspaces[t.name])
+        self._constrained = targets
+
+    @torch.compiler.disable
+    def _project_updates(self) -> None:
+        """After the inner step: ``QᵀΔW = 0`` for every weight with a safety subspace, whatever
+        the inner optimizer did (Adam's per-coordinate scaling would leave a projected
+        gradient's update inside span(Q): the update itself is projected)."""
+        for t in self._constrained:
+            t.project_update(self.subspaces[t.name])
 
     def _trained(self, targets: list[Target]) -> list[Target]:
         """Those of ``targets`` with a trainable tensor in this optimizer's param groups."""
@@ -250,21 +281,24 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         """
         if closure is None:
             self._apply_penalty(want_total=False)
-            return self.optimizer.step()
-        if self.coupling == "decoupled":
+            out = self.optimizer.step()
+        elif self.coupling == "decoupled":
             with torch.enable_grad():
                 loss = closure()
             self._apply_penalty(want_total=False)
-            return self.optimizer.step(lambda: loss)
+            out = self.optimizer.step(lambda: loss)
+        else:
+            def anchored_closure():
+                # Closure-driven optimizers (LBFGS) re-evaluate: every evaluation sees the penalty.
+                with torch.enable_grad():
+                    loss = closure()
+                penalty = self._apply_penalty()
+                return loss if loss is None else loss + penalty
 
-        def anchored_closure():
-            # Closure-driven optimizers (LBFGS) re-evaluate: every evaluation sees the penalty.
-            with torch.enable_grad():
-                loss = closure()
-            penalty = self._apply_penalty()
-            return loss if loss is None else loss + penalty
-
-        return self.optimizer.step(anchored_closure)
+            out = self.optimizer.step(anchored_closure)
+        if self._constrained:
+            self._project_updates()
+        return out
 
     # Run eagerly under torch.compile(opt.step): the terms are a few matrix products per
     # weight, and the diagnostics' Python objects must be kept as they are.
@@ -439,6 +473,8 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_last_tensors", None)
+        state.setdefault("_constrained", [])
+        state.setdefault("subspaces", None)
         self.__dict__.update(state)
         self._patch_step_function()
 
@@ -461,7 +497,7 @@ class AnchoredAdamW(AnchoredOptimizer):
             :class:`torch.optim.AdamW` (defaults: 1e-3, (0.9, 0.999), 1e-8, 0.01, False,
             None, False, False).
         params: parameters or param groups (default: the model's trainable parameters).
-        coupling, reference, origins, strict: see :class:`AnchoredOptimizer`.
+        coupling, reference, origins, subspaces, strict: see :class:`AnchoredOptimizer`.
 
     Example::
 
@@ -488,6 +524,7 @@ class AnchoredAdamW(AnchoredOptimizer):
         coupling: Coupling = "coupled",
         reference: Mapping[str, Tensor] | None = None,
         origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
+        subspaces: Mapping[str, Any] | None = None,
         strict: bool = True,
     ) -> None:
         if fused:
@@ -499,7 +536,7 @@ class AnchoredAdamW(AnchoredOptimizer):
             foreach=foreach, maximize=maximize, capturable=capturable, fused=False,
         )
         super().__init__(inner, model, anchors, anchor_lambda, coupling=coupling, reference=reference,
-                         origins=origins, strict=strict)
+                         origins=origins, subspaces=subspaces, strict=strict)
 
 
 def _restorable(target: Target, restored: dict[int, dict[str, Tensor]]) -> bool:

@@ -119,9 +119,18 @@ class Projection:
         return self.factor.shape[1]
 
     @property
+    def d_in(self) -> None:
+        """None: an output-side operator fits a weight of any input size."""
+        return None
+
+    @property
     def version(self) -> int:
         """The factor's in-place version counter: a cached moved copy is stale once it moves."""
         return self.factor._version
+
+    def state_tensors(self) -> tuple[Tensor, ...]:
+        """The tensors that define the operator (for the anchors' fingerprint)."""
+        return (self.factor,)
 
     def fits(self, out_in_shape: tuple[int, ...]) -> str | None:
         """Why this operator cannot act on a weight whose ΔW is ``out_in_shape``, or None."""

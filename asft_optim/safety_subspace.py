@@ -88,6 +88,14 @@ class SafetySubspace:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SafetySubspace:
         return replace(self, basis=self.basis.to(device=device, dtype=dtype))
 
+    def prepare(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SafetySubspace:
+        """What a target caches on the weight's device and math dtype (a plain cast)."""
+        return self.to(device, dtype)
+
+    @property
+    def version(self) -> int:
+        return self.basis._version
+
     def fits(self, out_in_shape: tuple[int, int]) -> str | None:
         d_out, d_in = out_in_shape
         if d_out != self.d_out or (self.d_in is not None and d_in != self.d_in):

@@ -164,6 +164,17 @@ class Target:
             moved = self._moved = _MovedAnchor(anchor, key, anchor.prepare(key[0], key[1]))
         return moved.operator
 
+    def project_update(self, subspace: Any) -> None:
+        """After the inner step: take ΔW out of a safety subspace, ``QᵀΔW = 0`` exactly
+        (:class:`~asft_optim.safety_subspace.SafetySubspace`)."""
+        raise AnchorError(
+            f"{self.name}: safety subspaces keep ΔW out of span(Q) exactly for LoRA and full weights "
+            f"only, not for {self.tuner or type(self).__name__} (DoRA's magnitude rescales W's rows)"
+        )
+
+    def check_subspace(self, subspace: Any) -> None:
+        """Raise unless ΔW starts outside ``span(Q)`` (the projection keeps it there)."""
+
     # -- state that must survive a resume (see asft_optim.state) ------------------------
     def saved_state(self) -> list[tuple[Tensor, dict[str, Tensor]]]:
         """``(param, {key: tensor})`` pairs to keep in the optimizer's per-parameter state."""
@@ -274,6 +285,18 @@ class FullTarget(Target):
                 moved = shard_like(moved, like)
             cached = self._moved_ref = (ref, key, moved)
         return cached[2]
+
+    def project_update(self, subspace: Any) -> None:
+        w = self.base_weight()
+        if is_dtensor(w):
+            raise AnchorError(f"{self.name}: safety subspaces are not supported on sharded (FSDP2) weights")
+        sub = self.operator(subspace, w)
+        view = to_out_in(w.data, self.layout)  # a view: the projection writes W itself
+        ref = to_out_in(self._reference_on(w), self.layout)
+        if view.dtype == sub.basis.dtype:
+            sub.project_dense_(view, ref)
+        else:  # bf16/fp16 weights: the projection in the math dtype, written back once
+            view.copy_(sub.project_dense_(view.to(sub.basis.dtype), ref.to(sub.basis.dtype)))
 
     def saved_state(self) -> list[tuple[Tensor, dict[str, Tensor]]]:
         return [(self.base_weight(), {REF_KEY: self.reference})]
@@ -413,6 +436,33 @@ class LoraTarget(_AdapterTarget):
             params += [f.b_param, f.a_param]
             col += r
         return TargetTerms(t.with_grads(tuple(grads)), tuple(params))
+
+    def check_subspace(self, subspace: Any) -> None:
+        if self.origin_adapters:
+            raise AnchorError(
+                f"{self.name}: a safety subspace keeps ΔW = s·B·A out of span(Q) by projecting B, which needs "
+                "B₀ = 0; a PiSSA/OLoRA/LoftQ-style adapter starts elsewhere: use init_lora_weights=True"
+            )
+        for f in self.lora_factors():
+            sub = self.operator(subspace, f.b)
+            inside = float(sub.fraction_inside(gather(f.b.detach()).to(sub.basis.dtype)))
+            if inside > 1e-6:
+                raise AnchorError(
+                    f"{self.name}: adapter {f.adapter!r} already has {inside:.1%} of B inside the safety "
+                    "subspace; projecting it would change the model: start from a fresh adapter "
+                    "(init_lora_weights=True, B₀ = 0)"
+                )
+
+    def project_update(self, subspace: Any) -> None:
+        for f in self.lora_factors():
+            if is_dtensor(f.b):
+                raise AnchorError(f"{self.name}: safety subspaces are not supported on sharded (FSDP2) adapters")
+            sub = self.operator(subspace, f.b)
+            b = f.b.data  # (out, r) view of the parameter: A is left as it is
+            if b.dtype == sub.basis.dtype:
+                sub.project_lora_(b)
+            else:
+                b.copy_(sub.project_lora_(b.to(sub.basis.dtype)))
 
     def saved_state(self) -> list[tuple[Tensor, dict[str, Tensor]]]:
         out = []
