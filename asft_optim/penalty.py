@@ -5,8 +5,8 @@
 :meth:`~asft_optim.targets.Target.terms` the optimizer's ``step()`` adds to ``.grad``, so
 the two routes agree by construction. :func:`anchor_penalty` is the one-shot, stateless
 shortcut; it keeps its targets per model in a weak cache, checked at every call against
-the anchors and the model's modules (no process-wide hooks, so it runs inside
-``torch.compile``\\d code).
+the anchors and the place of each target module in the model (no process-wide hooks, so it
+runs inside ``torch.compile``\\d code).
 """
 
 from __future__ import annotations
@@ -117,14 +117,29 @@ class AnchorPenalty:
 class _Bound:
     anchors: Mapping[str, Projection]
     entries: tuple[tuple[str, Projection], ...]  # the anchors' items when bound
-    modules: tuple[int, ...]  # ids of the model's modules when bound
+    places: tuple[tuple[dict, str, nn.Module], ...]  # (parent's _modules, attribute, target module)
     targets: list[Target]
     missing: list[str]
 
-    def valid(self, anchors: Mapping[str, Projection], modules: tuple[int, ...]) -> bool:
-        if self.anchors is not anchors or len(anchors) != len(self.entries) or self.modules != modules:
+    def valid(self, anchors: Mapping[str, Projection]) -> bool:
+        """Same anchors, every target module still where it was bound (a PEFT wrap or a
+        replaced module moves one), and no anchor left unmatched. O(anchors), no walk."""
+        if self.anchors is not anchors or len(anchors) != len(self.entries) or self.missing:
+            return False
+        if any(children.get(attr) is not module for children, attr, module in self.places):
             return False
         return all(anchors.get(n) is p for n, p in self.entries)
+
+
+def _places(model: nn.Module, targets: list[Target]) -> tuple[tuple[dict, str, nn.Module], ...]:
+    """Where each target's module hangs in the model: its parent's child dict and name."""
+    wanted = {id(t.module) for t in targets}
+    out = []
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None and id(child) in wanted:
+                out.append((parent._modules, attr, child))
+    return tuple(out)
 
 
 _BOUND: weakref.WeakKeyDictionary[nn.Module, _Bound] = weakref.WeakKeyDictionary()
@@ -140,12 +155,11 @@ def _bind(model: nn.Module, anchors: Mapping[str, Projection]) -> _Bound:
     """Targets of ``model`` for ``anchors``, found and checked once, found again when the
     anchors object or an entry changes, or the model's modules do (PEFT wrapping the model
     later, an adapter added, a module replaced). Tensors are looked up at every call."""
-    modules = tuple(id(m) for m in model.modules())
     bound = _BOUND.get(model)
-    if bound is not None and bound.valid(anchors, modules):
+    if bound is not None and bound.valid(anchors):
         return bound
     targets, missing = bind_targets(model, anchors, strict=False, start=False)
-    bound = _Bound(anchors, tuple(anchors.items()), modules, targets, missing)
+    bound = _Bound(anchors, tuple(anchors.items()), _places(model, targets), targets, missing)
     _BOUND[model] = bound  # one entry per model: a new anchors object replaces the old one
     return bound
 
