@@ -22,7 +22,8 @@ Memory: one d_in × d_in float64 matrix per anchored weight while building.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from .anchors import _natural, module_name_matcher
+from .discovery import hf_name
 from .input_anchors import INPUT_SIDE, InputAnchors
 from .input_projection import InputProjection
 from .layout import WeightInfo, out_in_shape, weight_layout
 from .projection import AnchorError
-from .discovery import hf_name
 from .targets import is_tuner
 from .version import __version__
 
@@ -85,6 +86,92 @@ def _anchored_modules(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     return {n: out[n] for n in sorted(out, key=_natural)}  # the order files are read in
 
 
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The layer holding the anchored weight: a PEFT tuner's base layer, else ``module``."""
+    return module.get_base_layer() if is_tuner(module) else module
+
+
+def _model_inputs(batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """``(inputs, mask)``: what the model is called with, and the tokens that count.
+
+    ``labels`` and ``token_mask`` are not model inputs here; ``mask`` is the attention
+    mask and the optional ``token_mask`` together (``None``: every token counts).
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_mask")}
+    mask = inputs.get("attention_mask")
+    mask = None if mask is None else mask.to(torch.bool)
+    if batch.get("token_mask") is not None:
+        keep = batch["token_mask"].to(torch.bool)
+        mask = keep if mask is None else mask & keep
+    return inputs, mask
+
+
+def _counted_rows(name: str, x: Tensor, mask: Tensor | None) -> Tensor:
+    """The rows (tokens, d_in) of the activation ``x`` on the counted tokens, in float64."""
+    d_in = x.shape[-1]
+    rows = x.detach().reshape(-1, d_in)
+    if mask is not None:
+        if tuple(x.shape[:-1]) != tuple(mask.shape):
+            raise AnchorError(
+                f"{name}: input of shape {tuple(x.shape)} does not line up with the attention "
+                f"mask {tuple(mask.shape)}; anchor layers that see one activation per token"
+            )
+        rows = rows[mask.reshape(-1)]
+    return rows.to(torch.float64)
+
+
+def _accumulating_hook(name: str, cov: InputCovariance, current: dict[str, Tensor | None]):
+    """A forward pre-hook adding the layer's inputs on the current batch's counted tokens
+    (``current["mask"]``) to ``cov``."""
+    d_in = cov.total.shape[0]
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        if not isinstance(x, Tensor) or x.shape[-1] != d_in:
+            raise AnchorError(
+                f"{name}: its input is not a (..., {d_in}) activation; drop it from target_modules"
+            )
+        rows = _counted_rows(name, x, current["mask"])
+        cov.total.addmm_(rows.transpose(0, 1), rows)
+        cov.tokens += rows.shape[0]
+
+    return hook
+
+
+@contextmanager
+def _covariance_hooks(
+    modules: Mapping[str, nn.Module], current: dict[str, Tensor | None]
+) -> Iterator[dict[str, InputCovariance]]:
+    """Hook every anchored module to accumulate its inputs' ``XᵀX`` (yielded, zero at
+    first); the hooks are removed on exit, even on error."""
+    covs: dict[str, InputCovariance] = {}
+    handles = []
+    try:
+        for name, module in modules.items():
+            base = _base_layer(module)
+            d_in = out_in_shape(tuple(base.weight.shape), weight_layout(base))[1]
+            zeros = torch.zeros(d_in, d_in, dtype=torch.float64, device=base.weight.device)
+            covs[name] = InputCovariance(zeros)
+            hook = _accumulating_hook(name, covs[name], current)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield covs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode; every submodule gets its mode back on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def input_covariances(
     model: nn.Module, batches: Iterable[Mapping[str, Tensor]], target_modules
 ) -> dict[str, InputCovariance]:
@@ -103,58 +190,16 @@ def input_covariances(
         target_modules: module-name suffixes or a full-match regex, as in PEFT.
     """
     modules = _anchored_modules(model, target_modules)
-    covs: dict[str, InputCovariance] = {}
+    # Shared with the hooks: they run inside model(...), which cannot hand them the mask.
     current: dict[str, Tensor | None] = {"mask": None}
-
-    def hook_for(name: str, d_in: int):
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            if not isinstance(x, Tensor) or x.shape[-1] != d_in:
-                raise AnchorError(f"{name}: its input is not a (..., {d_in}) activation; drop it from target_modules")
-            mask = current["mask"]
-            x2 = x.detach().reshape(-1, d_in)
-            if mask is not None:
-                if tuple(x.shape[:-1]) != tuple(mask.shape):
-                    raise AnchorError(
-                        f"{name}: input of shape {tuple(x.shape)} does not line up with the attention "
-                        f"mask {tuple(mask.shape)}; anchor layers that see one activation per token"
-                    )
-                x2 = x2[mask.reshape(-1)]
-            x2 = x2.to(torch.float64)
-            cov = covs[name]
-            cov.total.addmm_(x2.transpose(0, 1), x2)
-            cov.tokens += x2.shape[0]
-
-        return hook
-
-    handles = []
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for name, module in modules.items():
-            base = module.get_base_layer() if is_tuner(module) else module
-            d_in = out_in_shape(tuple(base.weight.shape), weight_layout(base))[1]
-            covs[name] = InputCovariance(torch.zeros(d_in, d_in, dtype=torch.float64, device=base.weight.device))
-            handles.append(module.register_forward_pre_hook(hook_for(name, d_in), with_kwargs=True))
-        model.eval()
+    with _eval_mode(model), _covariance_hooks(modules, current) as covs, torch.no_grad():
         n_batches = 0
-        with torch.no_grad():
-            for batch in batches:
-                inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_mask")}
-                mask = inputs.get("attention_mask")
-                mask = None if mask is None else mask.to(torch.bool)
-                if batch.get("token_mask") is not None:
-                    keep = batch["token_mask"].to(torch.bool)
-                    mask = keep if mask is None else mask & keep
-                current["mask"] = mask
-                model(**inputs)
-                n_batches += 1
+        for batch in batches:
+            inputs, current["mask"] = _model_inputs(batch)
+            model(**inputs)
+            n_batches += 1
         if n_batches == 0:
             raise AnchorError("no batch of prompts was given")
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes:
-            m.training = training
     silent = [n for n, c in covs.items() if c.tokens == 0]
     if silent:
         raise AnchorError(f"no unmasked token reached {silent[:5]}: the model never called them on these prompts")
@@ -283,25 +328,55 @@ def build_input_anchors(
     modules = _anchored_modules(model, target_modules)
     projections, weights = {}, {}
     for name, cov in harmful.items():
-        base = modules[name].get_base_layer() if is_tuner(modules[name]) else modules[name]
-        info = WeightInfo(tuple(base.weight.shape), weight_layout(base))
-        if task is None:
-            u, _, kept = top_directions(cov.mean, rank, energy, name=name)
-        else:
-            u, _, _, kept = contrast_directions(cov.mean, task[name].mean, rank, energy, eps=eps, name=name)
-        projections[name] = InputProjection(u.to("cpu", dtype).contiguous(), info.out_in_shape[0], kept)
-        weights[name] = info
-    some = next(iter(harmful.values()))
-    metadata = {
+        task_cov = None if task is None else task[name]
+        projections[name], weights[name] = _input_projection(
+            name, modules[name], cov, task_cov, rank, energy, eps, dtype
+        )
+    metadata = _input_metadata(harmful, task, target_modules, rank, energy, eps, dtype)
+    return InputAnchors(projections, metadata, weights)
+
+
+def _input_projection(
+    name: str,
+    module: nn.Module,
+    harmful: InputCovariance,
+    task: InputCovariance | None,
+    rank: int | None,
+    energy: float | None,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[InputProjection, WeightInfo]:
+    """One weight's basis, plain (``task`` None) or contrast, stored on the CPU in ``dtype``."""
+    base = _base_layer(module)
+    info = WeightInfo(tuple(base.weight.shape), weight_layout(base))
+    if task is None:
+        u, _, kept = top_directions(harmful.mean, rank, energy, name=name)
+    else:
+        u, _, _, kept = contrast_directions(
+            harmful.mean, task.mean, rank, energy, eps=eps, name=name
+        )
+    return InputProjection(u.to("cpu", dtype).contiguous(), info.out_in_shape[0], kept), info
+
+
+def _input_metadata(
+    harmful: Mapping[str, InputCovariance],
+    task: Mapping[str, InputCovariance] | None,
+    target_modules: str | Iterable[str],
+    rank: int | None,
+    energy: float | None,
+    eps: float,
+    dtype: torch.dtype,
+) -> dict[str, str]:
+    """The anchor file's record of how its bases were built (form, cut, token counts)."""
+    return {
         "side": INPUT_SIDE,
         "form": "plain" if task is None else "contrast",
         "rank": "" if rank is None else str(rank),
         "energy": "" if energy is None else str(energy),
         "eps": "" if task is None else str(eps),
-        "harmful_tokens": str(some.tokens),
+        "harmful_tokens": str(next(iter(harmful.values())).tokens),
         "task_tokens": "" if task is None else str(next(iter(task.values())).tokens),
         "storage_dtype": str(dtype).removeprefix("torch."),
         "target_modules": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
         "library": f"asft-optim {__version__}",
     }
-    return InputAnchors(projections, metadata, weights)

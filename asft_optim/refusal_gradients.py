@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -157,6 +158,52 @@ def _answer_nll(model: nn.Module, example: Mapping[str, Tensor]) -> Tensor:
     return model(**example).loss
 
 
+@contextmanager
+def _differentiable_in_eval(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode (no dropout: the gradient of the model as
+    it answers), ``params`` requiring grad and grad enabled; every ``requires_grad`` flag
+    and train/eval mode is given back on exit, even on error."""
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+def _gradient_grams(
+    model: nn.Module,
+    examples: Iterable[Mapping[str, Any]],
+    weights: Mapping[str, tuple[Tensor, str]],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+) -> tuple[dict[int, Tensor], int]:
+    """``({id(weight): Σ_i G_i G_iᵀ}, n examples)``: float64 (d_out, d_out) Gram matrices of
+    the per-example gradients, streamed; a weight no loss reaches has no entry."""
+    params = list({id(w): w for w, _ in weights.values()}.values())
+    index = {id(p): i for i, p in enumerate(params)}
+    grams: dict[int, Tensor] = {}
+    n = 0
+    with _differentiable_in_eval(model, params):
+        for example in examples:
+            grads = torch.autograd.grad(loss_fn(model, example), params, allow_unused=True)
+            for w, layout in weights.values():
+                g = grads[index[id(w)]]
+                if g is None:
+                    continue
+                g64 = to_out_in(g, layout).double()
+                key = id(w)
+                grams[key] = g64 @ g64.T if key not in grams else grams[key].addmm_(g64, g64.T)
+            n += 1
+    return grams, n
+
+
 def refusal_subspaces(
     model: nn.Module,
     examples: Iterable[Mapping[str, Any]],
@@ -178,34 +225,8 @@ def refusal_subspaces(
             the mean NLL over the answer's tokens).
         dtype: storage dtype of the bases (default: float32).
     """
-    loss_fn = loss_fn or _answer_nll
     weights = targeted_weights(model, target_modules)
-    params = list({id(w): w for w, _ in weights.values()}.values())
-    index = {id(p): i for i, p in enumerate(params)}
-    flags = [p.requires_grad for p in params]
-    modes = [(m, m.training) for m in model.modules()]
-    grams: dict[int, Tensor] = {}
-    n = 0
-    try:
-        model.eval()  # no dropout: the gradient of the model as it answers
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for example in examples:
-                grads = torch.autograd.grad(loss_fn(model, example), params, allow_unused=True)
-                for name, (w, layout) in weights.items():
-                    g = grads[index[id(w)]]
-                    if g is None:
-                        continue
-                    g64 = to_out_in(g, layout).double()
-                    key = id(w)
-                    grams[key] = g64 @ g64.T if key not in grams else grams[key].addmm_(g64, g64.T)
-                n += 1
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
+    grams, n = _gradient_grams(model, examples, weights, loss_fn or _answer_nll)
     if n == 0:
         raise AnchorError("no refusal example was given")
     out, infos = {}, {}
