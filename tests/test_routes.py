@@ -597,7 +597,8 @@ def test_route_raises_a_clear_error(route):
 
 
 def test_the_probe_list_is_long_enough():
-    assert len(EXACT) + len(ERRORS) >= 20
+    # 30 routes in the first probe round, 16 more (and the tests below, and test_routes_io.py) in the second.
+    assert len(EXACT) + len(ERRORS) >= 46
 
 
 def test_anchor_penalty_under_bf16_autocast_is_the_float32_penalty():
