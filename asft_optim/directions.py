@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from .anchors import module_name_matcher
 from .checkpoints import open_source
+from .discovery import hf_name
 from .layout import to_out_in
 from .projection import AnchorError
-from .discovery import hf_name
 from .targets import is_tuner
 
 __all__ = [

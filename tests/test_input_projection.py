@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from strategies import lora_shapes, matrix_shapes, scalings, seeds
 
 from asft_optim.input_projection import InputProjection, SumOperator
-from asft_optim.projection import AnchorError, Projection, dense_terms, lora_terms, projection_from_delta
+from asft_optim.projection import (
+    AnchorError,
+    Projection,
+    dense_terms,
+    lora_terms,
+    projection_from_delta,
+)
 
 D = torch.float64
 

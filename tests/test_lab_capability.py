@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from asft_optim.lab.capability import BROKEN_SHARE, capability, degenerate_share, is_broken, is_degenerate
+from asft_optim.lab.capability import (
+    BROKEN_SHARE,
+    capability,
+    degenerate_share,
+    is_broken,
+    is_degenerate,
+)
 
 
 @pytest.mark.parametrize("text", ["", "   \n", "the the the", "Sure sure sure sure", "!!!!!!", "....",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import DIMS, Q, V, lm_loss, lora, make_anchors, tiny_llama
+from tiny_models import DIMS, lm_loss, lora, make_anchors, tiny_llama
 
 from asft_optim import AnchoredAdamW, AnchoredOptimizer, AnchorError, AnchorPenalty, anchor_penalty
 from asft_optim.input_projection import InputProjection

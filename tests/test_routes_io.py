@@ -25,15 +25,23 @@ from pathlib import Path
 import pytest
 import reference as ref
 import torch
-from tiny_models import llama_config, model_pair
-from tiny_models import DIMS, Q, V, lm_loss, lora, make_anchors, tiny_llama
+from tiny_models import (
+    DIMS,
+    Q,
+    V,
+    llama_config,
+    lm_loss,
+    lora,
+    make_anchors,
+    model_pair,
+    tiny_llama,
+)
 
 from asft_optim import (
     AnchoredAdamW,
     AnchorError,
     AnchorLambdaScheduler,
     Anchors,
-    Projection,
     anchor_penalty,
     build_anchors,
 )

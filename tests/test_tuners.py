@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from reference import forward_weight, hf_modules, origin_of
 from strategies import modes, positive_lambdas, seeds
 from tiny_models import (
+    TARGETS,
     D,
     Q,
-    TARGETS,
     V,
     anchor_deltas,
     make_anchors,

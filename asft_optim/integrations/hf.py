@@ -18,9 +18,8 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ..optimizer import AnchoredAdamW, Coupling
-from ..projection import Projection
 from ..penalty import anchor_penalty
-from ..projection import AnchorError
+from ..projection import AnchorError, Projection
 from ..refused import DEEPSPEED_ALTERNATIVES, refuse_deepspeed, zero3_partitioned
 from ..schedule import AnchorLambdaScheduler, LambdaFn
 from .unwrap import unwrap_optimizer

@@ -25,7 +25,7 @@ over the drawn seeds whose curves still reach ``x`` (a replicate in which none d
 counted in :attr:`Difference.unreached`). The bootstrap interval is the 2.5 and 97.5
 percentiles of the replicates. With two seeds or more, the reported interval is the union of
 that one and Student's t interval over the per-seed differences,
-:math:`\hat d \pm t_{0.975,\,n-1}\, s_d/\sqrt n` (each :math:`d_s` holds both noises).
+:math:`\\hat d \\pm t_{0.975,\\,n-1}\\, s_d/\\sqrt n` (each :math:`d_s` holds both noises).
 
 Why this one:
 
