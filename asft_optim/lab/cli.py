@@ -17,7 +17,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .attack import ALL_LINEAR, METHODS
+from .attack import ALL_LINEAR, METHODS, setting_options, swept_methods
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -86,9 +86,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "for a pair per seed (default: 'each'; real data: 0)")
     g.add_argument("--max-length", type=int, help="tokens per training row (default: 96)")
     g = p.add_argument_group("attack")
-    g.add_argument("--lambda", dest="anchor_lambda", type=float, help="anchor_lambda of asft / asft-orthogonal (library convention)")
-    g.add_argument("--l2-lambda", type=float, help="λ of the l2 ablation")
-    g.add_argument("--alt-lambda", type=float, help="λ of asft-alt")
+    for option, setting in setting_options().items():  # --lambda, --l2-lambda, ...: the methods' own
+        g.add_argument(option, dest=setting.field, type=float, help=setting.help)
     g.add_argument("--target-modules", type=_modules, metavar="NAMES",
                    help="the LoRA's (and the anchors') layers of every method, comma separated, or "
                    "'all-linear' (default: q_proj,v_proj, as the paper)")
@@ -165,8 +164,8 @@ def _config(args):
             raise SystemExit(f"asft lab: --max-length must be at least 8, got {args.max_length}")
         cfg = replace(cfg, model=replace(cfg.model, max_length=args.max_length))
     a = cfg.attack
-    attack = {"anchor_lambda": args.anchor_lambda, "l2_lambda": args.l2_lambda, "alt_lambda": args.alt_lambda,
-              "r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": args.target_modules}
+    attack = {s.field: getattr(args, s.field) for s in setting_options().values()}
+    attack |= {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": args.target_modules}
     a = replace(a, **{k: v for k, v in attack.items() if v is not None})
     train = {"epochs": args.epochs, "lr": args.lr}
     a = replace(a, train=replace(a.train, **{k: v for k, v in train.items() if v is not None}))
@@ -216,33 +215,26 @@ def _data(args, cfg, settings=None):
 
 
 def _settings(args):
-    from .pretrained_lab import (
-        ATTACKER_FIELDS,
-        FINE_SWEEPS,
-        FULL_SWEEPS,
-        LR_FACTORS,
-        TINY_SETTINGS,
-        PretrainedSettings,
-    )
+    from .pretrained_lab import ATTACKER_FIELDS, GRID_SWEEPS, LR_FACTORS, TINY_SETTINGS, PretrainedSettings
 
     if args.tiny:
         settings = TINY_SETTINGS
     elif args.grid == "full":
-        settings = PretrainedSettings(sweeps=FULL_SWEEPS, lr_factors=LR_FACTORS)
+        settings = PretrainedSettings(sweeps=GRID_SWEEPS["full"], lr_factors=LR_FACTORS)
     elif args.grid == "fine":
-        settings = PretrainedSettings(sweeps=FINE_SWEEPS)
+        settings = PretrainedSettings(sweeps=GRID_SWEEPS["fine"])
     else:
         settings = PretrainedSettings()
     if args.lr_sweep is not None:
         settings = replace(settings, lr_factors=args.lr_sweep)
     if args.sweep is not None:
-        table = {s.method: s for s in (FINE_SWEEPS if args.grid == "fine" else FULL_SWEEPS)
+        table = {s.method: s for s in GRID_SWEEPS["fine" if args.grid == "fine" else "full"]
                  if s.field not in ATTACKER_FIELDS}
         # The full grid's attacker-side sweep of sft's layers stays: it is not a method's setting.
         attacker = tuple(s for s in settings.sweeps if s.field in ATTACKER_FIELDS)
         settings = replace(settings, sweeps=tuple(table[m] for m in args.sweep) + attacker)
     if args.sweep_values:
-        lam = ("anchor_lambda", "l2_lambda", "alt_lambda")
+        lam = {m.setting.field for m in swept_methods() if m.setting.penalty}
         sweeps = tuple(replace(s, values=tuple(args.sweep_values)) if s.field in lam else s for s in settings.sweeps)
         settings = replace(settings, sweeps=sweeps)
     return settings
@@ -271,9 +263,7 @@ def run(args) -> int:
     if args.lr_sweep is not None and (not args.lr_sweep or min(args.lr_sweep) <= 0):
         raise SystemExit(f"asft lab: --lr-sweep takes positive multiples of the LR, got {args.lr_sweep}")
     if args.sweep is not None:
-        from .pretrained_lab import ATTACKER_FIELDS, FULL_SWEEPS
-
-        swept = [s.method for s in FULL_SWEEPS if s.field not in ATTACKER_FIELDS]
+        swept = [m.name for m in swept_methods()]
         if bad := [m for m in args.sweep if m not in swept]:
             raise SystemExit(f"asft lab: --sweep: {', '.join(bad)} has no setting to sweep (the swept: {', '.join(swept)})")
     if preset == "pretrained":  # fail before reading any data when the package is missing
