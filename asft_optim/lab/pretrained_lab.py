@@ -198,6 +198,7 @@ class PretrainedLab(Lab):
     """:class:`Lab` with the GGUF model as base, our alignment, sweeps and Pareto plots."""
 
     answer_logits = True  # a 49k-way LM head: project the answer positions only
+    report_fronts = True  # every method at each value of its setting: fronts and a verdict
 
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
                  progress: bool = True, cached_only: bool = False, device: str = "cpu", plan: bool = False,

@@ -84,6 +84,9 @@ class Lab:
 
     #: Attacks train with :func:`~asft_optim.lab.models.answer_loss` (the pretrained preset).
     answer_logits = False
+    #: The grid sweeps the methods' settings: the report adds the matched-FA table, the
+    #: verdict and the Pareto plots (:func:`~asft_optim.lab.report.write_lab_report`).
+    report_fronts = False
 
     def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True,
                  cached_only: bool = False, device: str = "cpu", plan: bool = False,
