@@ -443,7 +443,7 @@ def write_lab_report(lab, records: Sequence[dict], out: Path, *, title: str, dev
         config: the :class:`~asft_optim.lab.config.LabConfig` (its ``repr`` goes to ``run.json``).
         json_path: also write the public records here (``--json``; default: None).
         started: ``time.perf_counter()`` when the run began: ``run.json``'s wall time runs to
-            the end of the report (default: None: now).
+            the end of the report (default: None: a wall time of 0, nothing was timed).
 
     Returns the written paths and the wall time. Raises ``ValueError`` where the verdict
     refuses the records (two evaluation settings).
@@ -453,7 +453,7 @@ def write_lab_report(lab, records: Sequence[dict], out: Path, *, title: str, dev
     paths = write_report(records, out, title=title, extra=extra, json_path=json_path, lead=lead)
     if lab.report_fronts:
         paths.update(pareto_plots(records, out))
-    wall = time.perf_counter() - (time.perf_counter() if started is None else started)
+    wall = 0.0 if started is None else time.perf_counter() - started
     run = run_times(lab, wall) | {"device": device, "config": repr(config), "not_run": lab.not_run}
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     return paths, wall
