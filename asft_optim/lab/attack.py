@@ -77,7 +77,7 @@ GRIDS = ("reduced", "full", "fine")
 #: λ of the reduced grid's sweeps (from "no effect" to "frozen").
 LAMBDAS = (0.001, 0.01, 0.1, 1.0)
 
-#: ``--grid fine``: λ where the fronts turn (0.01 to 0.1 in five steps, with the ends already known).
+#: ``--grid fine``: λ where the fronts turn (0.01 to 0.1 in five steps, the ends already known).
 FINE_LAMBDAS = (0.001, 0.01, 0.02, 0.035, 0.06, 0.1, 1.0)
 
 
@@ -139,8 +139,8 @@ class Method:
 
     def __post_init__(self):
         if self.setting is not None and self.setting.field not in self.uses:
-            raise ValueError(f"method {self.name!r}: its setting {self.setting.field!r} must be in its uses "
-                             "(the fields of its cache key)")
+            raise ValueError(f"method {self.name!r}: its setting {self.setting.field!r} must be in "
+                             "its uses (the fields of its cache key)")
 
 
 def _adamw(ctx: AttackContext) -> torch.optim.Optimizer:
@@ -209,20 +209,21 @@ def _safe_lora(ctx):
 _LAMBDA = {"field": "anchor_lambda", "option": "--lambda", "penalty": True,
            "help": "anchor_lambda of asft / asft-orthogonal (library convention)"}
 
-#: The lab's methods. Why the sweeps: sft's ΔW has ‖ΔW‖_F ≈ 0.9 per layer on 60 layers, so the
-#: penalty is about 50·λ against a task loss of 0.3 (at λ = 1 asft already kept FA at 28, aligned
-#: 21); the reduced grid sweeps asft and l2 only, ``--grid fine`` refines λ of l2 and
-#: asft-orthogonal where their fronts turn.
+#: The lab's methods. Why the sweeps: sft's ΔW has ‖ΔW‖_F ≈ 0.9 per layer on 60 layers, so
+#: the penalty is about 50·λ against a task loss of 0.3 (at λ = 1 asft already kept FA at 28,
+#: aligned 21); the reduced grid sweeps asft and l2 only, ``--grid fine`` refines λ of l2
+#: and asft-orthogonal where their fronts turn.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("sft", _sft),
-        Method("asft", _asft, ("anchor_lambda",), setting=Setting(full=LAMBDAS, reduced=True, **_LAMBDA)),
+        Method("asft", _asft, ("anchor_lambda",),
+               setting=Setting(full=LAMBDAS, reduced=True, **_LAMBDA)),
         Method("asft-orthogonal", _asft_orthogonal, ("anchor_lambda", "orthogonal_rank"),
                setting=Setting(full=LAMBDAS, fine=FINE_LAMBDAS, **_LAMBDA)),
         Method("l2", _l2, ("l2_lambda",),
-               setting=Setting("l2_lambda", LAMBDAS, fine=FINE_LAMBDAS, reduced=True, option="--l2-lambda",
-                               help="λ of the l2 ablation", penalty=True)),
+               setting=Setting("l2_lambda", LAMBDAS, fine=FINE_LAMBDAS, reduced=True,
+                               option="--l2-lambda", help="λ of the l2 ablation", penalty=True)),
         Method("asft-alt", _asft_alt, ("alt_rank", "alt_lambda"), reads_known_harmful=True,
                setting=Setting("alt_lambda", (1.0, 10.0, 100.0, 1000.0), option="--alt-lambda",
                                help="λ of asft-alt", penalty=True)),

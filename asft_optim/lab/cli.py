@@ -85,7 +85,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "for a pair per seed (default: 'each'; real data: 0)")
     g.add_argument("--max-length", type=int, help="tokens per training row (default: 96)")
     g = p.add_argument_group("attack")
-    for option, setting in setting_options().items():  # --lambda, --l2-lambda, ...: the methods' own
+    for option, setting in setting_options().items():  # --lambda, --l2-lambda: the methods' own
         g.add_argument(option, dest=setting.field, type=float, help=setting.help)
     g.add_argument("--target-modules", type=_modules, metavar="NAMES",
                    help="the LoRA's (and the anchors') layers of every method, comma separated, or "
@@ -164,7 +164,8 @@ def _config(args):
         cfg = replace(cfg, model=replace(cfg.model, max_length=args.max_length))
     a = cfg.attack
     attack = {s.field: getattr(args, s.field) for s in setting_options().values()}
-    attack |= {"r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": args.target_modules}
+    attack |= {"r": args.lora_r, "lora_alpha": args.lora_alpha,
+               "target_modules": args.target_modules}
     a = replace(a, **{k: v for k, v in attack.items() if v is not None})
     train = {"epochs": args.epochs, "lr": args.lr}
     a = replace(a, train=replace(a.train, **{k: v for k, v in train.items() if v is not None}))
@@ -214,7 +215,13 @@ def _data(args, cfg, settings=None):
 
 
 def _settings(args):
-    from .pretrained_lab import ATTACKER_FIELDS, GRID_SWEEPS, LR_FACTORS, TINY_SETTINGS, PretrainedSettings
+    from .pretrained_lab import (
+        ATTACKER_FIELDS,
+        GRID_SWEEPS,
+        LR_FACTORS,
+        TINY_SETTINGS,
+        PretrainedSettings,
+    )
 
     if args.tiny:
         settings = TINY_SETTINGS
@@ -296,15 +303,17 @@ def run(args) -> int:
         raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {where}; "
                          "run it without --cached-only to build them")
     try:
-        paths, wall = report.write_lab_report(lab, records, out, title=f"AsFT lab: {data.name}", device=device,
-                                              config=cfg, json_path=args.json, started=start)
+        paths, wall = report.write_lab_report(lab, records, out, title=f"AsFT lab: {data.name}",
+                                              device=device, config=cfg, json_path=args.json,
+                                              started=start)
     except ValueError as e:  # records the verdict cannot average (two evaluation settings)
         raise SystemExit(f"asft lab: {e}") from None
     if lab.records is not None:
         print(f"records: {len(lab.recorded)} stages read from {lab.records.directory}, "
               f"{len(lab.records.written)} written there")
     print((out / "table.md").read_text())
-    print(f"wall time {wall:.0f} s; the stages this run used took {report.compute_text(lab)}; wrote "
+    print(f"wall time {wall:.0f} s; the stages this run used took {report.compute_text(lab)}; "
+          "wrote "
           + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -136,7 +136,8 @@ def variants(methods, attack: AttackConfig, sweeps, lr_factors=()) -> list[tuple
             continue
         have = [c for mm, _, c, _ in out if mm == m]
         # The defender's setting the attacker-LR points run at (named in their labels).
-        at = {} if method.setting is None else {method.setting.field: getattr(attack, method.setting.field)}
+        own = method.setting
+        at = {} if own is None else {own.field: getattr(attack, own.field)}
         setting = "".join(f" {f}={v:g}" for f, v in at.items())
         for factor in lr_factors:
             if factor <= 0:

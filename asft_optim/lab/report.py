@@ -409,7 +409,8 @@ def lab_sections(lab, records: Sequence[dict], device: str) -> str:
     if lab.report_fronts:
         matched = matched_fa_table(records)
         if matched:
-            extra += "\n## Safety at equal task accuracy (the Pareto fronts as numbers)\n\n" + MATCHED_FA_INTRO + matched
+            extra += ("\n## Safety at equal task accuracy (the Pareto fronts as numbers)\n\n"
+                      + MATCHED_FA_INTRO + matched)
     extra += records_text(lab)
     if lab.not_run:
         extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
@@ -430,7 +431,8 @@ def verdict_lead(records: Sequence[dict]) -> str:
 
 
 def write_lab_report(lab, records: Sequence[dict], out: Path, *, title: str, device: str, config,
-                     json_path: Path | None = None, started: float | None = None) -> tuple[dict[str, Path], float]:
+                     json_path: Path | None = None,
+                     started: float | None = None) -> tuple[dict[str, Path], float]:
     """Write a lab run's output folder: :func:`write_report`'s files with the lab's sections,
     the verdict and the Pareto plots where ``lab.report_fronts``, and ``run.json``.
 

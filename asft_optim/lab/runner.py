@@ -354,7 +354,8 @@ class Lab:
         """
         seeds = self.config.seeds
         records = []
-        bar = tqdm(total=len(seeds) * (1 + len(points)), desc="lab", unit="run", disable=not self.progress)
+        bar = tqdm(total=len(seeds) * (1 + len(points)), desc="lab", unit="run",
+                   disable=not self.progress)
         for seed in seeds:
             bar.set_postfix_str(f"seed {seed}: base, aligned")
             try:
@@ -374,7 +375,8 @@ class Lab:
                     self._skip(seed, point.label, point.poison, e)
                 else:
                     if not info.get("planned"):
-                        rec = self._with_setting(_record(point.label, point.poison, seed, info["eval"], info))
+                        rec = _record(point.label, point.poison, seed, info["eval"], info)
+                        rec = self._with_setting(rec)
                         if point.variant is not None:
                             rec["variant"] = point.variant
                         records.append(rec)
