@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -90,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from . import landscape as L
+    from . import landscape_report as R
     from .projection import AnchorError
 
     out = Path(args.out)
@@ -131,25 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
     cos = {label: L.cosine(raw["aligned"], d) for label, d in raw.items() if label != "aligned"}
-    cos_json = {k: {"overall": c.overall, "per_layer": c.per_layer, "n_weights": c.n_weights} for k, c in cos.items()}
-    off = {}
-    if anchors is not None:
-        for k, d in raw.items():
-            frac, norms = L.off_anchor_fraction(d, anchors), L.layer_norms(d)
-            total = sum(norms[n] ** 2 for n in frac)
-            off[k] = (sum((f * norms[n]) ** 2 for n, f in frac.items()) / total) ** 0.5 if total > 0 else 0.0
-            cos_json.setdefault(k, {})["off_anchor_fraction"] = {"overall": off[k], "per_layer": frac}
-    (out / "cosines.json").write_text(json.dumps(cos_json, indent=2) + "\n")
-    extra = " ‖(I−C)d‖/‖d‖ |" if off else ""
-    lines = ["| direction | cos(d_aligned, d) overall | per-layer min | per-layer max | weights |" + extra,
-             "|---|---|---|---|---|" + ("---|" if off else "")]
-    for k, d in raw.items():
-        c = cos.get(k)
-        row = (f"| {k} | {c.overall:.3e} | {min(c.per_layer.values()):.3e} | {max(c.per_layer.values()):.3e} | {c.n_weights} |"
-               if c else f"| {k} | 1 (itself) | | | {len(d)} |")
-        lines.append(row + (f" {off[k]:.4f} |" if off else ""))
-    (out / "cosines.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(R.write_cosines(out, raw, cos, anchors))
     if score is None:
         return 0
 
@@ -164,28 +146,15 @@ def _run(args: argparse.Namespace) -> int:
     own = curves[0].at_origin()
     tau = args.threshold if args.threshold is not None else own + args.margin
     epls = {c.label: L.epl(c.alphas, c.values, tau, interpolate=args.interpolate) for c in curves}
-    (out / "landscape_1d.json").write_text(json.dumps(
-        {"normalize": args.normalize, "score_at_origin": own, "threshold": tau,
-         "curves": [c.to_dict() for c in curves], "epl": {k: e.to_dict() for k, e in epls.items()},
-         "alpha_of_update": alpha_self, "weights_bit_identical_after_1d": restored()}, indent=2) + "\n")
-    rows = ["| direction | EPL | reach α<0 | reach α>0 | sup safe |α| (Eq. 5 literal) | lower bound only | α of the update itself |",
-            "|---|---|---|---|---|---|---|"]
-    rows += [f"| {k} | {e.epl:.3g} | {e.negative:.3g} | {e.positive:.3g} | {e.sup_safe:.3g} | "
-             f"{'yes' if e.censored else 'no'} | {alpha_self[k]:.3g} |" for k, e in epls.items()]
-    (out / "epl.md").write_text(f"threshold τ = {tau:g} (score at θ: {own:g}); normalisation: {args.normalize}\n\n"
-                                + "\n".join(rows) + "\n")
-    print("\n".join(rows))
-    L.plot_1d(curves, out / "landscape_1d.png", threshold=tau,
-              title=f"1-D safety landscape around θ_aligned ({args.normalize}-normalised)")
+    print(R.write_landscape_1d(out, curves, epls, normalize=args.normalize, threshold=tau,
+                               alpha_of_update=alpha_self, restored=restored()))
     if args.two_d:
         other = next(k for k in dirs if k != "aligned")
         d2 = L.normalize(L.orthogonalize(raw[other], raw["aligned"]), args.normalize, model)
         grid2 = L.grid(args.grid_2d)
         land = L.landscape_2d(model, dirs["aligned"], d2, grid2, grid2, score,
                               labels=("d_aligned", f"{other} (orthogonalised to d_aligned)"), progress=progress)
-        (out / "landscape_2d.json").write_text(json.dumps(
-            {**land.to_dict(), "threshold": tau, "weights_bit_identical_after": restored()}, indent=2) + "\n")
-        L.plot_2d(land, out / "landscape_2d.png", threshold=tau, title=f"2-D safety landscape (white: τ = {tau:g})")
+        R.write_landscape_2d(out, land, threshold=tau, restored=restored())
     if not restored():
         print("asft landscape: error: the model's weights differ from before the run", file=sys.stderr)
         return 2

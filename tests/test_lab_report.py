@@ -192,3 +192,40 @@ def test_broken_points_are_marked_and_kept_off_the_fronts(tmp_path):
     table = paths["table"].read_text()
     assert "| sft | 50.0 ± 70.7 † |" in table
     assert "## Broken models" in table and "- sft p=0.1 seed 0: 100 % degenerate answers" in table
+
+
+def _fake_lab(fronts: bool, not_run=()):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        report_fronts=fronts, records=None, not_run=list(not_run), stage_seconds={("attack", "k"): 2.0},
+        timings={"attack": 2.0}, recorded={}, over_refusals=lambda: ["- base: 5.0 % of 20 held-out benign prompts refused"],
+        base_evals=lambda: [_rec("base", None, 0, 60.0, 30.0)])
+
+
+def test_write_lab_report_writes_the_run_and_the_fronts_only_for_a_swept_grid(tmp_path):
+    import pytest
+
+    from asft_optim.lab.report import compute_text, write_lab_report
+
+    missing = [{"seed": 1, "method": "l2", "poison_ratio": 0.1, "missing_stage": "attack"}]
+    paths, wall = write_lab_report(_fake_lab(False, missing), SWEEP, tmp_path / "plain", title="t", device="cpu",
+                                   config="CFG", started=None)
+    table = paths["table"].read_text()
+    assert "\nDevice: cpu.\n" in table and "- seed 0: HS 60.0, FA 30.0" in table
+    assert "## Over-refusal" in table and "- seed 1: l2 p=0.1 (no attack stage)" in table
+    assert "Verdict" not in table and "Safety at equal task accuracy" not in table
+    assert not any(k.startswith("pareto") for k in paths)
+    run = json.loads((tmp_path / "plain" / "run.json").read_text())
+    assert run["device"] == "cpu" and run["config"] == "'CFG'" and run["not_run"] == missing
+    assert run["used_stage_seconds"] == 2.0 and wall == 0.0 and run["wall_seconds"] == 0.0
+    assert compute_text(_fake_lab(False)) == "2 s to build (1 stages)"
+
+    paths, _ = write_lab_report(_fake_lab(True), SWEEP, tmp_path / "swept", title="t", device="cpu", config="CFG")
+    table = paths["table"].read_text()
+    assert "## Verdict: safer than L2 at equal task accuracy?" in table
+    assert "## Safety at equal task accuracy (the Pareto fronts as numbers)" in table
+    assert paths["pareto_0.1"].stat().st_size > 0
+    mixed = [dict(r, setting="a") for r in VERDICT[:3]] + [dict(r, setting="b") for r in VERDICT[3:]]
+    with pytest.raises(ValueError, match="one verdict averages one setting only"):
+        write_lab_report(_fake_lab(True), mixed, tmp_path / "mixed", title="t", device="cpu", config="CFG")

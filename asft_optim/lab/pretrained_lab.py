@@ -24,18 +24,18 @@ import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from . import report
-from .attack import ALL_LINEAR, AttackConfig, get_method
+from .attack import FINE_LAMBDAS, LAMBDAS  # noqa: F401 (the grids' λ, read from here too)
+from .attack import ALL_LINEAR, METHODS, AttackConfig, get_method
 from .data import Example, LabData
 from .evaluate import evaluate, generate
 from .judge import REFUSALS, is_refusal
 from .models import fit, load, save
 from .pretrained import GGUF_NAME, gguf_file, save_base
 from .prompts import BENIGN_EVAL_PROMPTS, CHAT_PROMPTS, HARMFUL_CHAT_PROMPTS, near_duplicates
-from .runner import Lab, NotCached, _examples_hash, _record
+from .runner import GridPoint, Lab, NotCached, _examples_hash, _record
 from .tokenizer import render_prompt
 
 
@@ -49,8 +49,24 @@ class Sweep:
     values: tuple
 
 
-#: λ of the reduced grid's sweeps.
-LAMBDAS = (0.001, 0.01, 0.1, 1.0)
+#: Sweep fields on the attacker's side (not a method's setting; ``--sweep`` leaves them).
+ATTACKER_FIELDS = report.ATTACKER_FIELDS
+
+#: ``--grid full``'s attacker-side sweep: sft on the paper's q/v and on every linear layer.
+ATTACKER_SWEEPS = (Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),)
+
+
+def method_sweeps(grid: str) -> tuple[Sweep, ...]:
+    """The sweep of every method whose :class:`~asft_optim.lab.attack.Setting` is swept in
+    ``grid`` (``"reduced"``, ``"full"`` or ``"fine"``), in :data:`METHODS`' order: the
+    methods declare them, so the grids and the CLI read one table."""
+    out = []
+    for m in METHODS.values():
+        values = None if m.setting is None else m.setting.values(grid)
+        if values is not None:
+            out.append(Sweep(m.name, m.setting.field, values))
+    return tuple(out)
+
 
 
 @dataclass(frozen=True)
@@ -72,46 +88,26 @@ class PretrainedSettings:
     eval_batch_size: int = 32
     #: The reduced grid's: λ sweeps of asft and l2 (from "no effect" to "frozen"), one
     #: value for the other methods (their defaults); :data:`FULL_SWEEPS` sweeps them all.
-    #: Why 1e-3..1: sft's ΔW has ‖ΔW‖_F ≈ 0.9 per layer on 60 layers, so the penalty is
-    #: about 50·λ against a task loss of 0.3; at λ = 1 asft already kept FA at 28 (aligned 21).
-    sweeps: tuple[Sweep, ...] = (
-        Sweep("asft", "anchor_lambda", LAMBDAS),
-        Sweep("l2", "l2_lambda", LAMBDAS),
-    )
+    #: The values are the methods' own (:data:`~asft_optim.lab.attack.METHODS`).
+    sweeps: tuple[Sweep, ...] = method_sweeps("reduced")
     #: Multiples of the attack's LR that every method is also trained at (``--lr-sweep``).
     lr_factors: tuple[float, ...] = ()
 
 
-#: Sweep fields on the attacker's side (not a method's setting; ``--sweep`` leaves them).
-ATTACKER_FIELDS = report.ATTACKER_FIELDS
+#: ``--grid full``: every method swept (Safe LoRA's thresholds share sft's training), and sft
+#: on every linear layer (the attacker's side).
+FULL_SWEEPS = method_sweeps("full") + ATTACKER_SWEEPS
 
-#: ``--grid full``: every method swept (Safe LoRA's thresholds share sft's training).
-FULL_SWEEPS = (
-    Sweep("asft", "anchor_lambda", LAMBDAS),
-    Sweep("asft-orthogonal", "anchor_lambda", LAMBDAS),
-    Sweep("l2", "l2_lambda", LAMBDAS),
-    Sweep("asft-alt", "alt_lambda", (1.0, 10.0, 100.0, 1000.0)),
-    Sweep("safe-lora", "safe_lora_threshold", (0.2, 0.35, 0.5, 0.65)),
-    Sweep("sft", "target_modules", (("q_proj", "v_proj"), ALL_LINEAR)),
-    Sweep("weight-decay", "adamw_weight_decay", (1.0, 10.0, 30.0, 100.0, 300.0)),
-)
+#: ``--grid fine``'s sweeps: λ of l2 and asft-orthogonal where the fronts turn
+#: (:data:`~asft_optim.lab.attack.FINE_LAMBDAS`), every other swept method as in
+#: :data:`FULL_SWEEPS`; no attacker-side sweep (the defender's knob against one attacker).
+FINE_SWEEPS = method_sweeps("fine")
 
-#: ``--grid fine``: λ where the fronts turn (0.01 to 0.1 in five steps, with the ends already
-#: known), for l2 and asft-orthogonal; every other swept method as in :data:`FULL_SWEEPS`.
-FINE_LAMBDAS = (0.001, 0.01, 0.02, 0.035, 0.06, 0.1, 1.0)
-
-#: ``--grid fine``'s sweeps (no attacker-side sweep: the defender's knob against one attacker).
-FINE_SWEEPS = (
-    Sweep("asft-orthogonal", "anchor_lambda", FINE_LAMBDAS),
-    Sweep("l2", "l2_lambda", FINE_LAMBDAS),
-    *(s for s in FULL_SWEEPS if s.method in ("asft", "asft-alt", "safe-lora", "weight-decay")),
-)
+#: Every grid's sweeps, by ``--grid`` name (the reduced one: :class:`PretrainedSettings`' default).
+GRID_SWEEPS = {"reduced": method_sweeps("reduced"), "full": FULL_SWEEPS, "fine": FINE_SWEEPS}
 
 #: The attacker's learning rate as multiples of the preset's (``--lr-sweep``; ``--grid full``).
 LR_FACTORS = (0.2, 1.0, 5.0)
-
-#: The defender's setting an attacker-LR point is run at (named in its label).
-_SETTING_FIELDS = ("anchor_lambda", "l2_lambda", "alt_lambda", "safe_lora_threshold", "adamw_weight_decay")
 
 
 def variants(methods, attack: AttackConfig, sweeps, lr_factors=()) -> list[tuple[str, str, AttackConfig, dict | None]]:
@@ -139,7 +135,9 @@ def variants(methods, attack: AttackConfig, sweeps, lr_factors=()) -> list[tuple
         if not lr_factors:
             continue
         have = [c for mm, _, c, _ in out if mm == m]
-        at = {f: getattr(attack, f) for f in method.uses if f in _SETTING_FIELDS}
+        # The defender's setting the attacker-LR points run at (named in their labels).
+        own = method.setting
+        at = {} if own is None else {own.field: getattr(attack, own.field)}
         setting = "".join(f" {f}={v:g}" for f, v in at.items())
         for factor in lr_factors:
             if factor <= 0:
@@ -201,6 +199,7 @@ class PretrainedLab(Lab):
     """:class:`Lab` with the GGUF model as base, our alignment, sweeps and Pareto plots."""
 
     answer_logits = True  # a 49k-way LM head: project the answer positions only
+    report_fronts = True  # every method at each value of its setting: fronts and a verdict
 
     def __init__(self, config, data: LabData, out: Path, settings: PretrainedSettings | None = None, *,
                  progress: bool = True, cached_only: bool = False, device: str = "cpu", plan: bool = False,
@@ -311,45 +310,24 @@ class PretrainedLab(Lab):
 
         return self._stage("aligned", payload, build)
 
-    def run(self) -> list[dict]:
-        """Every stage for every (seed, method, swept value, poison); returns the full records."""
+    def grid_points(self) -> list[GridPoint]:
+        """Every (method, swept value, poison): :func:`variants` of the settings' sweeps."""
         c = self.config
         grid = variants(c.methods, c.attack, self.settings.sweeps, self.settings.lr_factors)
-        records = []
-        bar = tqdm(total=len(c.seeds) * (1 + len(grid) * len(c.poisons)), desc="lab", unit="run",
-                   disable=not self.progress)
+        return [GridPoint(method, label, attack, variant or {"method": method}, p)
+                for method, label, attack, variant in grid for p in c.poisons]
+
+    def aligned_eval(self, seed: int) -> dict:
+        return self.judged("aligned", seed)
+
+    def run(self) -> list[dict]:
+        """Every stage for every (seed, method, swept value, poison); returns the full records."""
+        points = self.grid_points()
         try:  # the base's own HS, FA and over-refusal: the report's first lines
             self.judged("base")
         except NotCached:
             pass  # cached_only: the report leaves the base's numbers out
-        for seed in c.seeds:
-            try:
-                info = self.judged("aligned", seed)
-            except NotCached as e:
-                self._skip(seed, "aligned", None, e)
-                bar.update(1 + len(grid) * len(c.poisons))
-                continue
-            if not info.get("planned"):
-                records.append(self._with_setting(_record("aligned", None, seed, info["eval"])))
-            bar.update()
-            for method, label, attack, variant in grid:
-                for p in c.poisons:
-                    bar.set_postfix_str(f"seed {seed}: {label} p={p:g}")
-                    try:
-                        info = self.evaluation(method, p, seed, attack)
-                    except NotCached as e:
-                        self._skip(seed, label, p, e)
-                        bar.update()
-                        continue
-                    if info.get("planned"):
-                        bar.update()
-                        continue
-                    rec = self._with_setting(_record(label, p, seed, info["eval"], info))
-                    rec["variant"] = variant or {"method": method}
-                    records.append(rec)
-                    bar.update()
-        bar.close()
-        return records
+        return self._run_grid(points)
 
     def over_refusals(self) -> list[str]:
         """The report's lines on over-refusal: the base's and each seed's aligned model's."""

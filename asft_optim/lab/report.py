@@ -1,9 +1,15 @@
-"""Stage 6: the report. A Table-2-shaped markdown table, JSON records and PNG plots."""
+"""Stage 6: the report. A Table-2-shaped markdown table, JSON records and PNG plots.
+
+:func:`write_lab_report` writes what ``asft lab`` leaves in its output folder after a run
+(``table.md`` and its sections, the JSON records, the plots, ``run.json``);
+:func:`write_plan` what ``asft lab --plan`` leaves (``plan.json``).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -376,3 +382,139 @@ def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str =
         Path(json_path).write_text(json.dumps(public, indent=1) + "\n")
         paths["user_json"] = Path(json_path)
     return paths
+
+
+# -- asft lab's output folder ------------------------------------------------------------
+
+MATCHED_FA_INTRO = (
+    "Each method's lowest HS among its settings whose FA reaches the column's level, "
+    "with that setting in brackets: seed-mean points first, then (in parentheses) each "
+    "seed's own lowest HS at that level from its points alone. Only settings that were "
+    "run count (nothing is interpolated); the attacker-side points (LR sweep, all-linear) "
+    "are left out. One seed's point has a 95 % interval of about ±7-10 points.\n\n")
+
+
+def lab_sections(lab, records: Sequence[dict], device: str) -> str:
+    """The sections after the tables: the device, the base models, over-refusal, safety at
+    equal task accuracy (a lab whose grid sweeps the methods' settings: ``lab.report_fronts``),
+    the records not used and the grid points not run."""
+    extra = f"\nDevice: {device}.\n"
+    extra += "\n## Base models (before alignment)\n\n" + "\n".join(
+        f"- seed {r['seed']}: HS {r['harmful_score']:.1f}, FA {r['finetune_accuracy']:.1f}"
+        for r in lab.base_evals()) + "\n"
+    refusing = lab.over_refusals()
+    if refusing:
+        extra += ("\n## Over-refusal (everyday requests refused; the harmful score cannot see it)\n\n"
+                  + "\n".join(refusing) + "\n")
+    if lab.report_fronts:
+        matched = matched_fa_table(records)
+        if matched:
+            extra += ("\n## Safety at equal task accuracy (the Pareto fronts as numbers)\n\n"
+                      + MATCHED_FA_INTRO + matched)
+    extra += records_text(lab)
+    if lab.not_run:
+        extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
+                  + "\n".join(f"- seed {m['seed']}: {m['method']}"
+                               + ("" if m["poison_ratio"] is None else f" p={m['poison_ratio']:g}")
+                               + f" (no {m['missing_stage']} stage)" for m in lab.not_run) + "\n")
+    return extra
+
+
+def verdict_lead(records: Sequence[dict]) -> str:
+    """The verdict against L2 and its introduction, placed before the tables ("" when no
+    method can be compared). Raises ``ValueError`` for records of two evaluation settings."""
+    verdict = verdict_section(records)
+    if not verdict:
+        return ""
+    return ("## Verdict: safer than L2 at equal task accuracy?\n\n" + VERDICT_INTRO.format(ref="l2")
+            + verdict + "\n## Every point, mean ± std over seeds\n\n")
+
+
+def write_lab_report(lab, records: Sequence[dict], out: Path, *, title: str, device: str, config,
+                     json_path: Path | None = None,
+                     started: float | None = None) -> tuple[dict[str, Path], float]:
+    """Write a lab run's output folder: :func:`write_report`'s files with the lab's sections,
+    the verdict and the Pareto plots where ``lab.report_fronts``, and ``run.json``.
+
+    Args:
+        lab: the :class:`~asft_optim.lab.runner.Lab` that made ``records`` (after its ``run``).
+        records: its records.
+        out: the output folder.
+        title: the report's title.
+        device: the device's description.
+        config: the :class:`~asft_optim.lab.config.LabConfig` (its ``repr`` goes to ``run.json``).
+        json_path: also write the public records here (``--json``; default: None).
+        started: ``time.perf_counter()`` when the run began: ``run.json``'s wall time runs to
+            the end of the report (default: None: a wall time of 0, nothing was timed).
+
+    Returns the written paths and the wall time. Raises ``ValueError`` where the verdict
+    refuses the records (two evaluation settings).
+    """
+    extra = lab_sections(lab, records, device)
+    lead = verdict_lead(records) if lab.report_fronts else ""
+    paths = write_report(records, out, title=title, extra=extra, json_path=json_path, lead=lead)
+    if lab.report_fronts:
+        paths.update(pareto_plots(records, out))
+    wall = 0.0 if started is None else time.perf_counter() - started
+    run = run_times(lab, wall) | {"device": device, "config": repr(config), "not_run": lab.not_run}
+    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    return paths, wall
+
+
+def records_text(lab) -> str:
+    """The report's lines on records it refused or kept apart (none: nothing, so that a report
+    rebuilt from the records reads as the one from the cache)."""
+    store = lab.records
+    if store is None:
+        return ""
+    lines = [f"- {name}: refused, {why}" for name, why in store.refused]
+    counts = store.scan()
+    if counts["other_version"] or counts["other_setting"] or counts["unreadable"]:
+        lines.append(f"- kept apart in {store.directory.name}/: {counts['other_version']} of another code version, "
+                     f"{counts['other_setting']} of another evaluation setting or device, "
+                     f"{counts['unreadable']} unreadable (never averaged in)")
+    return ("\n## Records not used\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def write_plan(lab, out: Path, device: str) -> str:
+    """``--plan``: the stage counts and the estimate, written to ``OUT/plan.json``; returns the text to print."""
+    from .runner import plan_summary
+
+    plan = plan_summary(lab)
+    lines = ["| stage | cached | to build | median build s (from) | estimate s |", "|---|---|---|---|---|"]
+    for r in plan["stages"]:
+        median = "unknown" if r["median_seconds"] is None else f"{r['median_seconds']:g} ({r['median_from']})"
+        est = "–" if r["estimate_seconds"] is None else f"{r['estimate_seconds']:g}"
+        lines.append(f"| {r['kind']} | {r['cached']} | {r['to_build']} | {median} | {est} |")
+    left = plan["estimate_seconds"]
+    recorded = f", {plan['recorded']} in the records ({lab.records.directory})" if lab.records is not None else ""
+    text = (f"Plan ({device}): {plan['cached'] + plan['to_build'] + plan['recorded']} stages, {plan['cached']} cached"
+            f"{recorded}, {plan['to_build']} to build.\n\n" + "\n".join(lines) + "\n\n"
+            f"Estimated build time left: {left:.0f} s ({left / 3600:.1f} h) at the cache's median stage times")
+    if plan["unknown_kinds"]:
+        text += f", not counting {', '.join(plan['unknown_kinds'])} (no stage of that kind has a recorded time)"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps({"device": device, **plan}, indent=1) + "\n")
+    return text + (". An estimate, not a measurement: stages built on other hardware, or beside other "
+                   "work, take other times.")
+
+
+def run_times(lab, wall: float) -> dict:
+    """run.json's timings: this run's wall time and per-kind build times, and the build
+    time of every stage it used, cached ones included (what the run costs from scratch)."""
+    used = lab.stage_seconds.values()
+    per_kind: dict[str, float] = {}
+    for (kind, _), sec in lab.stage_seconds.items():
+        per_kind[kind] = round(per_kind.get(kind, 0.0) + (sec or 0.0), 1)
+    return {"wall_seconds": round(wall, 1), "stage_seconds": {k: round(v, 1) for k, v in lab.timings.items()},
+            "used_stages": len(lab.stage_seconds), "used_stage_seconds": round(sum(s or 0.0 for s in used), 1),
+            "used_stage_seconds_per_kind": per_kind, "recorded_stages": len(lab.recorded),
+            "untimed_stages": sum(s is None for s in used)}
+
+
+def compute_text(lab) -> str:
+    """What the stages a run used took to build, for the closing line."""
+    secs = list(lab.stage_seconds.values())
+    text = f"{sum(s or 0.0 for s in secs):.0f} s to build ({len(secs)} stages"
+    missing = sum(s is None for s in secs)
+    return text + (f", {missing} of them cached without a recorded time)" if missing else ")")

@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
@@ -39,6 +39,16 @@ _SHARED_ATTACK_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "t
 
 class NotCached(LookupError):
     """A stage a ``cached_only`` lab would have to build (its kind and key in ``args``)."""
+
+
+class GridPoint(NamedTuple):
+    """One attacked point of a grid, for every seed: what :meth:`Lab.run` evaluates."""
+
+    method: str  # the method's name (:data:`~asft_optim.lab.attack.METHODS`)
+    label: str  # the record's ``method``: the name, or the name and its swept value
+    attack: AttackConfig | None  # None: the config's own
+    variant: dict | None  # the record's ``variant`` (None: the record has none)
+    poison: float
 
 
 def _key(payload: dict[str, Any]) -> str:
@@ -74,6 +84,9 @@ class Lab:
 
     #: Attacks train with :func:`~asft_optim.lab.models.answer_loss` (the pretrained preset).
     answer_logits = False
+    #: The grid sweeps the methods' settings: the report adds the matched-FA table, the
+    #: verdict and the Pareto plots (:func:`~asft_optim.lab.report.write_lab_report`).
+    report_fronts = False
 
     def __init__(self, config: LabConfig, data: LabData, out: Path, *, progress: bool = True,
                  cached_only: bool = False, device: str = "cpu", plan: bool = False,
@@ -263,7 +276,7 @@ class Lab:
         payload = {"aligned": aligned_info["key"], "method": method.name, "poison": poison, "seed": seed,
                    "rows": _examples_hash(examples),
                    "config": {f: getattr(a, f) for f in _SHARED_ATTACK_FIELDS + method.uses}}
-        if method.name == "asft-alt":
+        if method.reads_known_harmful:  # AsFT_Alt's harmful directions come from these rows
             payload["known_harmful"] = _examples_hash(self.data.known_harmful)
         if self.answer_logits:  # the same loss by another computation: a stage of its own
             payload["loss"] = "answer-logits"
@@ -318,34 +331,55 @@ class Lab:
         return {}
 
     # -- the whole grid ------------------------------------------------------------------
-    def run(self) -> list[dict]:
-        """Every stage for every (seed, method, poison); returns the full records."""
+    def grid_points(self) -> list[GridPoint]:
+        """Every (method, poison) of the config, methods first; a typo fails before any training."""
         c = self.config
         for m in c.methods:
-            get_method(m)  # fail before any training on a typo
+            get_method(m)
+        return [GridPoint(m, m, None, None, p) for m in c.methods for p in c.poisons]
+
+    def aligned_eval(self, seed: int) -> dict:
+        """The aligned model's stage info with its ``eval`` (before any attack)."""
+        return self._served(lambda: self.aligned(seed)[1])
+
+    def run(self) -> list[dict]:
+        """Every stage for every (seed, method, poison); returns the full records."""
+        return self._run_grid(self.grid_points())
+
+    def _run_grid(self, points: list[GridPoint]) -> list[dict]:
+        """Per seed: the aligned model's record, then one record per point of ``points``.
+
+        A seed whose aligned model is not cached (``cached_only``) is skipped whole; a point
+        not cached is listed in :attr:`not_run`; a planned stage makes no record.
+        """
+        seeds = self.config.seeds
         records = []
-        grid = [(s, m, p) for s in c.seeds for m in c.methods for p in c.poisons]
-        bar = tqdm(total=len(grid) + len(c.seeds), desc="lab", unit="run", disable=not self.progress)
-        for seed in c.seeds:
+        bar = tqdm(total=len(seeds) * (1 + len(points)), desc="lab", unit="run",
+                   disable=not self.progress)
+        for seed in seeds:
             bar.set_postfix_str(f"seed {seed}: base, aligned")
             try:
-                info = self._served(lambda: self.aligned(seed)[1])
+                info = self.aligned_eval(seed)
             except NotCached as e:
                 self._skip(seed, "aligned", None, e)
-                bar.update(1 + sum(g[0] == seed for g in grid))
+                bar.update(1 + len(points))
                 continue
             if not info.get("planned"):
                 records.append(self._with_setting(_record("aligned", None, seed, info["eval"])))
             bar.update()
-            for s, m, p in [g for g in grid if g[0] == seed]:
-                bar.set_postfix_str(f"seed {s}: {m} p={p:g}")
+            for point in points:
+                bar.set_postfix_str(f"seed {seed}: {point.label} p={point.poison:g}")
                 try:
-                    info = self.evaluation(m, p, s)
+                    info = self.evaluation(point.method, point.poison, seed, point.attack)
                 except NotCached as e:
-                    self._skip(s, m, p, e)
+                    self._skip(seed, point.label, point.poison, e)
                 else:
                     if not info.get("planned"):
-                        records.append(self._with_setting(_record(m, p, s, info["eval"], info)))
+                        rec = _record(point.label, point.poison, seed, info["eval"], info)
+                        rec = self._with_setting(rec)
+                        if point.variant is not None:
+                            rec["variant"] = point.variant
+                        records.append(rec)
                 bar.update()
         bar.close()
         return records

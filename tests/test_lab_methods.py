@@ -1,0 +1,98 @@
+"""The lab's methods declare themselves: the grids, the CLI and the cache keys read METHODS."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import pytest
+
+from asft_optim.lab.attack import GRIDS, METHODS, Method, Setting, setting_options, swept_methods
+
+
+def _declared(grid: str) -> dict[str, tuple[str, tuple]]:
+    out = {}
+    for name, m in METHODS.items():
+        if m.setting is not None and m.setting.values(grid) is not None:
+            out[name] = (m.setting.field, m.setting.values(grid))
+    return out
+
+
+def test_every_methods_declared_sweep_is_what_the_pretrained_grids_use():
+    from asft_optim.lab.pretrained_lab import (
+        ATTACKER_FIELDS,
+        FINE_SWEEPS,
+        FULL_SWEEPS,
+        GRID_SWEEPS,
+        PretrainedSettings,
+    )
+
+    tables = {"reduced": PretrainedSettings().sweeps, "full": FULL_SWEEPS, "fine": FINE_SWEEPS}
+    assert set(tables) == set(GRIDS) == set(GRID_SWEEPS)
+    for grid, sweeps in tables.items():
+        assert GRID_SWEEPS[grid] == sweeps, grid
+        mine = [s for s in sweeps if s.field not in ATTACKER_FIELDS]
+        assert {s.method: (s.field, s.values) for s in mine} == _declared(grid), grid
+        assert len(mine) == len({s.method for s in mine}), grid  # one sweep per method
+    # Every method with a setting is swept in the full grid; the reduced grid is asft and l2's λ.
+    assert set(_declared("full")) == {m.name for m in swept_methods()}
+    assert set(_declared("reduced")) == {"asft", "l2"}
+    # The attacker's side is no method's setting: only the full grid has it (sft's layers).
+    assert [(s.method, s.field) for s in FULL_SWEEPS if s.field in ATTACKER_FIELDS] == [("sft", "target_modules")]
+
+
+def test_the_cli_reads_the_methods_settings():
+    from asft_optim.lab import cli as lab_cli
+    from asft_optim.lab.pretrained_lab import GRID_SWEEPS
+
+    parser = argparse.ArgumentParser()
+    lab_cli.add_parser(parser.add_subparsers())
+    options = setting_options()
+    assert list(options) == ["--lambda", "--l2-lambda", "--alt-lambda"]
+    for m in swept_methods():  # methods sharing an option share its field and help
+        if m.setting.option is not None:
+            assert options[m.setting.option].field == m.setting.field
+            assert options[m.setting.option].help == m.setting.help
+    argv = ["lab", "--lambda", "0.5", "--l2-lambda", "0.25", "--alt-lambda", "7"]
+    cfg = lab_cli._config(parser.parse_args(argv))
+    assert (cfg.attack.anchor_lambda, cfg.attack.l2_lambda, cfg.attack.alt_lambda) == (0.5, 0.25, 7.0)
+    # --sweep NAME takes NAME's declared sweep; --sweep-values replaces the λ sweeps only.
+    settings = lab_cli._settings(parser.parse_args(["lab", "--sweep", "safe-lora,asft-alt", "--sweep-values", "3"]))
+    safe = METHODS["safe-lora"].setting
+    assert [(s.method, s.values) for s in settings.sweeps] == [("safe-lora", safe.full), ("asft-alt", (3.0,))]
+    fine = lab_cli._settings(parser.parse_args(["lab", "--grid", "fine"]))
+    assert fine.sweeps == GRID_SWEEPS["fine"]
+
+
+def test_a_setting_outside_the_methods_cache_key_is_refused():
+    with pytest.raises(ValueError, match="its setting 'l2_lambda' must be in its uses"):
+        Method("x", uses=("anchor_lambda",), setting=Setting("l2_lambda", (1.0,)))
+    with pytest.raises(ValueError, match="unknown grid 'huge'; known: reduced, full, fine"):
+        METHODS["asft"].setting.values("huge")
+
+
+def test_attack_keys_take_the_declared_fields_and_the_defenders_rows(tmp_path):
+    """The attack stage's key, rebuilt by hand from its documented payload: what each
+    method declares (``uses``, ``reads_known_harmful``) is what enters it, and no more."""
+    from asft_optim.lab.config import tiny_config
+    from asft_optim.lab.runner import Lab, _examples_hash, _key
+    from asft_optim.lab.world import World
+
+    cfg = tiny_config()
+    data = World(cfg.world).data()
+    lab = Lab(cfg, data, tmp_path, plan=True, progress=False)
+    aligned = lab.aligned(0)[1]["key"]
+    shared = ("r", "lora_alpha", "lora_dropout", "target_modules", "train")
+    assert [n for n, m in METHODS.items() if m.reads_known_harmful] == ["asft-alt"]
+    for name in ("sft", "asft-alt", "weight-decay"):
+        a = cfg.attack
+        payload = {"stage": "attack", "aligned": aligned, "method": name, "poison": 0.1, "seed": 0,
+                   "rows": _examples_hash(data.attack_set(0.1, 0)),
+                   "config": {f: getattr(a, f) for f in shared + METHODS[name].uses}}
+        if name == "asft-alt":
+            payload["known_harmful"] = _examples_hash(data.known_harmful)
+        assert lab.attack(name, 0.1, 0)[1]["key"] == _key(payload), name
+    # Another method's setting leaves a method's key alone.
+    other = replace(cfg.attack, alt_lambda=123.0, adamw_weight_decay=5.0)
+    assert lab.attack("asft", 0.1, 0, other)[1]["key"] == lab.attack("asft", 0.1, 0)[1]["key"]
+    assert lab.attack("asft-alt", 0.1, 0, other)[1]["key"] != lab.attack("asft-alt", 0.1, 0)[1]["key"]
