@@ -27,8 +27,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from . import report
-from .attack import FINE_LAMBDAS, LAMBDAS  # noqa: F401 (the grids' λ, read from here too)
-from .attack import ALL_LINEAR, METHODS, AttackConfig, get_method
+from .attack import ALL_LINEAR, FINE_LAMBDAS, LAMBDAS, METHODS, AttackConfig, get_method  # noqa: F401 (the grids' λ, read from here too)
 from .data import Example, LabData
 from .evaluate import evaluate, generate
 from .judge import REFUSALS, is_refusal

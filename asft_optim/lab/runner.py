@@ -404,7 +404,7 @@ class Lab:
         out = []
         for s in seeds:
             try:
-                info = self._served(lambda: self.base(s)[1])
+                info = self._served(lambda s=s: self.base(s)[1])
             except NotCached:
                 continue  # cached_only: the seed's aligned model is missing too, listed in not_run
             if not info.get("planned"):
