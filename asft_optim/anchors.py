@@ -278,12 +278,12 @@ def as_anchors(value: Any, *, where: str = "anchors") -> Mapping[str, Projection
                 "Anchors.from_deltas({name: V}, mode) or projection_from_delta(V, mode) per weight"
             )
         raise AnchorError(
-            f"{where} values must be Projection; got {sorted(set(bad.values()))} for {first}. "
+            f"{where} values must be operators (Projection, InputProjection, ...); got {sorted(set(bad.values()))} for {first}. "
             "Build anchors with build_anchors(...) or Anchors.load(path)"
         )
     raise AnchorError(
-        f"{where} must be Anchors, a {{name: Projection}} mapping or the path of an anchor file "
-        f"(str or pathlib.Path), not {type(value).__name__}"
+        f"{where} must be Anchors, a {{name: Projection}} mapping, the path of an anchor file "
+        f"(str or pathlib.Path) or a list of those, not {type(value).__name__}"
     )
 
 

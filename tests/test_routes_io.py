@@ -188,9 +188,10 @@ def test_as_anchors_refuses_raw_tensors_naming_the_builders():
     ("value", "message"),
     [
         (42, "not int"),
-        ([Q, V], "not list"),
+        ([Q, V], r"\[0\]: no anchor file at"),  # a list combines anchors: each item is checked
+        ([], "empty list"),
         (b"qv.safetensors", "not bytes"),
-        ({Q: "safelora"}, r"values must be Projection; got \['str'\]"),
+        ({Q: "safelora"}, r"values must be operators \(Projection, InputProjection, ...\); got \['str'\]"),
         ({}, "empty mapping"),
     ],
 )
