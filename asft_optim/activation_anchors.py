@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .anchors import _natural, module_name_matcher
-from .discovery import hf_name
+from .anchors import _natural
+from .baselines.targeted import targeted_modules
 from .input_anchors import INPUT_SIDE, InputAnchors
 from .input_projection import InputProjection
 from .layout import WeightInfo, out_in_shape, weight_layout
@@ -65,22 +65,13 @@ class InputCovariance:
 
 def _anchored_modules(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     """``{HF weight name: module to hook}``; a PEFT tuner counts as the layer it wraps."""
-    matches = module_name_matcher(target_modules)
-    inside: list[str] = []
     out: dict[str, nn.Module] = {}
-    for mod_name, module in model.named_modules():
-        if any(mod_name.startswith(p) for p in inside):
+    for name, module, base in targeted_modules(model, target_modules):
+        if base.weight.dim() != 2:
             continue
-        base = module
-        if is_tuner(module):
-            inside.append(mod_name + ".")
-            base = module.get_base_layer()
-        w = getattr(base, "weight", None)
-        name = hf_name(mod_name)
-        if isinstance(w, Tensor) and w.dim() == 2 and name and matches(name):
-            if isinstance(base, nn.Embedding):
-                raise AnchorError(f"{name}: an embedding reads token ids, not activations; drop it from target_modules")
-            out.setdefault(name + ".weight", module)
+        if isinstance(base, nn.Embedding):
+            raise AnchorError(f"{name[:-7]}: an embedding reads token ids, not activations; drop it from target_modules")
+        out[name] = module
     if not out:
         raise AnchorError(f"no 2-D weight of the model matches target_modules={target_modules!r}")
     return {n: out[n] for n in sorted(out, key=_natural)}  # the order files are read in
