@@ -48,8 +48,10 @@ __all__ = [
     "check_output_path",
     "checksum",
     "dtype_name",
+    "listed_weights",
     "read_anchors",
     "save_anchors",
+    "write_checksummed",
 ]
 
 FORMAT = "asft-anchors"
@@ -129,7 +131,6 @@ def save_anchors(anchors: Mapping[str, Projection], path: str | os.PathLike) -> 
     ``anchors`` is an :class:`~asft_optim.Anchors` (any mapping with its ``weights`` and
     ``metadata``): this module sits below it and does not import it.
     """
-    from safetensors.torch import save_file
 
     # Version 2 guarantees orthogonal columns: a factor built elsewhere is converted (an SVD).
     projections = {n: p.with_orthogonal_columns() for n, p in anchors.items()}
@@ -154,10 +155,18 @@ def save_anchors(anchors: Mapping[str, Projection], path: str | os.PathLike) -> 
         dtype=dtype_name(dtypes.pop()),
         weights=json.dumps(weights, sort_keys=True),
     )
+    write_checksummed(tensors, meta, path)
+
+
+def write_checksummed(tensors: Mapping[str, Tensor], meta: dict[str, str], path: str | os.PathLike) -> None:
+    """Add the whole-header :func:`checksum` to ``meta`` and write the file atomically (a
+    temporary file, then a rename: a crash never leaves half a file under ``path``)."""
+    from safetensors.torch import save_file
+
     meta["checksum"] = checksum(tensors, meta)
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(dict(tensors), tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -216,7 +225,7 @@ def read_anchors(
     storage = meta.get("dtype")
     if storage not in STORAGE_DTYPES:
         raise _fail(path, f"bad storage dtype {storage!r}")
-    weights = _listed_weights(path, header, meta)
+    weights = listed_weights(path, header, meta)
     # Check every tensor's declared dtype and shape before reading any data.
     for name, entry in weights.items():
         shape, layout, _, rank, _ = _check_entry(path, name, entry)
@@ -248,7 +257,7 @@ def read_anchors(
     return projections, extra, infos
 
 
-def _listed_weights(path: Any, header: dict, meta: dict) -> dict:
+def listed_weights(path: Any, header: dict, meta: dict) -> dict:  # also read by basis_io
     """The ``weights`` metadata, checked to list exactly the file's tensors."""
     try:
         weights = json.loads(meta.get("weights", ""))

@@ -49,7 +49,6 @@ def save_bases(
     metadata: Mapping[str, str],
 ) -> None:
     """Write ``{name: basis}`` as an anchor file of ``side`` (atomically)."""
-    from safetensors.torch import save_file
 
     if side not in SIDES:
         raise AnchorError(f"unknown operator side {side!r}; expected one of {sorted(SIDES)}")
@@ -67,14 +66,7 @@ def save_bases(
         format=anchor_io.FORMAT, format_version=anchor_io.FORMAT_VERSION, side=side,
         dtype=anchor_io.dtype_name(dtypes.pop()), weights=json.dumps(entries, sort_keys=True),
     )
-    meta["checksum"] = anchor_io.checksum(tensors, meta)  # the whole header and the data
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    anchor_io.write_checksummed(tensors, meta, path)  # the whole header and the data
 
 
 def _fail(path: Any, msg: str) -> AnchorError:
@@ -113,15 +105,7 @@ def read_bases(
     storage = meta.get("dtype")
     if storage not in _ST_NAMES:
         raise _fail(path, f"bad storage dtype {storage!r}")
-    try:
-        entries = json.loads(meta.get("weights", ""))
-    except (TypeError, ValueError) as exc:
-        raise _fail(path, f"unreadable 'weights' metadata: {exc}") from exc
-    if not isinstance(entries, dict) or not entries:
-        raise _fail(path, "the 'weights' metadata lists no weight")
-    tensor_names = {k for k in header if k != "__metadata__"}
-    if tensor_names != set(entries):
-        raise _fail(path, f"tensors and metadata disagree ({sorted(tensor_names ^ set(entries))[:5]})")
+    entries = anchor_io.listed_weights(path, header, meta)
     for name, entry in entries.items():  # every declared dtype and shape before any data
         shape, layout, rank, _ = _entry(path, side, name, entry)
         rows = out_in_shape(shape, layout)[_ROWS[side]]
