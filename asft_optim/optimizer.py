@@ -145,6 +145,15 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         references = match_references(reference, targets)
         for t in targets:
             t.use_start(references, origins or {}, stateless=False)
+        assumed = [f"{t.name} ({', '.join(t.assumed_start())})" for t in targets if t.assumed_start()]
+        if assumed:
+            warnings.warn(
+                f"{len(assumed)} anchored weight(s) have adapters initialised from the base weight "
+                f"(PiSSA/OLoRA/LoftQ/CorDA/LoRA-GA; first: {assumed[:3]}): ΔW is measured from their "
+                "factors now. That is right for a fresh adapter; for one trained before (reloaded with "
+                "PeftModel.from_pretrained), pass origins= or load this optimizer's saved state",
+                stacklevel=3,
+            )
         tuned = self._trained(targets)
         if not tuned:
             raise AnchorError(

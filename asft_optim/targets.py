@@ -188,6 +188,12 @@ class Target:
     def start(self) -> None:
         """Take the model as it is now as the start of ΔW (a new run, or a reset on purpose)."""
 
+    def assumed_start(self) -> list[str]:
+        """What :meth:`start` took from the model without a way to check it (the factors of
+        adapters measured from an origin): the caller says so, since a trained adapter
+        reloaded from disk looks the same as a fresh one."""
+        return []
+
     def use_start(self, references: Mapping[str, Tensor], origins: Mapping[str, Mapping], *,
                   stateless: bool) -> None:
         """Take the start of ΔW the user gave (``reference=``/``origins=`` by weight name).
@@ -340,6 +346,7 @@ class LoraTarget(_AdapterTarget):
         self.origin_adapters = origin_adapters
         #: ``{adapter: (B₀, A₀)}``: detached clones shaped like the parameters.
         self.origin: dict[str, tuple[Tensor, Tensor]] = {}
+        self._given: set[str] = set()  # adapters whose origin the user gave (origins=)
 
     @property
     def needs_origin(self) -> bool:
@@ -371,6 +378,10 @@ class LoraTarget(_AdapterTarget):
         for a in self.origin_adapters:
             b, aa = self.factor_params(a)
             self.origin[a] = (b.detach().clone(), aa.detach().clone())
+        self._given = set()
+
+    def assumed_start(self) -> list[str]:
+        return sorted(set(self.origin) - self._given)
 
     def _origin_blocks(self, adapters: list[str]) -> list[tuple[Tensor, Tensor]]:
         """``(-s₀B₀, A₀)`` as 2-D blocks for those of ``adapters`` measured from an origin.
@@ -508,6 +519,7 @@ class LoraTarget(_AdapterTarget):
             self.origin = given
         else:
             self.origin.update(given)
+            self._given = self._given | set(given)
 
 
 class DeltaWeightTarget(_AdapterTarget):

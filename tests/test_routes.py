@@ -681,3 +681,21 @@ def test_lbfgs_diagnostics_are_the_last_closure_evaluations():
                 p.copy_(seen[-1][n])
     want = float(ref.oracle_penalty(at_last, oracle, LAM, w0).detach())
     assert anchor_summary(opt)["anchor/penalty"] == pytest.approx(want, rel=1e-9)
+
+
+def test_an_origin_taken_from_the_model_is_announced_and_a_given_one_is_not():
+    """A PiSSA adapter reloaded after training looks like a fresh one: the optimizer cannot
+    tell, so it says which origins it took from the model, and is silent once origins= is given."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_llama(0).float(), LoraConfig(
+            r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=["q_proj", "v_proj"])).double()
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    with pytest.warns(UserWarning, match="pass origins= or load this optimizer's saved state"):
+        first = AnchoredAdamW(model, anchors, LAM, lr=1e-2)
+    origins = {t.name: dict(t.origin) for t in first.targets}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AnchoredAdamW(model, anchors, LAM, lr=1e-2, origins=origins)
