@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import llama_config, model_pair
+from tiny_models import join, llama_config, model_pair, split
 
 from asft_optim import AnchorError, Anchors, build_anchors
 from asft_optim.anchor_io import checksum
@@ -70,20 +70,6 @@ def test_bf16_halves_size(pair):
 def test_unsupported_dtype(pair):
     with pytest.raises(AnchorError, match="dtype"):
         build_anchors(*pair, ["q_proj"], dtype=torch.int8)
-
-
-# -- helpers to edit a file's header ------------------------------------------------------
-
-
-def split(data: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + body
 
 
 def load_bytes(tmp_path, data: bytes) -> Anchors:

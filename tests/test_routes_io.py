@@ -29,11 +29,13 @@ from tiny_models import (
     DIMS,
     Q,
     V,
+    join,
     llama_config,
     lm_loss,
     lora,
     make_anchors,
     model_pair,
+    split,
     tiny_llama,
 )
 
@@ -51,20 +53,6 @@ from asft_optim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 LAM = 0.7
-
-
-# -- helpers: a file's header -------------------------------------------------------------
-
-
-def split(data: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + body
 
 
 def _lora_model_and_file(tmp_path, mode="safelora"):

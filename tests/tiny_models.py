@@ -7,6 +7,9 @@ One builder per kind of model; the sizes are named in :data:`LLAMA_SIZES` and
 
 from __future__ import annotations
 
+import json
+import struct
+
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -210,3 +213,19 @@ def save_pair(tmp_path, cfg, seed: int = 0, **save_kw):
         m.save_pretrained(d, **save_kw)
         dirs.append(d)
     return base, aligned, dirs[0], dirs[1]
+
+
+# -- a safetensors file's header, for tests that edit anchor files ------------------------
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    """``(header, body)`` of a safetensors file's bytes."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def join(header: dict, body: bytes) -> bytes:
+    """The bytes of a safetensors file with ``header`` (padded to 8 bytes) and ``body``."""
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + body
