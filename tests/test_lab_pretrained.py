@@ -342,3 +342,23 @@ def test_fine_grid_sweeps_lambda_where_the_fronts_turn():
     assert {0.01, 0.02, 0.035, 0.06, 0.1} <= set(FINE_LAMBDAS) and len([v for v in FINE_LAMBDAS if 0.01 <= v <= 0.1]) == 5
     assert "weight-decay" in sweeps and s.lr_factors == ()
     assert [w.values for w in _lab_args("--grid", "fine", "--sweep", "l2").sweeps] == [FINE_LAMBDAS]
+
+
+def test_decisive_grid_is_the_verdicts_grid():
+    import argparse
+
+    from asft_optim.lab import cli as lab_cli
+    from asft_optim.lab.pretrained_lab import DECISIVE_TOKENS, FINE_SWEEPS
+
+    parser = argparse.ArgumentParser()
+    lab_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["lab", "--preset", "pretrained", "--data", "d", "--grid", "decisive"])
+    cfg, s = lab_cli._config(args), lab_cli._settings(args)
+    assert cfg.poisons == (0.1,) and cfg.seeds == (0, 1, 2, 3, 4) and cfg.model_seed == 0
+    assert {"sft", "l2", "asft-orthogonal"} <= set(cfg.methods)
+    assert s.sweeps == FINE_SWEEPS and s.harmful_new_tokens == DECISIVE_TOKENS and s.benign_nll
+    # The command line still narrows it (e.g. one seed per process).
+    args = parser.parse_args(["lab", "--preset", "pretrained", "--data", "d", "--grid", "decisive",
+                              "--seeds", "3", "--methods", "l2"])
+    cfg = lab_cli._config(args)
+    assert cfg.seeds == (3,) and cfg.methods == ("l2",) and cfg.poisons == (0.1,)

@@ -59,11 +59,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--test", help="task test file (default: DIR/agnews_test.json)")
     g.add_argument("--harmful-eval", help="harmful evaluation prompts (default: DIR/beavertails_eval_250.json)")
     g.add_argument("--labels", help="output string of each test label id, comma separated (default: World,Sports,Business,Sci/Tech)")
-    g.add_argument("--grid", choices=("reduced", "full", "fine"), default="reduced",
+    g.add_argument("--grid", choices=("reduced", "full", "fine", "decisive"), default="reduced",
                    help="pretrained preset: reduced (p 0,0.1; λ sweeps of asft and l2; 100 test rows and "
-                   "100 harmful prompts), full (p 0,0.05,0.1,0.2; every method swept; 200 and 250) or fine "
+                   "100 harmful prompts), full (p 0,0.05,0.1,0.2; every method swept; 200 and 250), fine "
                    "(the reduced grid's p and sizes; every method swept, l2 and asft-orthogonal at λ 0.001, "
-                   "0.01, 0.02, 0.035, 0.06, 0.1, 1: where the fronts turn)")
+                   "0.01, 0.02, 0.035, 0.06, 0.1, 1: where the fronts turn) or decisive (fine's sweeps at "
+                   "p 0.1, seeds 0-4, one aligned model, 500 test rows, all 250 harmful prompts, the judge's "
+                   "measured token count: the verdict's grid)")
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
     g.add_argument("--harmful-limit", type=int, help="judge the first N harmful evaluation prompts (default: all)")
     g.add_argument("--sweep-values", type=_floats, metavar="V1,V2,...",
@@ -143,6 +145,11 @@ def _config(args):
         cfg = pretrained_tiny_config() if args.tiny else pretrained_config()
         if args.grid == "full" and not args.tiny:
             cfg = replace(cfg, poisons=(0.0, 0.05, 0.1, 0.2))
+        if args.grid == "decisive" and not args.tiny:
+            from .pretrained_lab import DECISIVE
+
+            cfg = replace(cfg, poisons=DECISIVE.poisons, seeds=DECISIVE.seeds, methods=DECISIVE.methods,
+                          model_seed=0)
     else:
         cfg = real_config() if preset == "real" else default_config()
         if args.tiny:
@@ -190,8 +197,9 @@ def _data(args, cfg, settings=None):
     pretrained = _preset(args) == "pretrained"
     test_limit = args.test_limit
     full = args.grid == "full"
+    decisive = args.grid == "decisive"
     if pretrained and test_limit is None:
-        test_limit = 8 if args.tiny else (200 if full else 100)
+        test_limit = 8 if args.tiny else (500 if decisive else 200 if full else 100)
     files = {key: pick(getattr(args, key), name) for key, name in REAL_FILES.items()}
     data = load_real(
         **files,
@@ -204,7 +212,7 @@ def _data(args, cfg, settings=None):
     )
     harmful_limit = args.harmful_limit
     if pretrained and harmful_limit is None:
-        harmful_limit = 4 if args.tiny else (None if full else 100)
+        harmful_limit = 4 if args.tiny else (None if full or decisive else 100)
     if harmful_limit is not None:
         data = replace(data, harmful_eval=data.harmful_eval[:harmful_limit])
     if pretrained:
@@ -229,12 +237,16 @@ def _settings(args):
         settings = PretrainedSettings(sweeps=GRID_SWEEPS["full"], lr_factors=LR_FACTORS)
     elif args.grid == "fine":
         settings = PretrainedSettings(sweeps=GRID_SWEEPS["fine"])
+    elif args.grid == "decisive":
+        from .pretrained_lab import DECISIVE
+
+        settings = DECISIVE.settings
     else:
         settings = PretrainedSettings()
     if args.lr_sweep is not None:
         settings = replace(settings, lr_factors=args.lr_sweep)
     if args.sweep is not None:
-        table = {s.method: s for s in GRID_SWEEPS["fine" if args.grid == "fine" else "full"]
+        table = {s.method: s for s in GRID_SWEEPS["fine" if args.grid in ("fine", "decisive") else "full"]
                  if s.field not in ATTACKER_FIELDS}
         # The full grid's attacker-side sweep of sft's layers stays: it is not a method's setting.
         attacker = tuple(s for s in settings.sweeps if s.field in ATTACKER_FIELDS)

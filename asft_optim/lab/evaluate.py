@@ -12,10 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capability import capability
-from .data import LabData
+from .data import Example, LabData
 from .judge import Judge
-from .models import model_device
-from .tokenizer import encode_prompts, prompt_ids, render_prompt
+from .models import answer_loss, model_device
+from .tokenizer import Collator, encode_example, encode_prompts, prompt_ids, render_prompt
 
 #: Tokens generated for a harmful prompt: enough for the first sentence, where a
 #: refusal or a compliant "Sure, here is how to ..." shows.
@@ -144,6 +144,33 @@ def score_labels(
     scores = label_logits(model, tokenizer, prompts, first, batch_size=batch_size, shared_prefix=shared_prefix,
                           progress=progress)
     return [labels[k] for k in scores.argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def answer_nll(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
+               max_length: int = 256, batch_size: int = 16) -> float:
+    """Mean per-token negative log-likelihood of ``answers`` after ``prompts`` (raw requests,
+    rendered with the chat template), teacher-forced, the answers' end-of-turn included.
+
+    The capability guard's continuous measure: the NLL an attacked model gives the aligned
+    model's own greedy answers to held-out benign requests. A model that still chats as the
+    aligned one did stays near the aligned model's value; a broken one (empty or babbling
+    answers) moves far above it. One forward pass per batch, the LM head at the answer
+    positions only (:func:`~asft_optim.lab.models.answer_loss`).
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    model.eval()
+    rows = [encode_example(tokenizer, Example(q, "", a), max_length) for q, a in zip(prompts, answers)]
+    collate = Collator(tokenizer.pad_token_id)
+    device = model_device(model)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start: start + batch_size]).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(answer_loss(model, batch, n)) * n
+        count += n
+    return total / count if count else 0.0
 
 
 def evaluate(

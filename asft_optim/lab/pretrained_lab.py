@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from . import report
 from .attack import ALL_LINEAR, FINE_LAMBDAS, LAMBDAS, METHODS, AttackConfig, get_method  # noqa: F401 (the grids' λ, read from here too)
 from .data import Example, LabData
-from .evaluate import evaluate, generate
+from .evaluate import answer_nll, evaluate, generate
 from .judge import REFUSALS, is_refusal
 from .models import fit, load, save
 from .pretrained import GGUF_NAME, gguf_file, save_base
@@ -85,6 +85,9 @@ class PretrainedSettings:
     benign_eval: int = len(BENIGN_EVAL_PROMPTS)
     known_harmful: int = 32  # AsFT_Alt's rows (the defender's compliant pool)
     eval_batch_size: int = 32
+    #: The capability guard's NLL: each evaluated model's mean per-token NLL of the aligned
+    #: model's greedy answers to the ``benign_eval`` held-out benign prompts.
+    benign_nll: bool = True
     #: The reduced grid's: λ sweeps of asft and l2 (from "no effect" to "frozen"), one
     #: value for the other methods (their defaults); :data:`FULL_SWEEPS` sweeps them all.
     #: The values are the methods' own (:data:`~asft_optim.lab.attack.METHODS`).
@@ -103,7 +106,26 @@ FULL_SWEEPS = method_sweeps("full") + ATTACKER_SWEEPS
 FINE_SWEEPS = method_sweeps("fine")
 
 #: Every grid's sweeps, by ``--grid`` name (the reduced one: :class:`PretrainedSettings`' default).
-GRID_SWEEPS = {"reduced": method_sweeps("reduced"), "full": FULL_SWEEPS, "fine": FINE_SWEEPS}
+GRID_SWEEPS = {"reduced": method_sweeps("reduced"), "full": FULL_SWEEPS, "fine": FINE_SWEEPS,
+               "decisive": FINE_SWEEPS}
+
+#: Tokens the judge reads in the decisive grid: the shortest generation that changed under
+#: 1 % of the verdicts against 48 tokens on attacked models' answers
+#: (``benchmarks/judge_tokens.py``; ``benchmarks/results/judge_tokens.json``).
+DECISIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class DecisiveGrid:
+    """``--grid decisive``: the verdict's grid (who is safer than L2 at equal FA)."""
+
+    poisons: tuple[float, ...] = (0.1,)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    methods: tuple[str, ...] = ("sft", "l2", "asft-orthogonal", "asft-alt", "safe-lora", "weight-decay")
+    settings: PretrainedSettings = PretrainedSettings(sweeps=FINE_SWEEPS, harmful_new_tokens=DECISIVE_TOKENS)
+
+
+DECISIVE = DecisiveGrid()
 
 #: The attacker's learning rate as multiples of the preset's (``--lr-sweep``; ``--grid full``).
 LR_FACTORS = (0.2, 1.0, 5.0)
@@ -207,10 +229,35 @@ class PretrainedLab(Lab):
                          records=records)
         self.settings = settings or PretrainedSettings()
 
-    def _evaluate(self, model, tok) -> dict:
+    def _evaluate(self, model, tok, seed: int | None = None) -> dict:
         s = self.settings
-        return evaluate(model, tok, self.data, self.judge, progress=self.progress, task="score",
-                        harmful_new_tokens=s.harmful_new_tokens, batch_size=s.eval_batch_size)
+        result = evaluate(model, tok, self.data, self.judge, progress=self.progress, task="score",
+                          harmful_new_tokens=s.harmful_new_tokens, batch_size=s.eval_batch_size)
+        if s.benign_nll and s.benign_eval and seed is not None:
+            ref = self.benign_reference(seed)[1]
+            result["capability"]["benign_nll"] = round(
+                answer_nll(model, tok, ref["prompts"], ref["answers"], max_length=self.config.model.max_length * 2,
+                           batch_size=s.eval_batch_size), 4)
+        return result
+
+    def benign_reference(self, seed: int) -> tuple[Path, dict]:
+        """The aligned model's greedy answers to the held-out benign prompts
+        (:data:`BENIGN_EVAL_PROMPTS`, never trained on): what the capability guard's NLL
+        (:func:`~asft_optim.lab.evaluate.answer_nll`) scores every evaluated model on."""
+        tok, _ = self.tokenizer()
+        aligned_dir, info = self.aligned(seed)
+        s = self.settings
+        prompts = list(BENIGN_EVAL_PROMPTS[: s.benign_eval])
+        payload = {"aligned": info["key"], "prompts": prompts, "tokens": s.replay_new_tokens,
+                   "batch_size": s.eval_batch_size}
+
+        def build(tmp: Path) -> dict:
+            m = load(aligned_dir, self.device).eval()
+            answers = generate(m, tok, [render_prompt(tok, q, "") for q in prompts], s.replay_new_tokens,
+                               batch_size=s.eval_batch_size, desc="reference", progress=self.progress)
+            return {"prompts": prompts, "answers": [a.strip() for a in answers]}
+
+        return self._stage("reference", payload, build)
 
     def _over_refusal(self, model, tok) -> dict:
         """Percentage of the held-out benign prompts refused, and the refused prompts' answers."""
@@ -234,6 +281,8 @@ class PretrainedLab(Lab):
         s = self.settings
         key = {"test": self.data.fingerprint(attack_sets=False), "eval": (s.harmful_new_tokens,),
                "eval_batch_size": s.eval_batch_size}
+        if s.benign_nll and s.benign_eval:  # the capability guard's NLL (its answers: the aligned model's)
+            key["benign_nll"] = s.replay_new_tokens
         return key | ({"benign_eval": s.benign_eval} if s.benign_eval else {})
 
     def base(self, seed: int = 0) -> tuple[Path, dict]:
@@ -259,10 +308,12 @@ class PretrainedLab(Lab):
         tok, _ = self.tokenizer()
         path, info = self.base() if model == "base" else self.aligned(seed)
         payload = {"model": f"{model}-{info['key']}", "judge": self.judge.name, **self._eval_key()}
+        if self.settings.benign_nll and self.settings.benign_eval:  # the NLL's reference answers
+            payload["reference"] = self.benign_reference(seed)[1]["key"]
 
         def build(tmp: Path) -> dict:
             m = load(path, self.device).eval()
-            return {"eval": self._evaluate(m, tok), **self._over_refusal(m, tok)}
+            return {"eval": self._evaluate(m, tok, seed), **self._over_refusal(m, tok)}
 
         return self._stage("judged", payload, build, meta={"model": model, "seed": seed})[1]
 

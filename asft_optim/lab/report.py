@@ -350,6 +350,29 @@ def _broken_text(records: Sequence[dict]) -> str:
                         for r in broken) + "\n")
 
 
+def capability_table(records: Sequence[dict]) -> str:
+    """Per method and ratio: the mean NLL of the aligned model's benign answers and the
+    mean share of degenerate answers (the capability guard), over seeds; empty when no
+    record holds an NLL (a preset without it)."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        cap = r.get("capability") or {}
+        if "benign_nll" in cap:
+            rows.setdefault((r["method"], r["poison_ratio"]), []).append(cap)
+    if not rows:
+        return ""
+    lines = ["| Method | p | NLL of the aligned model's benign answers | degenerate answers (%) | seeds |",
+             "|---|---|---|---|---|"]
+    for (m, p), caps in rows.items():
+        nll = sum(c["benign_nll"] for c in caps) / len(caps)
+        deg = 100 * sum(c.get("degenerate_share", 0.0) for c in caps) / len(caps)
+        lines.append(f"| {m} | {'' if p is None else f'{p:g}'} | {nll:.3f} | {deg:.1f} | {len(caps)} |")
+    return ("\n## Capability (does the model still work?)\n\nMean over seeds. The NLL is per token, of "
+            "the aligned model's own greedy answers to held-out benign requests (lower: closer to the aligned "
+            "model); a model broken by its attack moves far above the aligned model's value.\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str = "", json_path: Path | None = None,
                  lead: str = "") -> dict[str, Path]:
     """Write ``table.md``, ``results.json`` (public records), ``details.json`` and the two PNGs.
@@ -371,7 +394,7 @@ def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str =
             + markdown_table(public, broken_points(records))
             + ("\n## Per seed\n\n" + seed_table(public) if len({r["seed"] for r in public}) > 1 else "")
             + "\n## Where the attack's update lies (per-layer mean)\n\n"
-            + geometry_table(records) + _broken_text(records) + extra)
+            + geometry_table(records) + capability_table(records) + _broken_text(records) + extra)
     paths["table"].write_text(text, encoding="utf-8")
     paths["json"].write_text(json.dumps(public, indent=1) + "\n")
     paths["details"].write_text(json.dumps(list(records), indent=1, sort_keys=True, default=str) + "\n")

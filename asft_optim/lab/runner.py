@@ -317,13 +317,15 @@ class Lab:
                                 answer_logits=self.answer_logits)
                 post = method.post(ctx)
             geometry = update_geometry(model, base_dir, aligned_dir, rank=a.r)
-            result = self._evaluate(model.merge_and_unload(), tok)
+            result = self._evaluate(model.merge_and_unload(), tok, seed)
             return {"eval": result, "geometry": geometry, "post": post, "train": attack_info["train"]}
 
         meta = {"method": method.name, "poison": poison, "seed": seed, "config": payload["config"]}
         return self._stage("eval", payload, build, meta=meta)[1]
 
-    def _evaluate(self, model, tok) -> dict:
+    def _evaluate(self, model, tok, seed: int | None = None) -> dict:
+        """HS, FA and the capability guard of ``model`` (``seed``: the point's, for presets
+        whose guard reads the seed's aligned model)."""
         return evaluate(model, tok, self.data, self.judge, progress=self.progress)
 
     def _evaluation_key(self) -> dict:
