@@ -229,3 +229,15 @@ def test_write_lab_report_writes_the_run_and_the_fronts_only_for_a_swept_grid(tm
     mixed = [dict(r, setting="a") for r in VERDICT[:3]] + [dict(r, setting="b") for r in VERDICT[3:]]
     with pytest.raises(ValueError, match="one verdict averages one setting only"):
         write_lab_report(_fake_lab(True), mixed, tmp_path / "mixed", title="t", device="cpu", config="CFG")
+
+
+def test_capability_table_averages_the_nll_over_seeds_and_is_absent_without_it():
+    from asft_optim.lab.report import capability_table
+
+    def rec(method, seed, nll, share):
+        return {"method": method, "poison_ratio": 0.1, "seed": seed,
+                "capability": {"benign_nll": nll, "degenerate_share": share, "broken": False}}
+
+    table = capability_table([rec("sft", 0, 1.0, 0.0), rec("sft", 1, 2.0, 0.1), rec("l2", 0, 0.5, 0.0)])
+    assert "| sft | 0.1 | 1.500 | 5.0 | 2 |" in table and "| l2 | 0.1 | 0.500 | 0.0 | 1 |" in table
+    assert capability_table([{"method": "sft", "poison_ratio": 0.1, "seed": 0, "capability": {"broken": False}}]) == ""

@@ -302,7 +302,8 @@ VERDICT_INTRO = (
 
 def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
     """One HS-vs-FA plot per poison ratio, ``pareto_p{p}.png``: each method's settings
-    (mean over seeds) as points, its Pareto front as a line; ``aligned`` as a star.
+    (mean over seeds) as points, its Pareto front as a line, each seed's own points as faint
+    crosses; ``aligned`` as a star.
 
     The honest comparison of a safety method with L2: at equal FA, which is safer?
     Records carry ``variant = {"method", "field", "value"}`` (the swept setting). The
@@ -322,9 +323,13 @@ def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         methods = list(dict.fromkeys(k[1] for k in cells if k[0] == p))
         for m in methods:
-            pts = [_mean_point(vals) for (q, mm, _), vals in cells.items() if q == p and mm == m]
+            mine = [vals for (q, mm, _), vals in cells.items() if q == p and mm == m]
+            pts = [_mean_point(vals) for vals in mine]
             line = ax.plot(*zip(*pareto_front(pts)), marker="o", label=m)[0]
             ax.scatter(*zip(*pts), color=line.get_color(), s=14, alpha=0.6)
+            seeds = [(fa, hs) for vals in mine for fa, hs, _ in vals]
+            if len(seeds) > len(pts):  # every seed's own point, faint: the spread the means hide
+                ax.scatter(*zip(*seeds), color=line.get_color(), s=8, alpha=0.25, marker="x")
         if aligned:
             ax.scatter([aligned[0][0]], [aligned[0][1]], marker="*", s=120, color="black", label="aligned", zorder=5)
         ax.set_xlabel("fine-tune accuracy FA (%)")
