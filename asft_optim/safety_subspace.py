@@ -29,7 +29,8 @@ O(d_out·k·d_in) per dense weight; no d_out×d_out matrix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from .projection import AnchorError
 
-__all__ = ["SafetySubspace", "captured_share", "left_gram", "subspace_from_gram"]
+__all__ = ["SafetySubspace", "captured_share", "left_gram", "subspace_fingerprint", "subspace_from_gram"]
 
 
 @dataclass(frozen=True)
@@ -194,3 +195,19 @@ def captured_share(basis: Tensor, second_moment: Tensor) -> float:
     b, m = basis.double(), second_moment.double()
     total = float(torch.trace(m))
     return 0.0 if total == 0.0 else float(torch.trace(b.transpose(0, 1) @ m @ b)) / total
+
+
+def subspace_fingerprint(subspaces: Mapping[str, SafetySubspace]) -> str:
+    """A short stable hash of ``{name: SafetySubspace}``: names, shapes and the bases' bytes.
+
+    What the optimizer's state records to refuse a resume under other subspaces, and what
+    ``asft anchors info`` prints for a ``gradient``-side file. One pass on the CPU, once.
+    """
+    h = hashlib.sha256()
+    for name in sorted(subspaces):
+        s = subspaces[name]
+        q = s.basis.detach()
+        q = (q.full_tensor() if hasattr(q, "full_tensor") else q).to("cpu").contiguous()
+        h.update(f"{name}|{s.d_out}|{s.d_in}|{s.rank}|{q.dtype};".encode())
+        h.update(q.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
