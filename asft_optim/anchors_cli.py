@@ -168,12 +168,13 @@ def _build_input(args: argparse.Namespace) -> int:
         if task:
             anchors.metadata.update(task_prompts=str(len(task)), task_prompts_fingerprint=prompts_fingerprint(task))
         anchors.save(args.output)
+        passes = -(-len(ids) // args.batch_size) + -(-len(task_ids) // args.batch_size)
     except (AnchorError, OSError) as exc:
         print(f"asft anchors build-input: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {len(anchors)} input-side anchors ({form}, rank {args.rank}, {_size(anchors.nbytes)}) to "
           f"{args.output}: {len(prompts)} prompts" + (f" + {len(task)} task prompts" if task else "")
-          + f", {len(every)} forward passes in batches of {args.batch_size}, {seconds:.1f} s")
+          + f", {passes} forward passes (batches of {args.batch_size}) and the decompositions in {seconds:.1f} s")
     return 0
 
 
