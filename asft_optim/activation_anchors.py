@@ -41,6 +41,7 @@ from .version import __version__
 
 __all__ = [
     "InputCovariance",
+    "anchors_from_covariances",
     "build_input_anchors",
     "contrast_directions",
     "input_covariances",
@@ -316,9 +317,42 @@ def build_input_anchors(
     dtype_name(dtype)  # reject unsupported storage dtypes before any forward pass
     harmful = input_covariances(model, harmful_batches, target_modules)
     task = input_covariances(model, task_batches, target_modules) if task_batches is not None else None
+    return anchors_from_covariances(model, harmful, task, target_modules=target_modules, rank=rank,
+                                    energy=energy, eps=eps, dtype=dtype)
+
+
+def anchors_from_covariances(
+    model: nn.Module,
+    harmful: Mapping[str, InputCovariance],
+    task: Mapping[str, InputCovariance] | None = None,
+    *,
+    target_modules: str | Iterable[str],
+    rank: int | None = None,
+    energy: float | None = None,
+    eps: float = 1e-3,
+    dtype: torch.dtype = torch.float32,
+) -> InputAnchors:
+    """:func:`build_input_anchors` from covariances already collected (no forward pass).
+
+    Why separate: a caller that also measures the anchors on held-out prompts
+    (:func:`~asft_optim.safety_subspace.captured_share`) collects every set's covariances
+    with :func:`input_covariances` once and builds from those.
+
+    Args:
+        model: the model the covariances were collected on (for the weights' shapes).
+        harmful: ``{weight name: InputCovariance}`` of the harmful prompts.
+        task: the same for the task prompts: the contrast form (default: None, plain).
+        target_modules, rank, energy, eps, dtype: as :func:`build_input_anchors`.
+    """
+    from .anchor_io import dtype_name
+
+    dtype_name(dtype)
     modules = _anchored_modules(model, target_modules)
+    missing = [n for n in modules if n not in harmful or (task is not None and n not in task)]
+    if missing:
+        raise AnchorError(f"no covariance for {missing[:5]}: collect them with the same target_modules")
     projections, weights = {}, {}
-    for name, cov in harmful.items():
+    for name, cov in ((n, harmful[n]) for n in modules):
         task_cov = None if task is None else task[name]
         projections[name], weights[name] = _input_projection(
             name, modules[name], cov, task_cov, rank, energy, eps, dtype

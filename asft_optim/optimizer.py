@@ -18,6 +18,7 @@ from .diagnostics import AnchorDiagnostics
 from .discovery import bind_targets, hf_name, match_references, tuned_weights
 from .projection import AnchorError, PenaltyTerms, Projection
 from .refused import refuse_deepspeed
+from .safety_subspace import subspace_fingerprint
 from .targets import Target, TargetTerms
 from .validation import Coupling, check_decoupled, check_inner, lambda_value
 
@@ -122,6 +123,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         self.anchors = anchors
         self._model = model
         self._fingerprint: str | None = None  # of the anchors, computed on first save/load
+        self._subspace_fp: str | None = None  # of the safety subspaces, likewise
         self._setup_targets(model, anchors, reference, origins, strict)
         self._setup_subspaces(model, subspaces, reference)
         # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
@@ -386,6 +388,15 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         if callable(getattr(self.optimizer, "eval", None)):
             self.optimizer.eval()
 
+    def subspace_fingerprint(self) -> str | None:
+        """The safety subspaces' fingerprint saved with the state (None without subspaces;
+        see :func:`asft_optim.safety_subspace.subspace_fingerprint`)."""
+        if self.subspaces is None:
+            return None
+        if getattr(self, "_subspace_fp", None) is None:  # getattr: a pickle from before the field
+            self._subspace_fp = subspace_fingerprint(self.subspaces)
+        return self._subspace_fp
+
     def anchor_fingerprint(self) -> str:
         """The anchors' fingerprint saved with the state (see :func:`asft_optim.anchors.anchor_fingerprint`)."""
         if self._fingerprint is None:
@@ -397,7 +408,8 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
 
         Every fully tuned weight's ``W_ref`` sits in its per-parameter entry
         (``"anchor_ref"``); every saved param group names the format version, the
-        coupling and the anchors' fingerprint. Nothing lives outside ``state`` and
+        coupling, the anchors' fingerprint and, with ``subspaces=``, the subspaces'
+        (``"anchor_subspaces"``). Nothing lives outside ``state`` and
         ``param_groups``, so routes that keep only those keys keep it all.
         """
         sd = self.optimizer.state_dict()
@@ -412,6 +424,8 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 anchor_state.add_entry(sd["state"], index[id(p)], **values)
         meta = {"anchor_version": anchor_state.VERSION, "anchor_coupling": self.coupling,
                 "anchor_fingerprint": self.anchor_fingerprint()}
+        if self.subspaces is not None:  # absent otherwise: states without subspaces keep their keys
+            meta["anchor_subspaces"] = self.subspace_fingerprint()
         sd["param_groups"] = [{**g, **meta} for g in sd["param_groups"]]
         return sd
 
@@ -427,17 +441,20 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 (a state dict of a plain optimizer, or one a tool stripped), take the
                 weights as they are now as the new reference instead of raising: ΔW
                 restarts from zero (default: False).
-            check_anchors: raise when the dict was saved with other anchors
-                (default: True).
+            check_anchors: raise when the dict was saved with other anchors or other
+                safety subspaces (or with subspaces this optimizer lacks, or without those
+                it has) (default: True).
 
         Raises:
             AnchorError: a fully tuned weight's reference (or an adapter's initial
-                ``B₀A₀``) is missing and ``reset_reference`` is False; the coupling or
-                the anchors differ; a saved reference belongs to a weight this optimizer
+                ``B₀A₀``) is missing and ``reset_reference`` is False; the coupling, the
+                anchors or the safety subspaces differ; a saved reference belongs to a weight this optimizer
                 does not tune fully, or has another shape.
         """
         inner_sd, entries, meta = anchor_state.split(state_dict)
         anchor_state.check_meta(meta, self.coupling, self.anchor_fingerprint() if check_anchors else None)
+        if check_anchors:
+            anchor_state.check_subspaces(meta, self.subspace_fingerprint())
         by_saved = anchor_state.saved_params(inner_sd["param_groups"], self.param_groups)
         restored: dict[int, dict[str, Tensor]] = {}
         for key, values in entries.items():

@@ -9,6 +9,9 @@ its positions from the token index, so left padding would shift every real token
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +20,70 @@ from torch import Tensor
 
 from .projection import AnchorError
 
-__all__ = ["prompt_ids", "right_padded_batches", "shared_prefix_length"]
+__all__ = ["prompt_ids", "prompts_fingerprint", "read_prompts", "right_padded_batches", "shared_prefix_length"]
+
+#: File suffixes read as JSON (a list) or JSON lines; any other file is one prompt a line.
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a file: UTF-8 text with one prompt a line (blank lines skipped), or, for
+    ``.json`` / ``.jsonl``, a JSON list or JSON lines of strings or of objects with an
+    ``"instruction"`` (the lab's and the reference data's rows; a non-empty ``"input"`` is
+    appended after a blank line, as the lab renders it) or a ``"prompt"`` string.
+
+    Raises:
+        AnchorError: the file is missing or unreadable, a row has no prompt, or there is none.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AnchorError(f"prompt file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnchorError(f"prompt file {path!r} cannot be read as UTF-8 text: {exc}") from None
+    if path.lower().endswith(JSON_SUFFIXES):
+        prompts = [_row_prompt(path, i, row) for i, row in enumerate(_json_rows(path, text), 1)]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise AnchorError(f"prompt file {path!r} holds no prompt")
+    return prompts
+
+
+def _json_rows(path: str, text: str) -> list:
+    """A JSON list, or JSON lines (one value a line)."""
+    try:
+        rows = json.loads(text)
+        return rows if isinstance(rows, list) else [rows]
+    except json.JSONDecodeError:
+        pass
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise AnchorError(f"{path}: neither a JSON list nor JSON lines (line {i}: {exc.msg})") from None
+    return rows
+
+
+def _row_prompt(path: str, i: int, row) -> str:
+    if isinstance(row, str) and row.strip():
+        return row.strip()
+    if isinstance(row, dict):
+        text = row.get("instruction", row.get("prompt"))
+        if isinstance(text, str) and text.strip():
+            extra = row.get("input") if "instruction" in row else None
+            return text.strip() + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+    raise AnchorError(f"{path}: row {i} has no prompt: give a string or an object with a non-empty "
+                      "'instruction' or 'prompt' string")
+
+
+def prompts_fingerprint(prompts: Sequence[str]) -> str:
+    """A short hash of the prompts, in order (recorded in the files built from them)."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
 
 
 def prompt_ids(tokenizer: Any, prompts: Sequence[str], *, chat_template: bool | None = None) -> list[Tensor]:

@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from .anchors import _natural
 from .baselines.targeted import targeted_weights
 from .basis_io import read_bases, save_bases
-from .layout import WeightInfo, out_in_shape, to_out_in
+from .layout import WeightInfo, to_out_in
 from .projection import AnchorError
 from .safety_subspace import SafetySubspace, subspace_from_gram
 from .version import __version__
 
-__all__ = ["GRADIENT_SIDE", "SafetySubspaces", "greedy_refusals", "refusal_subspaces"]
+__all__ = ["GRADIENT_SIDE", "SafetySubspaces", "greedy_refusals", "refusal_grams", "refusal_subspaces"]
 
 #: The ``side`` metadata value of a safety-subspace file.
 GRADIENT_SIDE = "gradient"
@@ -204,6 +204,38 @@ def _gradient_grams(
     return grams, n
 
 
+def refusal_grams(
+    model: nn.Module,
+    examples: Iterable[Mapping[str, Any]],
+    *,
+    target_modules: str | Iterable[str],
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, WeightInfo], int]:
+    """Per-weight Gram matrices of per-example loss gradients: what :func:`refusal_subspaces`
+    cuts, public so that held-out gradients can be measured against a subspace
+    (:func:`~asft_optim.safety_subspace.captured_share` of ``S`` is the share of their energy
+    the projection removes).
+
+    Args:
+        model, examples, target_modules, loss_fn: as :func:`refusal_subspaces`.
+
+    Returns:
+        ``({name: S = Σ_i G_i G_iᵀ}, {name: WeightInfo}, n examples)``, S float64
+        (d_out, d_out) in (out, in) terms, names in file order.
+    """
+    weights = targeted_weights(model, target_modules)
+    grams, n = _gradient_grams(model, examples, weights, loss_fn or _answer_nll)
+    if n == 0:
+        raise AnchorError("no refusal example was given")
+    out, infos = {}, {}
+    for name in sorted(weights, key=_natural):  # the order files are read in
+        w, layout = weights[name]
+        if id(w) not in grams:
+            raise AnchorError(f"{name}: the refusal loss does not reach this weight; drop it from target_modules")
+        out[name], infos[name] = grams[id(w)], WeightInfo(tuple(w.shape), layout)
+    return out, infos, n
+
+
 def refusal_subspaces(
     model: nn.Module,
     examples: Iterable[Mapping[str, Any]],
@@ -225,18 +257,11 @@ def refusal_subspaces(
             the mean NLL over the answer's tokens).
         dtype: storage dtype of the bases (default: float32).
     """
-    weights = targeted_weights(model, target_modules)
-    grams, n = _gradient_grams(model, examples, weights, loss_fn or _answer_nll)
-    if n == 0:
-        raise AnchorError("no refusal example was given")
-    out, infos = {}, {}
-    for name in sorted(weights, key=_natural):  # the order files are read in
-        w, layout = weights[name]
-        if id(w) not in grams:
-            raise AnchorError(f"{name}: the refusal loss does not reach this weight; drop it from target_modules")
-        d_in = out_in_shape(tuple(w.shape), layout)[1]
-        sub = subspace_from_gram(grams[id(w)], rank, energy, d_in=d_in, name=name)
-        out[name], infos[name] = sub.to("cpu", dtype), WeightInfo(tuple(w.shape), layout)
+    grams, infos, n = refusal_grams(model, examples, target_modules=target_modules, loss_fn=loss_fn)
+    out = {}
+    for name, gram in grams.items():
+        sub = subspace_from_gram(gram, rank, energy, d_in=infos[name].out_in_shape[1], name=name)
+        out[name] = sub.to("cpu", dtype)
     metadata = {
         "side": GRADIENT_SIDE, "source": "refusal-gradients", "examples": str(n),
         "rank": "" if rank is None else str(rank), "energy": "" if energy is None else str(energy),

@@ -29,7 +29,8 @@ O(d_out·k·d_in) per dense weight; no d_out×d_out matrix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from .projection import AnchorError
 
-__all__ = ["SafetySubspace", "left_gram", "subspace_from_gram"]
+__all__ = ["SafetySubspace", "captured_share", "left_gram", "subspace_fingerprint", "subspace_from_gram"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +172,42 @@ def subspace_from_gram(
         cum = torch.cumsum(evals, 0) / total
         k = min(int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype)).item()) + 1, d)
     return SafetySubspace(evecs[:, :k].contiguous(), d_in, float(evals[:k].sum()) / total)
+
+
+def captured_share(basis: Tensor, second_moment: Tensor) -> float:
+    """``tr(Bᵀ M B) / tr(M)``: the share of the energy of the vectors behind ``M`` that lies in
+    ``span(B)`` (0 when ``M`` is 0).
+
+    The one geometry criterion of both data-driven operators, on held-out data: with ``B``
+    an input-side basis ``U`` and ``M`` a layer's input covariance on held-out prompts, the
+    share of those inputs the penalty holds; with ``B`` a safety basis ``Q`` and ``M`` the
+    Gram matrix ``Σ_i G_i G_iᵀ`` of held-out gradients
+    (:func:`~asft_optim.refusal_gradients.refusal_grams`), the share of their energy the
+    projection removes.
+
+    Args:
+        basis: ``B`` (d, k) with orthonormal columns.
+        second_moment: ``M`` (d, d), symmetric positive semi-definite.
+    """
+    if basis.dim() != 2 or second_moment.shape != (basis.shape[0], basis.shape[0]):
+        raise AnchorError(f"a basis {tuple(basis.shape)} and a second moment {tuple(second_moment.shape)} "
+                          "do not fit: the moment must be (d, d) for a (d, k) basis")
+    b, m = basis.double(), second_moment.double()
+    total = float(torch.trace(m))
+    return 0.0 if total == 0.0 else float(torch.trace(b.transpose(0, 1) @ m @ b)) / total
+
+
+def subspace_fingerprint(subspaces: Mapping[str, SafetySubspace]) -> str:
+    """A short stable hash of ``{name: SafetySubspace}``: names, shapes and the bases' bytes.
+
+    What the optimizer's state records to refuse a resume under other subspaces, and what
+    ``asft anchors info`` prints for a ``gradient``-side file. One pass on the CPU, once.
+    """
+    h = hashlib.sha256()
+    for name in sorted(subspaces):
+        s = subspaces[name]
+        q = s.basis.detach()
+        q = (q.full_tensor() if hasattr(q, "full_tensor") else q).to("cpu").contiguous()
+        h.update(f"{name}|{s.d_out}|{s.d_in}|{s.rank}|{q.dtype};".encode())
+        h.update(q.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -13,9 +13,10 @@ What must survive a resume, and where it travels (format version 2):
 * The initial adapter product ``B₀A₀`` of tuners that start with ``B·A ≠ 0`` (PiSSA,
   OLoRA, LoftQ): ``state[i]["anchor_origin"]`` on the B and on the A parameter.
 * What the state is valid for: ``anchor_version``, ``anchor_coupling`` and
-  ``anchor_fingerprint`` (of the anchors) in every saved param group. They are added to
-  the *saved* groups only and removed again on load, so the live groups hold nothing but
-  hyper-parameters.
+  ``anchor_fingerprint`` (of the anchors) in every saved param group, and
+  ``anchor_subspaces`` (the fingerprint of the safety subspaces) when the optimizer has
+  some. They are added to the *saved* groups only and removed again on load, so the live
+  groups hold nothing but hyper-parameters.
 
 What each kind of target saves and restores is its own business
 (:meth:`~asft_optim.targets.Target.saved_state`, :meth:`~asft_optim.targets.Target.restore`);
@@ -39,13 +40,14 @@ __all__ = [
     "VERSION",
     "add_entry",
     "check_meta",
+    "check_subspaces",
     "param_index",
     "saved_params",
     "split",
 ]
 
 VERSION = 2
-GROUP_KEYS = ("anchor_version", "anchor_coupling", "anchor_fingerprint")
+GROUP_KEYS = ("anchor_version", "anchor_coupling", "anchor_fingerprint", "anchor_subspaces")
 
 def param_index(param_groups: list[dict[str, Any]]) -> dict[int, int]:
     """``id(param) -> index`` in the order ``Optimizer.state_dict`` numbers parameters."""
@@ -135,3 +137,26 @@ def check_meta(meta: Mapping[str, Any], coupling: str, fingerprint: str | None) 
             "resume with the anchors that run used (the same anchor file), or pass "
             "check_anchors=False to switch anchors on purpose"
         )
+
+
+def check_subspaces(meta: Mapping[str, Any], fingerprint: str | None) -> None:
+    """Raise :class:`AnchorError` when the saved state was trained under other safety subspaces
+    than ``fingerprint`` (None: this optimizer has none).
+
+    Why refuse: the projection keeps ``QᵀΔW = 0`` for the Q it was trained under; resuming
+    under another Q (or none) leaves the update already made inside the new span, or frees
+    it to enter the old one, and the run is no longer the one that was saved. A state of
+    another anchored optimizer without subspaces (``anchor_version`` and no
+    ``anchor_subspaces``) counts as "none"; a plain optimizer's state says nothing.
+    """
+    saved = meta.get("anchor_subspaces")
+    if saved is None and "anchor_version" not in meta:
+        return
+    if saved == fingerprint:
+        return
+    was = "no safety subspaces" if saved is None else f"safety subspaces {saved}"
+    now = "none" if fingerprint is None else f"subspaces {fingerprint}"
+    raise AnchorError(
+        f"the state was saved with {was}, this optimizer has {now}: resume with the subspaces that run "
+        "used (subspaces=SafetySubspaces.load(the same file)), or pass check_anchors=False to switch on purpose"
+    )

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from asft_optim import AnchorError, Anchors
 from asft_optim.activation_anchors import (
+    anchors_from_covariances,
     build_input_anchors,
     contrast_directions,
     input_covariances,
@@ -174,6 +175,19 @@ def test_build_is_deterministic_and_fits_the_model(model, contrast):
         w = model.get_parameter(name)
         assert op.fits(tuple(w.shape)) is None and op.rank == 3
         assert op.orthonormality_error() < 1e-10
+
+
+@pytest.mark.parametrize("contrast", [False, True])
+def test_anchors_from_collected_covariances_are_the_build(model, contrast):
+    harmful, task = _right_padded(_prompts(4)), _right_padded(_prompts(5)) if contrast else None
+    built = build_input_anchors(model, harmful, target_modules=TARGETS, rank=3, task_batches=task, dtype=D)
+    covs = input_covariances(model, harmful, TARGETS)
+    tcovs = input_covariances(model, task, TARGETS) if contrast else None
+    again = anchors_from_covariances(model, covs, tcovs, target_modules=TARGETS, rank=3, dtype=D)
+    assert list(again) == list(built) and again.metadata == built.metadata
+    assert all(torch.equal(again[n].basis, built[n].basis) for n in built)
+    with pytest.raises(AnchorError, match="no covariance for"):
+        anchors_from_covariances(model, dict(list(covs.items())[:1]), target_modules=TARGETS, rank=3)
 
 
 def test_plain_anchors_hold_the_layer_output_on_the_prompts(model):

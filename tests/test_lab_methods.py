@@ -7,7 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from asft_optim.lab.attack import GRIDS, METHODS, Method, Setting, setting_options, swept_methods
+from asft_optim.lab.attack import (
+    GRIDS,
+    METHODS,
+    Method,
+    Operator,
+    Setting,
+    setting_options,
+    swept_methods,
+)
 
 
 def _declared(grid: str) -> dict[str, tuple[str, tuple]]:
@@ -48,14 +56,15 @@ def test_the_cli_reads_the_methods_settings():
     parser = argparse.ArgumentParser()
     lab_cli.add_parser(parser.add_subparsers())
     options = setting_options()
-    assert list(options) == ["--lambda", "--l2-lambda", "--alt-lambda"]
+    assert list(options) == ["--lambda", "--l2-lambda", "--alt-lambda", "--input-lambda"]
     for m in swept_methods():  # methods sharing an option share its field and help
         if m.setting.option is not None:
             assert options[m.setting.option].field == m.setting.field
             assert options[m.setting.option].help == m.setting.help
-    argv = ["lab", "--lambda", "0.5", "--l2-lambda", "0.25", "--alt-lambda", "7"]
+    argv = ["lab", "--lambda", "0.5", "--l2-lambda", "0.25", "--alt-lambda", "7", "--input-lambda", "3"]
     cfg = lab_cli._config(parser.parse_args(argv))
     assert (cfg.attack.anchor_lambda, cfg.attack.l2_lambda, cfg.attack.alt_lambda) == (0.5, 0.25, 7.0)
+    assert cfg.attack.input_lambda == 3.0
     # --sweep NAME takes NAME's declared sweep; --sweep-values replaces the λ sweeps only.
     settings = lab_cli._settings(parser.parse_args(["lab", "--sweep", "safe-lora,asft-alt", "--sweep-values", "3"]))
     safe = METHODS["safe-lora"].setting
@@ -67,6 +76,8 @@ def test_the_cli_reads_the_methods_settings():
 def test_a_setting_outside_the_methods_cache_key_is_refused():
     with pytest.raises(ValueError, match="its setting 'l2_lambda' must be in its uses"):
         Method("x", uses=("anchor_lambda",), setting=Setting("l2_lambda", (1.0,)))
+    with pytest.raises(ValueError, match="its operator's design"):
+        Method("x", uses=("input_lambda",), operator=Operator("k", ("input_rank",), lambda ctx, out: {}))
     with pytest.raises(ValueError, match="unknown grid 'huge'; known: reduced, full, fine"):
         METHODS["asft"].setting.values("huge")
 

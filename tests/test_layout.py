@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import asft_optim
 
 PACKAGE = Path(asft_optim.__file__).parent
@@ -213,11 +215,20 @@ def test_asft_help_imports_neither_transformers_nor_the_lab():
     assert _loaded_by("--help") == []
 
 
-def test_asft_anchors_info_imports_neither_transformers_nor_the_lab(tmp_path):
+@pytest.mark.parametrize("side", ["output", "input", "gradient"])
+def test_asft_anchors_info_imports_neither_transformers_nor_the_lab(tmp_path, side):
     import torch
 
     from asft_optim import Anchors
+    from asft_optim.input_anchors import InputAnchors
+    from asft_optim.input_projection import InputProjection
+    from asft_optim.refusal_gradients import SafetySubspaces
+    from asft_optim.safety_subspace import SafetySubspace
 
     path = tmp_path / "a.anchors.safetensors"
-    Anchors.from_deltas({"layer.weight": torch.randn(4, 3)}, "safelora").save(path)
+    basis = torch.linalg.qr(torch.randn(4, 2)).Q
+    {"output": lambda: Anchors.from_deltas({"layer.weight": torch.randn(4, 3)}, "safelora"),
+     "input": lambda: InputAnchors({"layer.weight": InputProjection(basis, d_out=3)}),
+     "gradient": lambda: SafetySubspaces({"layer.weight": SafetySubspace(basis, d_in=3)}),
+     }[side]().save(path)
     assert _loaded_by("anchors", "info", str(path)) == []

@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from asft_optim.projection import AnchorError
-from asft_optim.refusal_gradients import greedy_refusals, refusal_subspaces
+from asft_optim.refusal_gradients import greedy_refusals, refusal_grams, refusal_subspaces
+from asft_optim.safety_subspace import subspace_from_gram
 
 D = torch.float64
 VOCAB = 64
@@ -79,6 +80,24 @@ def test_subspaces_span_the_per_example_gradients_and_the_model_is_restored(mode
         torch.testing.assert_close(sub.basis @ sub.basis.T, u @ u.T, atol=1e-8, rtol=0)
         w = oracle.get_parameter(name)
         assert sub.fits(tuple(w.shape)) is None
+
+
+def test_grams_are_the_per_example_gradients_second_moment_and_what_subspaces_cut(model):
+    examples = greedy_refusals(model, _prompts(3), max_new_tokens=3, eos_token_id=VOCAB + 1)
+    grams, infos, n = refusal_grams(model, examples, target_modules=TARGETS)
+    subs = refusal_subspaces(model, examples, target_modules=TARGETS, rank=2, dtype=D)
+    assert n == 3 and list(grams) == list(subs) == list(infos)
+    oracle = tiny_llama().eval()
+    for name, gram in grams.items():
+        total = torch.zeros_like(gram)
+        for ex in examples:  # Σ_i G_i G_iᵀ from .grad of each example's backward()
+            oracle.zero_grad()
+            oracle(**ex).loss.backward()
+            g = oracle.get_parameter(name).grad.double()
+            total += g @ g.T
+        torch.testing.assert_close(gram, total, atol=1e-10, rtol=1e-8)
+        assert infos[name].shape == tuple(oracle.get_parameter(name).shape)
+        assert torch.equal(subs[name].basis, subspace_from_gram(gram, rank=2).basis.to(D))
 
 
 def test_bad_inputs_name_the_fix(model):

@@ -157,6 +157,63 @@ def _other_anchors():
     AnchoredAdamW(model, other, lr=1e-2).load_state_dict(AnchoredAdamW(model, anchors, lr=1e-2).state_dict())
 
 
+def _subspaces(k=2, seed=0):
+    from asft_optim.safety_subspace import SafetySubspace
+
+    g = torch.Generator().manual_seed(seed)
+    return {n: SafetySubspace(torch.linalg.qr(torch.randn(d_out, k, generator=g, dtype=torch.float64)).Q)
+            for n, (d_out, _) in DIMS.items()}
+
+
+def _lora_with_subspaces(subspaces):
+    """LoRA from B₀ = 0 under safety subspaces, 3 steps: ``(model, optimizer, anchors, oracle)``."""
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"], init_lora_weights=True)
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, subspaces=subspaces)
+    _train(model, opt, 3)
+    return model, opt, anchors, oracle
+
+
+def _resume_with_subspaces():
+    """The state survives a torch.save round trip; the resumed run keeps QᵀΔW = 0 exactly."""
+    subs = _subspaces()
+    model, opt, anchors, oracle = _lora_with_subspaces(subs)
+    fresh = AnchoredAdamW(model, anchors, LAM, lr=1e-2, subspaces=_subspaces())  # the same, rebuilt
+    sd = _roundtrip(opt.state_dict())
+    assert {g["anchor_subspaces"] for g in sd["param_groups"]} == {opt.subspace_fingerprint()}
+    fresh.load_state_dict(sd)
+    _train(model, fresh, 2, start=10)
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A"):
+            delta = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+            assert delta.norm() > 1e-4
+            assert float((subs[name.removeprefix("base_model.model.") + ".weight"].basis.T @ delta).abs().max()) < 1e-12
+    return _measure(model, fresh, oracle)
+
+
+def _resume_with_other_subspaces():
+    """A lower rank (a prefix of the same Q): the trained B passes the construction's check
+    (QᵀB = 0 for the smaller Q too), so only the saved fingerprint tells the runs apart."""
+    from asft_optim.safety_subspace import SafetySubspace
+
+    subs = _subspaces()
+    model, opt, anchors, _ = _lora_with_subspaces(subs)
+    lower = {n: SafetySubspace(s.basis[:, :1].contiguous()) for n, s in subs.items()}
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2, subspaces=lower).load_state_dict(opt.state_dict())
+
+
+def _resume_without_the_subspaces():
+    model, opt, anchors, _ = _lora_with_subspaces(_subspaces())
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2).load_state_dict(_roundtrip(opt.state_dict()))
+
+
+def _resume_adding_subspaces():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"], init_lora_weights=True)
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    sd = AnchoredAdamW(model, anchors, LAM, lr=1e-2).state_dict()
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2, subspaces=_subspaces()).load_state_dict(sd)
+
+
 def _rewrap_conflicting_lambda():
     model = lora(tiny_llama(0), ["q_proj", "v_proj"])
     anchors, _ = make_anchors(model, DIMS, "safelora", None)
@@ -543,6 +600,7 @@ EXACT = {
     "resume: plain {state, param_groups}": _resume_plain_dict,
     "resume: DCP get/set_optimizer_state_dict": lambda: _resume_route(_save_dcp),
     "resume: accelerate prepare": _resume_accelerate,
+    "resume with safety subspaces: torch.save round trip": _resume_with_subspaces,
     "re-wrap keeping λ": _rewrap_keeps_lambda,
     "add_param_group with an anchored weight": _add_param_group,
     "λ scheduler": _lambda_schedule,
@@ -566,6 +624,9 @@ ERRORS = {
     "resume: state of a plain optimizer (no W_ref)": (_resume_stripped, AnchorError, "reset_reference=True"),
     "resume with another coupling": (_other_coupling, AnchorError, "coupling="),
     "resume with other anchors": (_other_anchors, AnchorError, "other anchors"),
+    "resume with other safety subspaces": (_resume_with_other_subspaces, AnchorError, "saved with safety subspaces"),
+    "resume dropping the safety subspaces": (_resume_without_the_subspaces, AnchorError, "this optimizer has none"),
+    "resume adding safety subspaces": (_resume_adding_subspaces, AnchorError, "saved with no safety subspaces"),
     "re-wrap with a conflicting λ": (_rewrap_conflicting_lambda, ValueError, "anchor_lambda=None"),
     "PEFT wrapped after the optimizer": (_wrapped_after_optimizer, AnchorError, "build the optimizer on the final model"),
     "anchors for weights the model lacks": (_anchor_names_wrong, AnchorError, "match no module"),
@@ -597,8 +658,9 @@ def test_route_raises_a_clear_error(route):
 
 
 def test_the_probe_list_is_long_enough():
-    # 30 routes in the first probe round, 16 more (and the tests below, and test_routes_io.py) in the second.
-    assert len(EXACT) + len(ERRORS) >= 46
+    # 30 routes in the first probe round, 16 more (and the tests below, and test_routes_io.py) in the
+    # second, 4 for the safety subspaces' state.
+    assert len(EXACT) + len(ERRORS) >= 50
 
 
 def test_anchor_penalty_under_bf16_autocast_is_the_float32_penalty():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from strategies import seeds
 
 from asft_optim.projection import AnchorError
-from asft_optim.safety_subspace import SafetySubspace, left_gram, subspace_from_gram
+from asft_optim.safety_subspace import SafetySubspace, captured_share, left_gram, subspace_from_gram
 
 D = torch.float64
 
@@ -116,3 +116,17 @@ def test_bad_bases_and_gradients_name_the_fix():
         subspace_from_gram(torch.eye(3, dtype=D))
     sub = subspace_from_gram(torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=D)), energy=0.7)
     assert sub.rank == 2 and sub.energy == pytest.approx(0.7)
+
+
+@given(st.integers(2, 8), st.integers(1, 8), st.integers(1, 5), seeds)
+def test_captured_share_is_the_held_out_energy_inside_the_span(d, k, n, seed):
+    """Oracle: Σ_i ‖P x_i‖² / Σ_i ‖x_i‖² with the dense projector P = BBᵀ, vector by vector."""
+    k = min(k, d)
+    basis = torch.linalg.qr(_rand(seed, d, k)).Q
+    xs = _rand(seed + 1, d, n)
+    p = basis @ basis.T
+    oracle = sum(float((p @ xs[:, i]).pow(2).sum()) for i in range(n)) / float(xs.pow(2).sum())
+    assert captured_share(basis, xs @ xs.T) == pytest.approx(oracle, rel=1e-10, abs=1e-12)
+    assert captured_share(basis, torch.zeros(d, d, dtype=D)) == 0.0
+    with pytest.raises(AnchorError, match="do not fit"):
+        captured_share(basis, torch.zeros(d + 1, d + 1, dtype=D))

@@ -21,9 +21,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from asft_optim import AnchoredAdamW, build_anchors, harmful_anchors, l2_anchors, safe_lora_project
+from asft_optim.input_anchors import InputAnchors
 
 from .data import Example, LabData
 from .models import TrainConfig, fit, load, model_device
+from .operators import (
+    OPERATOR_FILE,
+    build_input_operator,
+    build_refusal_operator,
+    load_safety_subspaces,
+)
 from .tokenizer import Collator, encode_example
 
 
@@ -51,6 +58,22 @@ class AttackConfig:
     #: try first). Large on purpose: the decay per step is ``lr · weight_decay``, and an attack
     #: of ~20 steps at lr 2e-3 barely feels 0.1 (0.4 % in all).
     adamw_weight_decay: float = 10.0
+    #: ``input`` / ``input-contrast``: λ of ``λ‖ΔW U‖²``, the directions kept per weight, and
+    #: the contrast's ridge ε (relative to the task covariance's mean eigenvalue). k = 32 and
+    #: ε = 0.1: on SmolLM2's q/v inputs, measured on the validation half of the defender's
+    #: prompts (benchmarks/results/operator_geometry.md), the contrast's best ratio of
+    #: held-out harmful to task energy at k = 8-32 is at ε = 0.1 (2.4-3.4×); each stage
+    #: records the criterion per rank on the aligned model it is built on.
+    input_lambda: float = 1.0
+    input_rank: int = 32
+    input_eps: float = 0.1
+    #: ``spf``: the safety subspace's rank (the stage keeps 64 directions; a rank is a prefix).
+    spf_rank: int = 8
+    #: Defender prompts per half (build / validation) of each data-driven operator, and the
+    #: longest greedy answer ``spf`` takes the refusal gradients of (a refusal shows in its
+    #: first tokens; the pretrained preset judges 32).
+    operator_prompts: int = 32
+    refusal_tokens: int = 32
 
 
 #: LoRA on every linear layer of a Llama block (the lab's models), beside the paper's q/v.
@@ -69,6 +92,8 @@ class AttackContext:
     tokenizer: Any
     max_length: int
     answer_logits: bool = False  # train with :func:`~asft_optim.lab.models.answer_loss`
+    #: the method's operator stage directory (:class:`Operator`; None for the other methods)
+    operator_dir: Path | None = None
 
 
 #: The pretrained preset's grids (``--grid``): which sweep values a :class:`Setting` gives each.
@@ -114,6 +139,26 @@ class Setting:
 
 
 @dataclass(frozen=True)
+class Operator:
+    """A data-driven operator a method reads: built once per aligned model, in a cached stage
+    of its own (:meth:`~asft_optim.lab.runner.Lab.operator`), then shared by every attack of
+    the method (each λ or rank of its sweep, each poison ratio and seed) and by any other
+    method with the same operator.
+
+    Args:
+        kind: the stage's kind (its cache directory's prefix).
+        uses: :class:`AttackConfig` fields of the stage's key beyond ``target_modules``
+            (the build's design; never a swept λ, which only the attack reads).
+        build: ``(ctx, dir) -> info``: writes the operator into ``dir``; ``ctx.model`` is
+            the aligned model (no adapter).
+    """
+
+    kind: str
+    uses: tuple[str, ...]
+    build: Callable[[AttackContext, Path], dict]
+
+
+@dataclass(frozen=True)
 class Method:
     """A fine-tuning method of the lab.
 
@@ -127,6 +172,9 @@ class Method:
         setting: the method's swept setting (None: nothing to sweep).
         reads_known_harmful: the method reads the defender's harmful rows
             (``LabData.known_harmful``), which then enter its attack's cache key.
+        operator: the data-driven operator it reads (:class:`Operator`; default: None); its
+            stage's key (the aligned model, the defender's prompts, the design) enters the
+            attack's key, and its ``uses`` must be in the method's.
     """
 
     name: str
@@ -136,10 +184,14 @@ class Method:
     post: Callable[[AttackContext], dict] | None = None
     setting: Setting | None = None
     reads_known_harmful: bool = False
+    operator: Operator | None = None
 
     def __post_init__(self):
         if self.setting is not None and self.setting.field not in self.uses:
             raise ValueError(f"method {self.name!r}: its setting {self.setting.field!r} must be in "
+                             "its uses (the fields of its cache key)")
+        if self.operator is not None and not set(self.operator.uses) <= set(self.uses):
+            raise ValueError(f"method {self.name!r}: its operator's design {self.operator.uses} must be in "
                              "its uses (the fields of its cache key)")
 
 
@@ -198,6 +250,31 @@ def _asft_alt(ctx):
     return _anchored(ctx, anchors, ctx.config.alt_lambda)
 
 
+def _input(ctx):
+    """AnchoredAdamW with input-side anchors, ``λ‖ΔW U‖²``: U the top ``input_rank``
+    eigenvectors of each LoRA layer's input covariance on the defender's harmful prompts, in
+    the aligned model (``input``), or the top generalised eigenvectors of
+    ``Σ_h u = μ (Σ_t + εI) u`` against the alignment's task prompts (``input-contrast``);
+    see :mod:`~asft_optim.lab.operators`."""
+    anchors = InputAnchors.load(ctx.operator_dir / OPERATOR_FILE)
+    return _anchored(ctx, anchors, ctx.config.input_lambda)
+
+
+def _spf(ctx):
+    """AnchoredAdamW with ``subspaces=``: the top ``spf_rank`` output directions Q of the
+    aligned model's refusal-loss gradients (its own greedy answers to the defender's
+    harmful prompts). For LoRA, after every inner AdamW step each adapter's ``B`` is
+    projected, ``B ← (I − QQᵀ)B``, and ``A`` is left alone, so ``QᵀΔW = s·(QᵀB)·A = 0``
+    exactly (PEFT starts from B = 0): neither gradient is projected (under Adam a
+    projected gradient's update would still leave span(Q)^⊥). No penalty: l2 anchors at
+    λ = 0 (the optimizer needs anchors; they add nothing)."""
+    subspaces = load_safety_subspaces(ctx.operator_dir, ctx.config.spf_rank)
+    anchors = l2_anchors(ctx.model, list(ctx.config.target_modules))
+    opt = AnchoredAdamW(ctx.model, anchors, anchor_lambda=0.0, lr=ctx.config.train.lr,
+                        weight_decay=ctx.config.train.weight_decay, subspaces=subspaces)
+    return opt, {"subspaces": len(subspaces), "spf_rank": ctx.config.spf_rank, "anchor_lambda": 0.0}
+
+
 def _safe_lora(ctx):
     """Safe LoRA projection of the sft adapter."""
     anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
@@ -205,6 +282,31 @@ def _safe_lora(ctx):
     report = safe_lora_project(ctx.model, anchors, threshold=ctx.config.safe_lora_threshold)
     return {"projected": sum(r.projected for r in report), "layers": len(report)}
 
+
+#: The data-driven operators (one stage per aligned model and design; see :mod:`.operators`).
+INPUT = Operator("input-anchors", ("input_rank", "operator_prompts"),
+                 lambda ctx, out: build_input_operator(ctx, out, contrast=False))
+INPUT_CONTRAST = Operator("input-contrast-anchors", ("input_rank", "input_eps", "operator_prompts"),
+                          lambda ctx, out: build_input_operator(ctx, out, contrast=True))
+SPF = Operator("refusal-subspace", ("operator_prompts", "refusal_tokens"), build_refusal_operator)
+
+#: λ of the input-side sweeps. Why not l2's (0.001-1): the penalty sees only ΔW's part on
+#: span(U) (‖ΔW U‖² ≤ ‖ΔW‖²; for an update spread over the inputs about k/d_in of it, 32/576
+#: on SmolLM2's q/v), so the same λ bites 1-20× less, and it never freezes the adapter as
+#: l2 does: its strong end is where that part is gone. Measured on the embedded lab (seed 0,
+#: p = 0.1, k = 32): the share ‖ΔW U‖²/‖ΔW‖² of the trained update is 3.0 % at λ = 1 and
+#: 0.4 % at λ = 10-100 (plain), 1.4 %, 0.3 %, 0.1 % at λ = 1, 10, 100 (contrast). So 0.01
+#: (no effect, as l2's 0.001) to 10; the contrast form keeps directions of little task
+#: energy, which the task's update barely enters, so its sweep goes ten times higher.
+INPUT_LAMBDAS = (0.01, 0.1, 1.0, 10.0)
+FINE_INPUT_LAMBDAS = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)
+CONTRAST_LAMBDAS = (0.1, 1.0, 10.0, 100.0)
+FINE_CONTRAST_LAMBDAS = (0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
+#: ``spf``'s ranks (each a prefix of the one stage's 64 directions).
+SPF_RANKS = (4, 8, 16, 32, 64)
+
+_INPUT_LAMBDA = {"field": "input_lambda", "option": "--input-lambda", "penalty": True,
+                 "help": "λ of input / input-contrast (library convention)"}
 
 _LAMBDA = {"field": "anchor_lambda", "option": "--lambda", "penalty": True,
            "help": "anchor_lambda of asft / asft-orthogonal (library convention)"}
@@ -231,6 +333,12 @@ METHODS: dict[str, Method] = {
                setting=Setting("safe_lora_threshold", (0.2, 0.35, 0.5, 0.65))),
         Method("weight-decay", _weight_decay, ("adamw_weight_decay",),
                setting=Setting("adamw_weight_decay", (1.0, 10.0, 30.0, 100.0, 300.0))),
+        Method("input", _input, ("input_lambda",) + INPUT.uses, operator=INPUT,
+               setting=Setting(full=INPUT_LAMBDAS, fine=FINE_INPUT_LAMBDAS, **_INPUT_LAMBDA)),
+        Method("input-contrast", _input, ("input_lambda",) + INPUT_CONTRAST.uses, operator=INPUT_CONTRAST,
+               setting=Setting(full=CONTRAST_LAMBDAS, fine=FINE_CONTRAST_LAMBDAS, **_INPUT_LAMBDA)),
+        Method("spf", _spf, ("spf_rank",) + SPF.uses, operator=SPF,
+               setting=Setting("spf_rank", SPF_RANKS)),
     ]
 }
 

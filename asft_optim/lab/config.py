@@ -76,7 +76,7 @@ def tiny_config(base: LabConfig | None = None) -> LabConfig:
         base=TrainConfig(epochs=1, lr=3e-3, batch_size=32, warmup_ratio=0.0),
         align=TrainConfig(epochs=1, lr=1e-3, batch_size=32, warmup_ratio=0.0),
         attack=replace(cfg.attack, train=TrainConfig(epochs=1, lr=1e-3, batch_size=16, warmup_ratio=0.0),
-                       orthogonal_rank=2, alt_rank=2),
+                       orthogonal_rank=2, alt_rank=2, input_rank=4),
         world=WorldConfig(base_task=200, align_task=60, attack_task=60, test_task=40, benign_base=20,
                           benign_align=10, pool_sizes=(8, 6, 6, 6), eval_prompts=12),
     )

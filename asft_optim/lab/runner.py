@@ -28,6 +28,7 @@ from .evaluate import evaluate
 from .geometry import update_geometry
 from .judge import REFUSALS, get_judge
 from .models import fit, load, new_model, save, seed_everything
+from .operators import defender_prompts
 from .records import RecordStore, setting_fingerprint
 from .tokenizer import format_prompt, train_tokenizer
 
@@ -280,17 +281,47 @@ class Lab:
             payload["known_harmful"] = _examples_hash(self.data.known_harmful)
         if self.answer_logits:  # the same loss by another computation: a stage of its own
             payload["loss"] = "answer-logits"
+        operator_dir = None
+        if method.operator is not None:  # only these methods' keys carry it
+            operator_dir, operator_info = self.operator(method_name, seed, attack)
+            payload["operator"] = operator_info["key"]
 
         def build(tmp: Path) -> dict:
             seed_everything(seed)
             model = lora_model(aligned_dir, a, self.device)
             ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
-                                answer_logits=self.answer_logits)
+                                answer_logits=self.answer_logits, operator_dir=operator_dir)
             info = train_attack(ctx, method, examples, seed)
             model.save_pretrained(tmp / "adapter")
             return {"train": info, "rows": len(examples)}
 
         return self._stage("attack", payload, build)
+
+    def operator(self, method_name: str, seed: int, attack: AttackConfig | None = None) -> tuple[Path, dict]:
+        """Stage 3b: a method's data-driven operator (:class:`~asft_optim.lab.attack.Operator`),
+        built from the aligned model and the defender's prompts
+        (:func:`~asft_optim.lab.operators.defender_prompts`, checked disjoint from the
+        evaluation sets and the attack's rows), once for every attack that reads it."""
+        tok, _ = self.tokenizer()
+        op = get_method(method_name).operator
+        if op is None:
+            raise ValueError(f"method {method_name!r} reads no data-driven operator")
+        base_dir, _ = self.base(seed)
+        aligned_dir, aligned_info = self.aligned(seed)
+        a = attack or self.config.attack
+        prompts = defender_prompts(self.data)
+        payload = {"aligned": aligned_info["key"], "operator": op.kind, "prompts": prompts.fingerprint(),
+                   "max_length": self.config.model.max_length,
+                   "config": {f: getattr(a, f) for f in ("target_modules",) + op.uses}}
+
+        def build(tmp: Path) -> dict:  # deterministic: eval mode, greedy answers
+            seed_everything(self.model_seed(seed))
+            model = load(aligned_dir, self.device)
+            ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
+                                answer_logits=self.answer_logits)
+            return op.build(ctx, tmp)
+
+        return self._stage(op.kind, payload, build)
 
     def evaluation(self, method_name: str, poison: float, seed: int,
                    attack: AttackConfig | None = None) -> dict:
