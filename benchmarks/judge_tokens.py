@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         if args.check and not rows:
             direct = generate_ids(model, tok, prompts, lengths[0], settings.eval_batch_size)
             row["prefix_equals_direct"] = all(a == b[: lengths[0]] for a, b in zip(direct, ids))
-            rows.append(row)
+        rows.append(row)
         print(json.dumps(row))
     return write(rows, args.max_tokens, args.json)
 
