@@ -14,6 +14,13 @@ optimizer's). ``floor_2_passes_exact`` is not the library: two bare skinny produ
 read the exact F twice (``(BᵀF)ᵀ``, then ``F [X, X]``), the least traffic an exact anchor
 can cost, for comparison.
 
+The data-driven operators' rows (issue 31), on the same LoRA weight: ``input_k32``, the
+input-side anchors ``λ‖ΔW U‖²`` (U: 32 orthonormal input directions, what the lab's
+``input`` and ``input-contrast`` read), ``_apply_penalty`` as above (O(d·k·r)); ``spf_k32``,
+what ``step()`` adds for ``spf``: l2 anchors at λ = 0 (skipped) and the projection of the
+LoRA update out of span(Q) (Q: 32 output directions), ``_project_updates()`` (O(d·k·r)).
+Compare them with ``floor_2_passes_exact`` in the same run (ratios of medians).
+
 The variants are interleaved round-robin; ratio = median(reference) / median(ours).
 A sanity check compares the two penalty values (ours = s²·reference, s = α/r).
 
@@ -41,9 +48,17 @@ from _common import (
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from asft_optim import AnchoredAdamW, anchor_penalty, projection_from_delta
+from asft_optim import (
+    AnchoredAdamW,
+    InputProjection,
+    SafetySubspace,
+    anchor_penalty,
+    l2_anchors,
+    projection_from_delta,
+)
 
 R, ALPHA = 8, 32
+K_DATA = 32  # directions of the data-driven operators' rows (the lab's input_rank)
 NAME = "q_proj.weight"
 
 
@@ -66,24 +81,41 @@ def reference_step(c_host: torch.Tensor, b: torch.Tensor, a: torch.Tensor, lam: 
     return loss.detach()
 
 
-def ours(d: int, proj, coupling: str, b0: torch.Tensor, a0: torch.Tensor, device):
+def ours(d: int, proj, coupling: str, b0: torch.Tensor, a0: torch.Tensor, device, subspace=None):
+    """``subspace``: ``spf``'s row (l2 anchors at λ = 0 and a :class:`SafetySubspace`; ``proj`` unused)."""
     torch.manual_seed(0)
     model = get_peft_model(OneWeight(d), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"]))
     model.to(device)
     lora = model.base_model.model.q_proj
-    with torch.no_grad():
-        lora.lora_B["default"].weight.copy_(b0)
-        lora.lora_A["default"].weight.copy_(a0)
-    anchors = {NAME: proj}
-    opt = AnchoredAdamW(model, anchors, anchor_lambda=1.0, lr=1e-6, weight_decay=0.0, coupling=coupling)
+
+    def load_factors():
+        with torch.no_grad():
+            lora.lora_B["default"].weight.copy_(b0)
+            lora.lora_A["default"].weight.copy_(a0)
+
+    if subspace is None:
+        load_factors()
+        anchors = {NAME: proj}
+        opt = AnchoredAdamW(model, anchors, anchor_lambda=1.0, lr=1e-6, weight_decay=0.0, coupling=coupling)
+    else:  # what the lab's spf method builds: no penalty, the update kept out of span(Q)
+        anchors = l2_anchors(model, ["q_proj"])
+        # Built on the fresh adapter (B = 0, as spf requires); the factors are loaded after, so
+        # the projection works on a B of the same size as the other rows' (its cost is the same).
+        opt = AnchoredAdamW(model, anchors, anchor_lambda=0.0, lr=1e-6, weight_decay=0.0,
+                            subspaces={NAME: subspace.to(device)})
+        load_factors()
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
 
     @torch.no_grad()
     def run():
-        # What step() runs: the gradients only; the penalty value is not summed.
-        return opt._apply_penalty(want_total=False)
+        # What step() adds to the inner step: the gradients only (the penalty value is not
+        # summed), then, with safety subspaces, the projection of the update.
+        out = opt._apply_penalty(want_total=False)
+        if subspace is not None:
+            opt._project_updates()
+        return out
 
     def twin():
         # The loss-level twin, as a training loop uses it: value and backward (its gradients).
@@ -112,6 +144,18 @@ def profile(variants: dict, d: int, folder) -> dict:
     path.write_text("\n\n".join(f"== {k} (5 calls) ==\n{t}" for k, t in tables.items()))
     print(f"profile written to {path}", file=sys.stderr)
     return {"file": path.name}
+
+
+def data_driven_variants(d: int, b0: torch.Tensor, a0: torch.Tensor, device) -> dict:
+    """The input-side anchors' and spf's rows: ``_apply_penalty`` (and ``spf``'s projection of
+    the update) on the same LoRA weight, with k = min(32, d) random orthonormal directions."""
+    k = min(K_DATA, d)
+    g = torch.Generator().manual_seed(d + 1)
+    u = torch.linalg.qr(torch.randn(d, k, generator=g)).Q  # input directions (d_in, k)
+    q = torch.linalg.qr(torch.randn(d, k, generator=g)).Q  # output directions (d_out, k)
+    _, input_run, _ = ours(d, InputProjection(u.to(device), d_out=d), "coupled", b0, a0, device)
+    _, spf_run, _ = ours(d, None, "coupled", b0, a0, device, subspace=SafetySubspace(q, d_in=d))
+    return {f"input_k{k}": input_run, f"spf_k{k}": spf_run}
 
 
 def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device, profile_dir=None) -> dict:
@@ -149,6 +193,7 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device, profile_dir=
         return f_dev @ torch.cat([x, x], 1)
 
     variants["floor_2_passes_exact"] = floor_two_passes
+    variants.update(data_driven_variants(d, b0, a0, device))
     # Sanity: both compute the same penalty (ours penalises s·B·A, the reference B·A),
     # against a float64 closed form ‖(I−C)B A‖² = tr((RB)ᵀ(RB) AAᵀ).
     f64, b64, a64 = exact.factor.double(), b0.double(), a0.double()
@@ -177,6 +222,10 @@ def bench_dim(d: int, rank: int, reps: int, reps_ours: int, device, profile_dir=
         "safelora_exact_decoupled": 6 * d * d * R,
         "anchor_penalty_exact": 6 * d * d * R,
         "floor_2_passes_exact": 6 * d * d * R,
+        # Z = A U, then B Z Zᵀ and (BᵀB) Z Uᵀ: three skinny products over U (d×k).
+        f"input_k{min(K_DATA, d)}": 6 * d * min(K_DATA, d) * R,
+        # QᵀB and B − Q(QᵀB): two skinny products over Q (d×k).
+        f"spf_k{min(K_DATA, d)}": 4 * d * min(K_DATA, d) * R,
     }
     out = {
         "d": d, "lora_r": R, "lora_alpha": ALPHA, "rank": rank,

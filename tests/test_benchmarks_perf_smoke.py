@@ -39,7 +39,7 @@ def test_penalty_cost_smoke(tmp_path):
     out = _run("penalty_cost", tmp_path)
     (r,) = out["results"]
     assert set(r["stats"]) == {"reference", "safelora_exact", "orthogonal_r16", "safelora_exact_decoupled",
-                             "floor_2_passes_exact", "anchor_penalty_exact"}
+                             "floor_2_passes_exact", "anchor_penalty_exact", "input_k32", "spf_k32"}
     assert r["anchor_penalty_over_apply_penalty"] > 0
     for s in r["stats"].values():
         assert s["median_s"] > 0 and s["ratio_vs_reference"] > 0
