@@ -37,7 +37,7 @@ and the script stops if the lab's stage keys do not find it there.
 Usage (from the repository root)::
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/harmful_gradient_share.py \\
-        --data ../shared/data/asft --from-cache runs/decisive/cache --out /tmp/geom-lab
+        --data ../shared/data/asft --from-cache runs/decisive/cache --out runs/geom-lab
 
 Writes ``--json`` and ``--md`` (default ``benchmarks/results/harmful_gradient_share.*``).
 """
