@@ -16,7 +16,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from . import anchor_io
 from .checkpoints import WeightSource, open_source
 from .discovery import find_targets, tuned_weights
 from .layout import WeightInfo, to_out_in
+from .operator_mapping import OperatorMapping
 from .projection import AnchorError, Mode, Projection, projection_from_delta
 from .version import __version__
 
@@ -77,8 +78,11 @@ class BindingReport:
     unanchored: list[str]
 
 
-class Anchors(Mapping[str, Projection]):
-    """Read-only mapping ``weight name -> Projection`` plus string metadata.
+class Anchors(OperatorMapping[Projection]):
+    """Read-only mapping ``weight name -> Projection`` plus string metadata
+    (:class:`~asft_optim.operator_mapping.OperatorMapping`: ``Anchors(projections,
+    metadata=None, weights=None)``; a weight without a given :class:`WeightInfo` is
+    checked on its outputs only).
 
     Example::
 
@@ -87,45 +91,18 @@ class Anchors(Mapping[str, Projection]):
         >>> anchors["model.layers.0.self_attn.q_proj.weight"].factor.shape
     """
 
-    def __init__(
-        self,
-        projections: Mapping[str, Projection],
-        metadata: Mapping[str, str] | None = None,
-        weights: Mapping[str, WeightInfo] | None = None,
-    ):
-        if not projections:
-            raise AnchorError("anchors are empty: no weight matched")
-        self._projections = dict(projections)
-        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
-        weights = dict(weights or {})
-        for name, p in self._projections.items():
-            if name not in weights:  # input size unknown (-1): bind() checks outputs only
-                weights[name] = WeightInfo((p.d_out, -1))
-            elif weights[name].out_in_shape[0] != p.d_out:
-                raise AnchorError(f"{name}: factor has {p.d_out} rows, weight {weights[name].shape} has {weights[name].out_in_shape[0]} outputs")
-        #: ``{weight name: WeightInfo}``: stored shape and layout of every anchored weight.
-        self.weights: dict[str, WeightInfo] = {n: weights[n] for n in self._projections}
+    _what = "anchors"
 
-    def __getitem__(self, name: str) -> Projection:
-        return self._projections[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._projections)
-
-    def __len__(self) -> int:
-        return len(self._projections)
+    def _weight_info(self, name: str, p: Projection, info: WeightInfo | None) -> WeightInfo:
+        if info is None:  # input size unknown (-1): bind() checks outputs only
+            return WeightInfo((p.d_out, -1))
+        if info.out_in_shape[0] != p.d_out:
+            raise AnchorError(f"{name}: factor has {p.d_out} rows, weight {info.shape} has {info.out_in_shape[0]} outputs")
+        return info
 
     def __repr__(self) -> str:
-        modes = sorted({p.mode for p in self._projections.values()})
+        modes = sorted({p.mode for p in self.values()})
         return f"Anchors({len(self)} weights, mode={'/'.join(modes)}, {self.nbytes / 2**20:.1f} MiB)"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.factor.numel() * p.factor.element_size() for p in self.values())
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Anchors:
-        """A copy with every factor moved/cast (the optimizer does this lazily by itself)."""
-        return Anchors({n: p.to(device, dtype) for n, p in self.items()}, self.metadata, self.weights)
 
     # -- construction and files -----------------------------------------------------------
     @classmethod

@@ -12,7 +12,8 @@ weight's entry (which also carries ``"mode": side``, unknown to output-side read
               ...        build metadata
 
 Every defect raises :class:`~asft_optim.AnchorError`; a file of another side is refused
-with the loader to use; nothing is unpickled.
+with the loader to use; nothing is unpickled. :class:`BasisOperators` is the container
+both kinds share: ``save`` and ``load`` of this file.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -29,9 +30,10 @@ from . import anchor_io
 from .anchors import _natural
 from .checkpoints import read_safetensors_header
 from .layout import WeightInfo, out_in_shape
+from .operator_mapping import Op, OperatorMapping
 from .projection import AnchorError
 
-__all__ = ["SIDES", "read_bases", "save_bases"]
+__all__ = ["SIDES", "BasisOperators", "read_bases", "save_bases"]
 
 #: Sides of the operators stored as bases, and the loader of each (named in errors).
 SIDES = {"input": "InputAnchors.load", "gradient": "SafetySubspaces.load"}
@@ -126,3 +128,39 @@ def read_bases(
             raise _fail(path, f"{name}: basis has non-finite values")
         energies[name], infos[name] = energy, WeightInfo(shape, layout)
     return {n: tensors[n] for n in names}, energies, infos, {k: v for k, v in meta.items() if k not in _RESERVED}
+
+
+Self = TypeVar("Self", bound="BasisOperators")
+
+
+class BasisOperators(OperatorMapping[Op]):
+    """An :class:`~asft_optim.operator_mapping.OperatorMapping` of operators stored as one
+    basis per weight (``op.basis``, ``op.energy``), saved as an anchor file of
+    :attr:`side`. A kind gives its side and :meth:`_operator`; a weight without a given
+    :class:`WeightInfo` is taken as ``(op.d_out, op.d_in)`` in (out, in) layout."""
+
+    #: The file's side: a key of :data:`SIDES`.
+    side = ""
+
+    def _weight_info(self, name: str, op: Op, info: WeightInfo | None) -> WeightInfo:
+        if info is None:
+            info = WeightInfo((op.d_out, op.d_in))
+        if (problem := op.fits(info.out_in_shape)) is not None:
+            raise AnchorError(f"{name}: {problem}")
+        return info
+
+    @classmethod
+    def _operator(cls, basis: Tensor, info: WeightInfo, energy: float) -> Op:
+        """The operator of a basis read from a file, for a weight of ``info``."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the anchor file, side :attr:`side` (atomically)."""
+        save_bases(path, self.side, {n: op.basis for n, op in self.items()},
+                   {n: op.energy for n, op in self.items()}, self.weights, self.metadata)
+
+    @classmethod
+    def load(cls: type[Self], path: str | os.PathLike) -> Self:
+        """Read and validate a file of side :attr:`side`; any defect raises :class:`~asft_optim.AnchorError`."""
+        bases, energies, weights, metadata = read_bases(path, cls.side)
+        return cls({n: cls._operator(b, weights[n], energies[n]) for n, b in bases.items()}, metadata, weights)

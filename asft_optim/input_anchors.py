@@ -7,16 +7,13 @@ refuses such a file (and this reader an output-side one) naming the right loader
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-from .basis_io import read_bases, save_bases
+from .basis_io import BasisOperators
 from .input_projection import InputProjection
 from .layout import WeightInfo
-from .projection import AnchorError
 
 __all__ = ["INPUT_SIDE", "InputAnchors"]
 
@@ -24,7 +21,7 @@ __all__ = ["INPUT_SIDE", "InputAnchors"]
 INPUT_SIDE = "input"
 
 
-class InputAnchors(Mapping[str, InputProjection]):
+class InputAnchors(BasisOperators[InputProjection]):
     """Read-only mapping ``weight name -> InputProjection`` plus string metadata.
 
     Args:
@@ -40,41 +37,12 @@ class InputAnchors(Mapping[str, InputProjection]):
         >>> anchors = InputAnchors.load("qv.input.anchors.safetensors")
     """
 
-    def __init__(
-        self,
-        projections: Mapping[str, InputProjection],
-        metadata: Mapping[str, str] | None = None,
-        weights: Mapping[str, WeightInfo] | None = None,
-    ) -> None:
-        if not projections:
-            raise AnchorError("input anchors are empty: no weight matched")
-        self._projections = dict(projections)
-        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
-        weights = dict(weights or {})
-        for name, p in self._projections.items():
-            info = weights.setdefault(name, WeightInfo((p.d_out, p.d_in)))
-            if (problem := p.fits(info.out_in_shape)) is not None:
-                raise AnchorError(f"{name}: {problem}")
-        self.weights: dict[str, WeightInfo] = {n: weights[n] for n in self._projections}
+    _what = "input anchors"
+    side = INPUT_SIDE
 
-    def __getitem__(self, name: str) -> InputProjection:
-        return self._projections[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._projections)
-
-    def __len__(self) -> int:
-        return len(self._projections)
-
-    def __repr__(self) -> str:
-        return f"InputAnchors({len(self)} weights, {self.nbytes / 2**20:.1f} MiB)"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.basis.numel() * p.basis.element_size() for p in self.values())
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> InputAnchors:
-        return InputAnchors({n: p.to(device, dtype) for n, p in self.items()}, self.metadata, self.weights)
+    @classmethod
+    def _operator(cls, basis: torch.Tensor, info: WeightInfo, energy: float) -> InputProjection:
+        return InputProjection(basis, info.out_in_shape[0], energy)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per weight: name, shape, rank k, energy kept, dtype, bytes."""
@@ -86,16 +54,3 @@ class InputAnchors(Mapping[str, InputProjection]):
             }
             for n, p in self.items()
         ]
-
-    # -- file --------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the anchor file, side ``input`` (see :mod:`asft_optim.basis_io`)."""
-        save_bases(path, INPUT_SIDE, {n: p.basis for n, p in self.items()},
-                   {n: p.energy for n, p in self.items()}, self.weights, self.metadata)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> InputAnchors:
-        """Read and validate an input-side anchor file; any defect raises :class:`AnchorError`."""
-        bases, energies, weights, metadata = read_bases(path, INPUT_SIDE)
-        projections = {n: InputProjection(b, weights[n].out_in_shape[0], energies[n]) for n, b in bases.items()}
-        return cls(projections, metadata, weights)

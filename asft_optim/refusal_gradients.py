@@ -19,7 +19,6 @@ flags and train/eval modes restored.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from .anchors import _natural
 from .baselines.targeted import targeted_weights
-from .basis_io import read_bases, save_bases
+from .basis_io import BasisOperators
 from .layout import WeightInfo, to_out_in
 from .projection import AnchorError
 from .safety_subspace import SafetySubspace, subspace_from_gram
@@ -41,9 +40,10 @@ __all__ = ["GRADIENT_SIDE", "SafetySubspaces", "greedy_refusals", "refusal_grams
 GRADIENT_SIDE = "gradient"
 
 
-class SafetySubspaces(Mapping[str, SafetySubspace]):
+class SafetySubspaces(BasisOperators[SafetySubspace]):
     """Read-only mapping ``weight name -> SafetySubspace`` plus string metadata; saved as an
-    anchor file of side ``gradient`` (:mod:`asft_optim.basis_io`).
+    anchor file of side ``gradient`` (:mod:`asft_optim.basis_io`). A subspace without
+    ``d_in`` needs its weight's :class:`WeightInfo` in ``weights``.
 
     Example::
 
@@ -51,52 +51,26 @@ class SafetySubspaces(Mapping[str, SafetySubspace]):
         >>> subs.save("q.gradient.anchors.safetensors"); subs = SafetySubspaces.load("q.gradient.anchors.safetensors")
     """
 
+    _what = "safety subspaces"
+    side = GRADIENT_SIDE
+
     def __init__(
         self,
         subspaces: Mapping[str, SafetySubspace],
         metadata: Mapping[str, str] | None = None,
         weights: Mapping[str, WeightInfo] | None = None,
     ) -> None:
-        if not subspaces:
-            raise AnchorError("safety subspaces are empty: no weight matched")
-        self._subspaces = dict(subspaces)
-        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
-        weights = dict(weights or {})
-        for name, sub in self._subspaces.items():
-            if name not in weights:
-                if sub.d_in is None:
-                    raise AnchorError(f"{name}: give its WeightInfo (the subspace does not know d_in)")
-                weights[name] = WeightInfo((sub.d_out, sub.d_in))
-            if (problem := sub.fits(weights[name].out_in_shape)) is not None:
-                raise AnchorError(f"{name}: {problem}")
-        self.weights: dict[str, WeightInfo] = {n: weights[n] for n in self._subspaces}
+        super().__init__(subspaces, metadata, weights)
 
-    def __getitem__(self, name: str) -> SafetySubspace:
-        return self._subspaces[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._subspaces)
-
-    def __len__(self) -> int:
-        return len(self._subspaces)
-
-    def __repr__(self) -> str:
-        return f"SafetySubspaces({len(self)} weights)"
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SafetySubspaces:
-        return SafetySubspaces({n: s.to(device, dtype) for n, s in self.items()}, self.metadata, self.weights)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the anchor file, side ``gradient``."""
-        save_bases(path, GRADIENT_SIDE, {n: s.basis for n, s in self.items()},
-                   {n: s.energy for n, s in self.items()}, self.weights, self.metadata)
+    def _weight_info(self, name: str, sub: SafetySubspace, info: WeightInfo | None) -> WeightInfo:
+        if info is None and sub.d_in is None:
+            raise AnchorError(f"{name}: give its WeightInfo (the subspace does not know d_in)")
+        return super()._weight_info(name, sub, info)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SafetySubspaces:
-        """Read and validate a ``gradient``-side file; any defect raises :class:`AnchorError`."""
-        bases, energies, weights, metadata = read_bases(path, GRADIENT_SIDE)
-        subs = {n: SafetySubspace(b, weights[n].out_in_shape[1], energies[n]) for n, b in bases.items()}
-        return cls(subs, metadata, weights)
+    def _operator(cls, basis: Tensor, info: WeightInfo, energy: float) -> SafetySubspace:
+        return SafetySubspace(basis, info.out_in_shape[1], energy)
+
 
 IGNORE_INDEX = -100
 

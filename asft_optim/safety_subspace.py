@@ -89,6 +89,10 @@ class SafetySubspace:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SafetySubspace:
         return replace(self, basis=self.basis.to(device=device, dtype=dtype))
 
+    def state_tensors(self) -> tuple[Tensor, ...]:
+        """The tensors that define the subspace (what its container counts in ``nbytes``)."""
+        return (self.basis,)
+
     def prepare(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SafetySubspace:
         """What a target caches on the weight's device and math dtype (a plain cast)."""
         return self.to(device, dtype)

@@ -30,3 +30,33 @@ def clean_accelerate():
     reset_accelerate_state()
     yield
     reset_accelerate_state()
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory):
+    """The pretrained preset's ``base`` stage (the dequantised GGUF model, about 40 s),
+    built once for the session in a cache of its own. A lab whose cache holds a link to
+    it finds it cached: the pretrained lab run and the alignment benchmark share it.
+    Skips without the model or the reference data."""
+    import argparse
+
+    from tiny_models import REAL_DATA
+
+    from asft_optim.lab import cli, pretrained
+    from asft_optim.lab.pretrained_lab import PretrainedLab
+
+    if not (pretrained.available() and REAL_DATA.is_dir()):
+        pytest.skip("needs the GGUF model and the reference data")
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["lab", "--preset", "pretrained", "--data", str(REAL_DATA), "--tiny", "--no-progress"])
+    cfg, settings = cli._config(args), cli._settings(args)
+    out = tmp_path_factory.mktemp("pretrained-base")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the model is large for 1
+    try:
+        path, _ = PretrainedLab(cfg, cli._data(args, cfg, settings), out, settings, progress=False).base()
+    finally:
+        torch.set_num_threads(threads)
+    return path
+

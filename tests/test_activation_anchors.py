@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import seeds
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import INTEGRATION_VOCAB, join, split, tiny_llama
 
 from asft_optim import AnchorError, Anchors
 from asft_optim.activation_anchors import (
@@ -23,22 +22,18 @@ from asft_optim.activation_anchors import (
 from asft_optim.input_anchors import InputAnchors
 
 D = torch.float64
-VOCAB = 64
+VOCAB = INTEGRATION_VOCAB
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).to(D).eval()
+def _llama():
+    """tiny_models' ``integration`` Llama (width 32, two blocks) without a pad token."""
+    return tiny_llama(0, D, size="integration", pad_token_id=None).eval()
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return _llama()
 
 
 def _prompts(seed, n=5):
@@ -99,7 +94,7 @@ def test_padding_is_masked_out_whatever_the_batching(model):
 def test_a_peft_model_anchors_the_wrapped_layers_and_sees_the_same_inputs(model):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     batches = _right_padded(_prompts(3))
     got = input_covariances(peft_model, batches, ["q_proj", "v_proj"])
     ref = input_covariances(model, batches, ["q_proj", "v_proj"])
@@ -253,26 +248,16 @@ def test_each_reader_refuses_the_other_side(built, tmp_path):
         InputAnchors.load(out)
 
 
-def _split(data):
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def _join(header, body):
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + body
-
-
 def test_edited_files_are_refused(built, tmp_path):
     path = tmp_path / "in.anchors.safetensors"
     built.save(path)
-    header, body = _split(path.read_bytes())
+    header, body = split(path.read_bytes())
     name = sorted(k for k in header if k != "__metadata__")[0]
 
     def edited(fn, match):
         h = json.loads(json.dumps(header))
         b = fn(h, bytearray(body))
-        path.write_bytes(_join(h, bytes(b if b is not None else body)))
+        path.write_bytes(join(h, bytes(b if b is not None else body)))
         with pytest.raises(AnchorError, match=match):
             InputAnchors.load(path)
 

@@ -247,3 +247,99 @@ def test_loaded_bf16_anchors_drive_the_penalty(pair, tmp_path):
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
     assert all(p.factor.dtype == torch.bfloat16 and p.factor.device.type == "cpu" for p in loaded.values())
+
+
+# -- the three containers' files, byte for byte as before OperatorMapping -------------------
+
+Q, DOWN = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
+
+
+def _fixed_containers() -> dict:
+    """One container of each kind, from exactly representable tensors (no SVD, no QR)."""
+    from asft_optim.input_anchors import InputAnchors
+    from asft_optim.input_projection import InputProjection
+    from asft_optim.layout import WeightInfo
+    from asft_optim.projection import Projection
+    from asft_optim.refusal_gradients import SafetySubspaces
+    from asft_optim.safety_subspace import SafetySubspace
+
+    f = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.0, 0.0], [0.0, 0.0]])
+    return {
+        "anchors": Anchors({Q: Projection(f, "orthogonal", 0.75, orthogonal_columns=True)},
+                           {"mode": "orthogonal", "note": "fixed"}, {Q: WeightInfo((4, 3))}),
+        "input": InputAnchors({DOWN: InputProjection(torch.eye(3)[:, :2], 4, 0.5)}, {"side": "input", "source": "fixed"}),
+        "gradient": SafetySubspaces({Q: SafetySubspace(torch.tensor([[0.6], [0.8], [0.0], [0.0]]), 3, 0.875)},
+                                    {"source": "fixed"}),
+    }
+
+
+def _entry(side: str | None, mode: str, energy: float, rank: int) -> dict:
+    return {"energy": energy, "layout": "out_in", "mode": mode, "rank": rank, "shape": [4, 3]} | (
+        {"side": side} if side else {})
+
+
+# The headers these containers' files had when each container still had its own code
+# (commit 2091607, written by that code): the checksum covers every other entry and the
+# tensors' bytes, so an equal header is an equal file to every reader.
+_HEADERS = {
+    "anchors": ({"checksum": "96feed6eceb69cab95e36ed44f8f80dea5c69a610aea48bf2f7112107cb613ca",
+                 "mode": "orthogonal", "note": "fixed"}, {Q: _entry(None, "orthogonal", 0.75, 2)}, {Q: ["F32", [4, 2]]}),
+    "input": ({"checksum": "2f214df2ae631cd3e9508fac01566a50c486c34a105bafb2cb61bb778b8124b2",
+               "side": "input", "source": "fixed"}, {DOWN: _entry("input", "input", 0.5, 2)}, {DOWN: ["F32", [3, 2]]}),
+    "gradient": ({"checksum": "91e66a3a18af8ccd8bb1ad697d240e52f3883a5f44d0a4a549b7fdf7b4ab9d81",
+                  "side": "gradient", "source": "fixed"}, {Q: _entry("gradient", "gradient", 0.875, 1)}, {Q: ["F32", [4, 1]]}),
+}
+
+
+@pytest.mark.parametrize("kind", list(_HEADERS))
+def test_each_container_writes_the_header_it_always_wrote_and_reads_it_back(tmp_path, kind):
+    container = _fixed_containers()[kind]
+    path = tmp_path / f"{kind}.safetensors"
+    container.save(path)
+    header, body = split(path.read_bytes())
+    meta, entries, tensors = _HEADERS[kind]
+    assert set(header["__metadata__"]) == {"format", "format_version", "dtype", "weights", *meta}
+    assert header["__metadata__"] == {"format": "asft-anchors", "format_version": "3", "dtype": "float32",
+                                      "weights": json.dumps(entries, sort_keys=True), **meta}
+    assert {k: [v["dtype"], v["shape"]] for k, v in header.items() if k != "__metadata__"} == tensors
+    loaded = type(container).load(path)
+    assert list(loaded) == list(container) and loaded.weights == container.weights
+    assert loaded.metadata == {k: v for k, v in container.metadata.items() if k != "side"}
+    for name, op in container.items():
+        assert [torch.equal(a, b) for a, b in zip(loaded[name].state_tensors(), op.state_tensors(), strict=True)] == [True]
+        assert (loaded[name].d_out, loaded[name].d_in, loaded[name].energy) == (op.d_out, op.d_in, op.energy)
+    loaded.save(tmp_path / "again.safetensors")  # a loaded file saves to the same header and data
+    assert split((tmp_path / "again.safetensors").read_bytes()) == (header, body)
+
+
+@pytest.mark.parametrize("kind, empty", [("anchors", "anchors"), ("input", "input anchors"),
+                                         ("gradient", "safety subspaces")])
+def test_the_three_containers_share_one_mapping_contract(kind, empty):
+    from asft_optim.layout import WeightInfo
+
+    container = _fixed_containers()[kind]
+    cls, (name,) = type(container), list(container)
+    numel = sum(t.numel() for t in container[name].state_tensors())
+    assert len(container) == 1 and name in container and container.nbytes == 4 * numel  # float32
+    assert repr(container).startswith(f"{cls.__name__}(1 weights, ")
+    with pytest.raises(TypeError):
+        container[name] = container[name]  # read-only
+    wide = container.to(dtype=torch.float64)
+    assert type(wide) is cls and list(wide) == [name] and wide.nbytes == 8 * numel
+    assert (wide.weights, wide.metadata) == (container.weights, container.metadata)
+    assert all(t.dtype == torch.float64 for t in wide[name].state_tensors())
+    with pytest.raises(AnchorError, match=f"^{empty} are empty: no weight matched"):
+        cls({})
+    with pytest.raises(AnchorError, match=f"^{name}: "):  # 5 outputs: no operator here fits
+        cls({name: container[name]}, weights={name: WeightInfo((5, 3))})
+
+
+def test_a_subspace_without_its_input_size_needs_its_weight_info():
+    from asft_optim.layout import WeightInfo
+    from asft_optim.refusal_gradients import SafetySubspaces
+    from asft_optim.safety_subspace import SafetySubspace
+
+    sub = SafetySubspace(torch.tensor([[0.6], [0.8], [0.0], [0.0]]))
+    with pytest.raises(AnchorError, match=f"{Q}: give its WeightInfo"):
+        SafetySubspaces({Q: sub})
+    assert SafetySubspaces({Q: sub}, weights={Q: WeightInfo((4, 7))}).weights[Q].out_in_shape == (4, 7)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import REAL_DATA
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "anchor_build.py"
-# The reference data sits next to the repository in CI; ASFT_LAB_DATA points elsewhere.
-REAL_DATA = Path(os.environ.get("ASFT_LAB_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "asft")
 
 
 @pytest.mark.slow
@@ -83,15 +81,10 @@ def test_lab_parallel_refuses_the_flags_it_sets(tmp_path):
         main(["--out", str(tmp_path), "--seeds", "0", "--poison", "0", "--", "--tiny", "--seeds", "1"])
 
 
-def _have_gguf_model() -> bool:
-    from asft_optim.lab.pretrained import available
-
-    return available()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_DATA.is_dir() and _have_gguf_model()), reason="needs the reference data and the GGUF model")
-def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys):
+def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys, pretrained_base):
+    # The session's base stage in the benchmark's cache (it skips without the model or the
+    # data): the benchmark builds the aligned stage and its judgement on top of it.
     sys.path.insert(0, str(BENCH.parent))
     try:
         from lab_pretrained_align import main
@@ -99,6 +92,8 @@ def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys):
         sys.path.remove(str(BENCH.parent))
     import torch
 
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / pretrained_base.name).symlink_to(pretrained_base, target_is_directory=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -110,4 +105,6 @@ def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys):
     assert (row["epochs"], row["harmful_chat"], row["chat_replay"]) == (1.0, 0, 1)
     assert row["rows"]["refusals"] == 2  # the tiny budget's 2 file refusals, no chat-style ones
     assert 0 <= row["hs"] <= 100 and 0 <= row["fa"] <= 100 and row["over_refusal"] in (0.0, 50.0, 100.0)
-    assert [p.name.split("-")[0] for p in sorted((tmp_path / "cache").iterdir())] == ["aligned", "base", "judged"]
+    stages = sorted((tmp_path / "cache").iterdir())
+    assert [p.name.split("-")[0] for p in stages] == ["aligned", "base", "judged"]
+    assert [p.name for p in stages if p.is_symlink()] == [pretrained_base.name]  # the base was found, not rebuilt

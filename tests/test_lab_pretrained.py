@@ -1,6 +1,7 @@
 """``asft lab --preset pretrained`` on the real GGUF model: the loader and every stage, tiny budget.
 
-The model is dequantised once for the module (about 40 s); the smoke run's numbers mean
+The model is dequantised once for the session (about 40 s, the ``pretrained_base``
+fixture, shared with the alignment benchmark's smoke test); the smoke run's numbers mean
 nothing (a step or two per stage, a few prompts).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import REAL_DATA as DATA
 
 from asft_optim.cli import main
 from asft_optim.lab import pretrained
@@ -26,16 +28,18 @@ from asft_optim.lab.pretrained import (
 )
 from asft_optim.lab.report import RECORD_KEYS, pareto_front
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "asft"
 HAVE_MODEL = pretrained.available()
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason=f"needs the GGUF model: {INSTALL} and {INSTALL_GGUF}")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs the real data in ../shared/data/asft")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One tiny run of the preset (2 threads for it: the model is large for 1)."""
+def run(tmp_path_factory, pretrained_base):
+    """One tiny run of the preset (2 threads for it: the model is large for 1), its base
+    stage the session's."""
     out = tmp_path_factory.mktemp("pretrained") / "run"
+    (out / "cache").mkdir(parents=True)
+    (out / "cache" / pretrained_base.name).symlink_to(pretrained_base, target_is_directory=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,31 @@ def _lab(out: Path, *extra: str) -> list[dict]:
     return json.loads((out / "details.json").read_text())
 
 
-def test_each_point_stores_its_verdicts_correctness_and_capability(tmp_path):
+GRID = ("--methods", "sft,asft", "--poison", "0.1", "--seeds", "0")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One tiny lab run of :data:`GRID` writing its point records, shared by the module's
+    tests: ``(root, details)``, the run in ``root / "a"``, the records in ``root / "points"``.
+    A test copies them (:func:`_copy`) before it writes there."""
+    root = tmp_path_factory.mktemp("records")
+    return root, _lab(root / "a", *GRID, "--records", str(root / "points"))
+
+
+def _copy(grid, tmp_path: Path) -> Path:
+    """The shared run's folder and records copied to ``tmp_path / "a"`` and ``tmp_path / "points"``; the records."""
+    root, _ = grid
+    shutil.copytree(root / "a", tmp_path / "a", symlinks=True)
+    return Path(shutil.copytree(root / "points", tmp_path / "points"))
+
+
+def test_each_point_stores_its_verdicts_correctness_and_capability(grid):
     from asft_optim.lab.config import tiny_config
 
-    details = _lab(tmp_path / "run", "--methods", "sft", "--poison", "0.1", "--seeds", "0")
+    _, details = grid
     world = tiny_config().world
+    assert [r["method"] for r in details] == ["aligned", "sft", "asft"]
     for r in details:
         hv, tc = r["harmful_verdicts"], r["task_correct"]
         assert len(hv) == world.eval_prompts and len(tc) == world.test_task and set(hv + tc) <= {"0", "1"}
@@ -29,17 +50,13 @@ def test_each_point_stores_its_verdicts_correctness_and_capability(tmp_path):
         assert r["capability"]["answers"] == len(hv) and 0 <= r["capability"]["degenerate_share"] <= 1
 
 
-GRID = ("--methods", "sft,asft", "--poison", "0.1", "--seeds", "0")
-
-
 def _stages(out: Path) -> set[str]:
     cache = out / "cache"
     return {p.name for p in cache.iterdir() if (p / "done.json").exists()} if cache.is_dir() else set()
 
 
-def test_a_report_rebuilt_from_the_records_equals_the_one_from_the_cache(tmp_path):
-    records = tmp_path / "points"
-    first = _lab(tmp_path / "a", *GRID, "--records", str(records))
+def test_a_report_rebuilt_from_the_records_equals_the_one_from_the_cache(grid, tmp_path):
+    records, first = _copy(grid, tmp_path), grid[1]
     names = sorted(p.name for p in records.iterdir())
     # One file per point, named by its stage key: the base's and aligned model's own
     # evaluations and the two attacked points; no temporary file left behind.
@@ -59,9 +76,8 @@ def test_a_report_rebuilt_from_the_records_equals_the_one_from_the_cache(tmp_pat
     assert _stages(tmp_path / "c") == set()
 
 
-def test_plan_counts_what_the_records_lack(tmp_path):
-    records = tmp_path / "points"
-    _lab(tmp_path / "a", *GRID, "--records", str(records))
+def test_plan_counts_what_the_records_lack(grid, tmp_path):
+    records = _copy(grid, tmp_path)
     out = tmp_path / "fresh"
     assert main(["lab", "--tiny", "--no-progress", "--plan", "--out", str(out), *GRID, "--records", str(records)]) == 0
     plan = json.loads((out / "plan.json").read_text())
@@ -76,9 +92,8 @@ def test_plan_counts_what_the_records_lack(tmp_path):
     assert not records.joinpath("x").exists() and len(list(records.iterdir())) == 4  # --plan writes nothing
 
 
-def test_records_of_another_code_version_or_setting_are_refused(tmp_path):
-    records = tmp_path / "points"
-    _lab(tmp_path / "a", *GRID, "--records", str(records))
+def test_records_of_another_code_version_or_setting_are_refused(grid, tmp_path):
+    records = _copy(grid, tmp_path)
     evals = sorted(records.glob("eval-*.json"))
     old = json.loads(evals[0].read_text())
     evals[0].write_text(json.dumps({**old, "lab_version": 0}))
@@ -131,9 +146,8 @@ def test_records_dir_must_be_a_folder(tmp_path):
         RecordStore(tmp_path / "file", 1, {})
 
 
-def test_a_refused_record_is_replaced_when_its_point_is_built(tmp_path):
-    records = tmp_path / "points"
-    _lab(tmp_path / "a", *GRID, "--records", str(records))
+def test_a_refused_record_is_replaced_when_its_point_is_built(grid, tmp_path):
+    records = _copy(grid, tmp_path)
     path = sorted(records.glob("eval-*.json"))[0]
     good = json.loads(path.read_text())
     path.write_text(json.dumps({**good, "lab_version": 0}))

@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import INTEGRATION_VOCAB, tiny_llama
 
 from asft_optim.projection import AnchorError
 from asft_optim.refusal_gradients import greedy_refusals, refusal_grams, refusal_subspaces
 from asft_optim.safety_subspace import subspace_from_gram
 
 D = torch.float64
-VOCAB = 64
+VOCAB = INTEGRATION_VOCAB
 TARGETS = ["q_proj", "down_proj"]
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).to(D)
+def _llama():
+    """tiny_models' ``integration`` Llama (width 32, two blocks) without a pad token."""
+    return tiny_llama(0, D, size="integration", pad_token_id=None)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return _llama()
 
 
 def _prompts(seed, n=3):
@@ -69,7 +65,7 @@ def test_subspaces_span_the_per_example_gradients_and_the_model_is_restored(mode
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert len(subs) == 4
     # Oracle: per-example .grad from backward() on a fresh copy in eval mode, stacked, SVD'd.
-    oracle = tiny_llama().eval()
+    oracle = _llama().eval()
     for name, sub in subs.items():
         grads = []
         for ex in examples:
@@ -87,7 +83,7 @@ def test_grams_are_the_per_example_gradients_second_moment_and_what_subspaces_cu
     grams, infos, n = refusal_grams(model, examples, target_modules=TARGETS)
     subs = refusal_subspaces(model, examples, target_modules=TARGETS, rank=2, dtype=D)
     assert n == 3 and list(grams) == list(subs) == list(infos)
-    oracle = tiny_llama().eval()
+    oracle = _llama().eval()
     for name, gram in grams.items():
         total = torch.zeros_like(gram)
         for ex in examples:  # Σ_i G_i G_iᵀ from .grad of each example's backward()

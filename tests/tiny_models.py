@@ -1,5 +1,5 @@
-"""The tests' fixtures: tiny seeded models (CPU, a few ms each), anchors, token data and
-base/aligned checkpoint pairs. ``tests/reference.py`` is the oracle they are checked against.
+"""The tests' fixtures: tiny seeded models (CPU, a few ms each), anchors, token data,
+base/aligned checkpoint pairs and where the reference data lies. ``tests/reference.py`` is the oracle they are checked against.
 
 One builder per kind of model; the sizes are named in :data:`LLAMA_SIZES` and
 :data:`GPT2_SIZES`.
@@ -8,7 +8,9 @@ One builder per kind of model; the sizes are named in :data:`LLAMA_SIZES` and
 from __future__ import annotations
 
 import json
+import os
 import struct
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,6 +24,10 @@ from transformers import (
 )
 
 from asft_optim import Anchors
+
+#: The reference data (``../shared/data/asft`` next to the repository in CI;
+#: ``ASFT_LAB_DATA`` points elsewhere). Tests that need it skip where it is missing.
+REAL_DATA = Path(os.environ.get("ASFT_LAB_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "asft")
 
 D = torch.float64
 VOCAB = 32
