@@ -106,5 +106,5 @@ def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys, pretrained_base):
     assert row["rows"]["refusals"] == 2  # the tiny budget's 2 file refusals, no chat-style ones
     assert 0 <= row["hs"] <= 100 and 0 <= row["fa"] <= 100 and row["over_refusal"] in (0.0, 50.0, 100.0)
     stages = sorted((tmp_path / "cache").iterdir())
-    assert [p.name.split("-")[0] for p in stages] == ["aligned", "base", "judged"]
+    assert [p.name.split("-")[0] for p in stages] == ["aligned", "base", "judged", "reference"]
     assert [p.name for p in stages if p.is_symlink()] == [pretrained_base.name]  # the base was found, not rebuilt

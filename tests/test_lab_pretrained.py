@@ -113,7 +113,9 @@ def test_another_evaluation_set_reuses_the_models_and_the_attacks(run, tmp_path)
     plan = json.loads((out / "plan.json").read_text())
     rows = {r["kind"]: r for r in plan["stages"]}
     assert {k: (r["cached"], r["to_build"]) for k, r in rows.items()} == {
-        "base": (1, 0), "judged": (0, 2), "aligned": (1, 0), "attack": (2, 0), "eval": (0, 4)}
+        "base": (1, 0), "judged": (0, 2), "aligned": (1, 0), "attack": (2, 0), "eval": (0, 4),
+        # the aligned model's benign answers (the capability NLL's reference): one per aligned model
+        "reference": (1, 0)}
     assert rows["eval"]["median_from"] == "other stages in the cache" and plan["estimate_seconds"] > 0
     assert {p.name for p in (run / "cache").iterdir()} == before  # --plan builds nothing
     # The same grid's plan: everything cached, nothing left.
