@@ -88,30 +88,31 @@ class OrthogonalShare:
         return 0.0 if total == 0 else _energy(g - self.factor @ (self.factor.T @ g)) / total
 
 
-class InputShare:
+class _BasisShare:
+    """The share of ``‖G‖²`` an orthonormal basis sees (``part``: which side it reads)."""
+
+    def __init__(self, basis: Tensor):
+        self.basis = basis.double()
+        self.chance = basis.shape[1] / basis.shape[0]
+
+    def __call__(self, g: Tensor) -> float:
+        g = g.double()
+        total = _energy(g)
+        return 0.0 if total == 0 else _energy(self.part(g)) / total
+
+
+class InputShare(_BasisShare):
     """Input-side anchors: the penalty on ``ΔW U`` sees ``‖G U‖²`` (U orthonormal, (d_in, k))."""
 
-    def __init__(self, basis: Tensor):
-        self.basis = basis.double()
-        self.chance = basis.shape[1] / basis.shape[0]
-
-    def __call__(self, g: Tensor) -> float:
-        g = g.double()
-        total = _energy(g)
-        return 0.0 if total == 0 else _energy(g @ self.basis) / total
+    def part(self, g: Tensor) -> Tensor:
+        return g @ self.basis
 
 
-class OutputShare:
+class OutputShare(_BasisShare):
     """``spf``: the projection removes ``QᵀG`` (Q orthonormal, (d_out, k)): ``‖QᵀG‖²``."""
 
-    def __init__(self, basis: Tensor):
-        self.basis = basis.double()
-        self.chance = basis.shape[1] / basis.shape[0]
-
-    def __call__(self, g: Tensor) -> float:
-        g = g.double()
-        total = _energy(g)
-        return 0.0 if total == 0 else _energy(self.basis.T @ g) / total
+    def part(self, g: Tensor) -> Tensor:
+        return self.basis.T @ g
 
 
 # -- the gradients ---------------------------------------------------------------------------
