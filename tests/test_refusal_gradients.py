@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import INTEGRATION_VOCAB, tiny_llama
+from tiny_models import INTEGRATION_VOCAB, assert_same_bases, tiny_llama
 
 from asft_optim.projection import AnchorError
 from asft_optim.refusal_gradients import greedy_refusals, refusal_grams, refusal_subspaces
@@ -116,11 +116,7 @@ def test_file_round_trip_marks_the_gradient_side_and_readers_refuse_other_sides(
     path = tmp_path / "g.anchors.safetensors"
     subs.save(path)
     loaded = SafetySubspaces.load(path)
-    assert list(loaded) == list(subs) and loaded.weights == subs.weights
-    assert loaded.metadata == {k: v for k, v in subs.metadata.items() if k != "side"}
-    for name in subs:
-        assert torch.equal(loaded[name].basis, subs[name].basis)
-        assert (loaded[name].d_in, loaded[name].energy) == (subs[name].d_in, subs[name].energy)
+    assert_same_bases(loaded, subs, "d_in")
     with pytest.raises(AnchorError, match="gradient-side anchors, not input-side ones; load it with SafetySub"):
         InputAnchors.load(path)
     with pytest.raises(AnchorError, match="gradient-side anchors, not output-side ones"):

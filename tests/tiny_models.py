@@ -235,3 +235,13 @@ def join(header: dict, body: bytes) -> bytes:
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw + body
+
+
+def assert_same_bases(loaded, built, dim: str) -> None:
+    """A basis container (``InputAnchors``, ``SafetySubspaces``) read back equals the one saved:
+    names, weights, metadata without the file's ``side``, each basis, ``dim`` and energy."""
+    assert list(loaded) == list(built) and loaded.weights == built.weights
+    assert loaded.metadata == {k: v for k, v in built.metadata.items() if k != "side"}
+    for name in built:
+        assert torch.equal(loaded[name].basis, built[name].basis)
+        assert (getattr(loaded[name], dim), loaded[name].energy) == (getattr(built[name], dim), built[name].energy)
