@@ -15,6 +15,7 @@ from .penalty import AnchorPenalty, anchor_penalty
 from .projection import AnchorError, Projection, projection_from_delta
 from .safety_subspace import SafetySubspace
 from .schedule import AnchorLambdaScheduler
+from .surgery import GradientSurgery
 from .version import __version__ as __version__
 
 # Resolved on first use: the integrations import transformers, and the baselines are
@@ -55,6 +56,7 @@ __all__ = [
     "AnchoredAdamW",
     "AnchoredOptimizer",
     "Anchors",
+    "GradientSurgery",
     "InputAnchors",
     "InputProjection",
     "Projection",

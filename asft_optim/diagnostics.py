@@ -57,13 +57,18 @@ class AnchorDiagnostics:
         return dict(self._last_tensors)
 
     def anchor_summary(self) -> dict[str, float]:
-        """``anchor/penalty`` (sum), ``anchor/off_anchor_mean`` and ``anchor/off_anchor_max``."""
+        """``anchor/penalty`` (sum), ``anchor/off_anchor_mean`` and ``anchor/off_anchor_max``;
+        with gradient surgery also ``surgery/coefficient`` and ``surgery/calls``
+        (:meth:`~asft_optim.surgery.GradientSurgery.stats`)."""
+        surgery = getattr(self, "surgery", None)
+        extra = surgery.stats() if surgery is not None else {}
         stats = self.anchor_stats()
         if not stats:
-            return {}
+            return extra
         fr = [s["off_anchor_fraction"] for s in stats.values()]
         return {
             "anchor/penalty": sum(s["penalty"] for s in stats.values()),
             "anchor/off_anchor_mean": sum(fr) / len(fr),
             "anchor/off_anchor_max": max(fr),
+            **extra,
         }

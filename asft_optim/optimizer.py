@@ -19,6 +19,7 @@ from .discovery import bind_targets, hf_name, match_references, tuned_weights
 from .projection import AnchorError, PenaltyTerms, Projection
 from .refused import refuse_deepspeed
 from .safety_subspace import subspace_fingerprint
+from .surgery import GradientSurgery
 from .targets import Target, TargetTerms
 from .validation import Coupling, check_decoupled, check_inner, lambda_value
 
@@ -84,6 +85,9 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             each such weight is projected out of ``span(Q)``, so ``QᵀΔW = 0`` exactly
             (LoRA: ``B ← (I − QQᵀ)B``, which needs ``B₀ = 0``; full weights:
             ``W ← W − QQᵀ(W − W_ref)``; DoRA refused) (default: None).
+        surgery: a :class:`~asft_optim.surgery.GradientSurgery`: before the penalty, the task
+            gradient of every trained tensor is projected off the safety gradient its closure
+            gives (SafeGrad-like; the closure runs every ``surgery.every`` steps) (default: None).
         strict: raise if an anchor matches no module of the model (default: True).
 
     Example::
@@ -104,6 +108,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         reference: Mapping[str, Tensor] | None = None,
         origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
         subspaces: Mapping[str, Any] | None = None,
+        surgery: GradientSurgery | None = None,
         strict: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -126,6 +131,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         self._subspace_fp: str | None = None  # of the safety subspaces, likewise
         self._setup_targets(model, anchors, reference, origins, strict)
         self._setup_subspaces(model, subspaces, reference)
+        self._setup_surgery(surgery)
         # Last step's (name, λ, PenaltyTerms without gradients): diagnostics are derived
         # from them on demand (see anchor_stats), not on the hot path.
         self._last: list[tuple[str, Any, PenaltyTerms]] = []
@@ -191,6 +197,34 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             t.use_start(references, {}, stateless=False)
             t.check_subspace(subspaces[t.name])
         self._constrained = targets
+
+    def _setup_surgery(self, surgery: GradientSurgery | None) -> None:
+        self.surgery = surgery
+        if surgery is None:
+            return
+        if not isinstance(surgery, GradientSurgery):
+            raise TypeError(f"surgery must be a GradientSurgery, got {type(surgery).__name__}")
+        if any(g.get("maximize", False) for g in self.param_groups):
+            raise ValueError("surgery= with maximize=True: the rule is defined for a gradient that is descended")
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in self._surgery_params()):
+            raise AnchorError("surgery= under FSDP2 (DTensor parameters) is not supported: the safety "
+                              "gradient's inner products would need the full tensors; use DDP or one process")
+
+    def _surgery_params(self) -> list[Tensor]:
+        """The trained tensors (the surgery's ``θ``), in state-dict order, each once."""
+        seen: dict[int, Tensor] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    @torch.compiler.disable
+    def _surgery_project(self) -> None:
+        if self.surgery is not None:
+            self.surgery.project_(self._surgery_params())
 
     @torch.compiler.disable
     def _project_updates(self) -> None:
@@ -290,12 +324,16 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         the closure is wrapped so that every evaluation (LBFGS evaluates several) adds
         λ∇P and returns ``loss + λP``; with ``"decoupled"`` the closure's own loss.
         """
+        if self.surgery is not None and self.surgery.due():
+            self.surgery.refresh(self._surgery_params())  # before any change: a failing closure changes nothing
         if closure is None:
+            self._surgery_project()
             self._apply_penalty(want_total=False)
             out = self.optimizer.step()
         elif self.coupling == "decoupled":
             with torch.enable_grad():
                 loss = closure()
+            self._surgery_project()
             self._apply_penalty(want_total=False)
             out = self.optimizer.step(lambda: loss)
         else:
@@ -303,12 +341,15 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 # Closure-driven optimizers (LBFGS) re-evaluate: every evaluation sees the penalty.
                 with torch.enable_grad():
                     loss = closure()
+                self._surgery_project()
                 penalty = self._apply_penalty()
                 return loss if loss is None else loss + penalty
 
             out = self.optimizer.step(anchored_closure)
         if self._constrained:
             self._project_updates()
+        if self.surgery is not None:
+            self.surgery.steps += 1
         return out
 
     # Run eagerly under torch.compile(opt.step): the terms are a few matrix products per
@@ -426,6 +467,9 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 "anchor_fingerprint": self.anchor_fingerprint()}
         if self.subspaces is not None:  # absent otherwise: states without subspaces keep their keys
             meta["anchor_subspaces"] = self.subspace_fingerprint()
+        if self.surgery is not None:
+            meta["anchor_surgery"] = self.surgery.settings()
+            self._save_surgery(sd["state"], index)
         sd["param_groups"] = [{**g, **meta} for g in sd["param_groups"]]
         return sd
 
@@ -455,7 +499,9 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         anchor_state.check_meta(meta, self.coupling, self.anchor_fingerprint() if check_anchors else None)
         if check_anchors:
             anchor_state.check_subspaces(meta, self.subspace_fingerprint())
+            anchor_state.check_surgery(meta, None if self.surgery is None else self.surgery.settings())
         by_saved = anchor_state.saved_params(inner_sd["param_groups"], self.param_groups)
+        surgery = self._saved_surgery(anchor_state.pop_surgery(entries), by_saved)
         restored: dict[int, dict[str, Tensor]] = {}
         for key, values in entries.items():
             if key not in by_saved:
@@ -479,6 +525,8 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 "weights on purpose (or build the optimizer with reference={name: W_ref})"
             )
         self.optimizer.load_state_dict(inner_sd)
+        if surgery is not None:
+            self.surgery.steps, self.surgery.safety = surgery
         saved = {id(by_saved[k]): v for k, v in entries.items()}
         for t in self._targets:
             if not t.restore(saved):
@@ -486,6 +534,41 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         for i, group in enumerate(self.param_groups):
             group["anchor_lambda"] = lambda_value(group.setdefault("anchor_lambda", self.defaults["anchor_lambda"]),
                                                   f"anchor_lambda of param group {i}")
+
+    def _save_surgery(self, state: dict, index: dict[int, int]) -> None:
+        """The surgery's step count and last safety gradient, in every trained tensor's entry."""
+        steps = torch.tensor(self.surgery.steps, dtype=torch.int64)
+        for p in self._surgery_params():
+            values = {anchor_state.SURGERY_STEP_KEY: steps}
+            if id(p) in self.surgery.safety:
+                values[anchor_state.SURGERY_GRAD_KEY] = self.surgery.safety[id(p)].detach().clone()
+            anchor_state.add_entry(state, index[id(p)], **values)
+
+    def _saved_surgery(self, saved: dict[Any, dict[str, Tensor]], by_saved: dict[Any, Tensor]
+                       ) -> tuple[int, dict[int, Tensor]] | None:
+        """``(steps, {id(param): s})`` from a loaded state (None: it has none to restore);
+        raises before anything changes when it is incomplete."""
+        if self.surgery is None:
+            if saved:
+                raise AnchorError("the state dict holds gradient-surgery state and this optimizer has no "
+                                  "surgery: build it with surgery=GradientSurgery(...) as the run was")
+            return None
+        params = self._surgery_params()
+        by_id = {id(by_saved[k]): v for k, v in saved.items() if k in by_saved}
+        if not by_id:
+            return None  # a plain optimizer's state (checked by check_surgery when asked): start afresh
+        missing = [i for i, p in enumerate(params) if anchor_state.SURGERY_STEP_KEY not in by_id.get(id(p), {})]
+        if missing:
+            raise AnchorError(f"the state dict lacks the gradient-surgery state of {len(missing)} trained "
+                              f"tensor(s) (first indices: {missing[:5]}): load the full state dict it saved")
+        steps = {int(by_id[id(p)][anchor_state.SURGERY_STEP_KEY]) for p in params}
+        if len(steps) != 1:
+            raise AnchorError(f"the state dict's gradient-surgery step counts disagree: {sorted(steps)}")
+        safety = {id(p): by_id[id(p)][anchor_state.SURGERY_GRAD_KEY].to(p.device, p.dtype)
+                  for p in params if anchor_state.SURGERY_GRAD_KEY in by_id[id(p)]}
+        if safety and len(safety) != len(params):
+            raise AnchorError("the state dict holds the safety gradient of only some trained tensors")
+        return steps.pop(), safety
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -501,6 +584,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         state.setdefault("_last_tensors", None)
         state.setdefault("_constrained", [])
         state.setdefault("subspaces", None)
+        state.setdefault("surgery", None)
         self.__dict__.update(state)
         self._patch_step_function()
 
@@ -523,7 +607,7 @@ class AnchoredAdamW(AnchoredOptimizer):
             :class:`torch.optim.AdamW` (defaults: 1e-3, (0.9, 0.999), 1e-8, 0.01, False,
             None, False, False).
         params: parameters or param groups (default: the model's trainable parameters).
-        coupling, reference, origins, subspaces, strict: see :class:`AnchoredOptimizer`.
+        coupling, reference, origins, subspaces, surgery, strict: see :class:`AnchoredOptimizer`.
 
     Example::
 
@@ -551,6 +635,7 @@ class AnchoredAdamW(AnchoredOptimizer):
         reference: Mapping[str, Tensor] | None = None,
         origins: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]] | None = None,
         subspaces: Mapping[str, Any] | None = None,
+        surgery: GradientSurgery | None = None,
         strict: bool = True,
     ) -> None:
         if fused:
@@ -562,7 +647,7 @@ class AnchoredAdamW(AnchoredOptimizer):
             foreach=foreach, maximize=maximize, capturable=capturable, fused=False,
         )
         super().__init__(inner, model, anchors, anchor_lambda, coupling=coupling, reference=reference,
-                         origins=origins, subspaces=subspaces, strict=strict)
+                         origins=origins, subspaces=subspaces, surgery=surgery, strict=strict)
 
 
 def _restorable(target: Target, restored: dict[int, dict[str, Tensor]]) -> bool:

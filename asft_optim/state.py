@@ -15,8 +15,13 @@ What must survive a resume, and where it travels (format version 2):
 * What the state is valid for: ``anchor_version``, ``anchor_coupling`` and
   ``anchor_fingerprint`` (of the anchors) in every saved param group, and
   ``anchor_subspaces`` (the fingerprint of the safety subspaces) when the optimizer has
-  some. They are added to the *saved* groups only and removed again on load, so the live
+  some, ``anchor_surgery`` (the settings of its :class:`~asft_optim.surgery.GradientSurgery`)
+  when it has one. They are added to the *saved* groups only and removed again on load, so the live
   groups hold nothing but hyper-parameters.
+
+* The gradient surgery's state: the last safety gradient of every trained tensor
+  (``state[i]["surgery_grad"]``) and the step count (``state[i]["surgery_step"]``), so a
+  resumed run refreshes and projects at the same steps as an uninterrupted one.
 
 What each kind of target saves and restores is its own business
 (:meth:`~asft_optim.targets.Target.saved_state`, :meth:`~asft_optim.targets.Target.restore`);
@@ -37,17 +42,24 @@ __all__ = [
     "GROUP_KEYS",
     "ORIGIN_KEY",
     "REF_KEY",
+    "SURGERY_GRAD_KEY",
+    "SURGERY_STEP_KEY",
     "VERSION",
     "add_entry",
     "check_meta",
     "check_subspaces",
+    "check_surgery",
     "param_index",
+    "pop_surgery",
     "saved_params",
     "split",
 ]
 
 VERSION = 2
-GROUP_KEYS = ("anchor_version", "anchor_coupling", "anchor_fingerprint", "anchor_subspaces")
+GROUP_KEYS = ("anchor_version", "anchor_coupling", "anchor_fingerprint", "anchor_subspaces", "anchor_surgery")
+SURGERY_STEP_KEY = "surgery_step"
+SURGERY_GRAD_KEY = "surgery_grad"
+_OURS = (REF_KEY, ORIGIN_KEY, SURGERY_STEP_KEY, SURGERY_GRAD_KEY)
 
 def param_index(param_groups: list[dict[str, Any]]) -> dict[int, int]:
     """``id(param) -> index`` in the order ``Optimizer.state_dict`` numbers parameters."""
@@ -84,7 +96,7 @@ def add_entry(state: dict, key: Any, **values: Tensor) -> None:
 def split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[Any, dict[str, Tensor]], dict[str, Any]]:
     """Separate a loaded state dict into what the inner optimizer gets and what is ours.
 
-    Returns ``(inner_dict, anchor_entries {saved key: {REF_KEY/ORIGIN_KEY: tensor}},
+    Returns ``(inner_dict, anchor_entries {saved key: {REF_KEY/ORIGIN_KEY/SURGERY_*: tensor}},
     group_meta {key: value})``. Entries left empty are dropped, so the inner optimizer
     initialises them lazily as usual.
     """
@@ -106,7 +118,7 @@ def split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[Any, dict
     ours: dict[Any, dict[str, Tensor]] = {}
     for key, entry in sd["state"].items():
         entry = dict(entry)
-        mine = {k: entry.pop(k) for k in (REF_KEY, ORIGIN_KEY) if k in entry}
+        mine = {k: entry.pop(k) for k in _OURS if k in entry}
         if mine:
             ours[key] = mine
         if entry:
@@ -160,3 +172,32 @@ def check_subspaces(meta: Mapping[str, Any], fingerprint: str | None) -> None:
         f"the state was saved with {was}, this optimizer has {now}: resume with the subspaces that run "
         "used (subspaces=SafetySubspaces.load(the same file)), or pass check_anchors=False to switch on purpose"
     )
+
+
+def check_surgery(meta: Mapping[str, Any], settings: str | None) -> None:
+    """Raise :class:`AnchorError` when the saved state was trained under other gradient-surgery
+    settings than ``settings`` (None: this optimizer has no surgery), as :func:`check_subspaces`."""
+    saved = meta.get("anchor_surgery")
+    if saved is None and "anchor_version" not in meta:
+        return
+    if saved == settings:
+        return
+    was = "no gradient surgery" if saved is None else f"gradient surgery ({saved})"
+    now = "none" if settings is None else f"gradient surgery ({settings})"
+    raise AnchorError(
+        f"the state was saved with {was}, this optimizer has {now}: resume with the surgery that run used "
+        "(surgery=GradientSurgery(..., the same settings)), or pass check_anchors=False to switch on purpose"
+    )
+
+
+def pop_surgery(entries: dict[Any, dict[str, Tensor]]) -> dict[Any, dict[str, Tensor]]:
+    """Take the gradient surgery's per-parameter values out of ``entries`` (saved key ->
+    ``{SURGERY_STEP_KEY, SURGERY_GRAD_KEY}``); entries left empty are dropped."""
+    out = {}
+    for key in list(entries):
+        mine = {k: entries[key].pop(k) for k in (SURGERY_STEP_KEY, SURGERY_GRAD_KEY) if k in entries[key]}
+        if mine:
+            out[key] = mine
+        if not entries[key]:
+            del entries[key]
+    return out

@@ -28,6 +28,7 @@ def test_ddp_ranks_identical_and_equal_single_process():
     res = torchrun("ddp_check.py", "DDP-OK")
     assert res["max_diff_single"] <= 1e-10
     assert res["anchor/penalty"] > 0
+    assert res["surgery_max_diff_single"] <= 1e-10 and res["surgery_effect"] > 1e-6
 
 
 def test_fsdp2_penalty_gradient_equals_unsharded():

@@ -214,6 +214,49 @@ def _resume_adding_subspaces():
     AnchoredAdamW(model, anchors, LAM, lr=1e-2, subspaces=_subspaces()).load_state_dict(sd)
 
 
+def _surgery(model, every=2):
+    from asft_optim import GradientSurgery
+
+    return GradientSurgery(lambda: lm_loss(model, 99), every=every)
+
+
+def _resume_with_surgery(save):
+    """LoRA under gradient surgery (every=2), 3 steps, saved through ``save``, resumed on a
+    fresh optimizer: the step count and the safety gradient come back exactly, and the
+    penalty of the next step is the oracle's."""
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, oracle = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, surgery=_surgery(model))
+    _train(model, opt, 3)
+    saved = save(model, opt)
+    fresh = AnchoredAdamW(model, anchors, LAM, lr=1e-2, surgery=_surgery(model))
+    load = saved.pop("__load__", None)
+    (load(model, fresh, saved) if load is not None else fresh.load_state_dict(saved))
+    assert fresh.surgery.steps == 3 and len(fresh.surgery.safety) == len(opt.surgery.safety) > 0
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    assert {by_name[k]: v for k, v in fresh.surgery.safety.items()}.keys() == \
+        {by_name[k] for k in opt.surgery.safety}
+    for k, v in opt.surgery.safety.items():
+        assert torch.equal(fresh.surgery.safety[k], v)
+    return _measure(model, fresh, oracle)
+
+
+def _drop_surgery():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, surgery=_surgery(model))
+    _train(model, opt, 1)
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2).load_state_dict(_roundtrip(opt.state_dict()))
+
+
+def _other_surgery():
+    model = lora(tiny_llama(0), ["q_proj", "v_proj"])
+    anchors, _ = make_anchors(model, DIMS, "safelora", None)
+    opt = AnchoredAdamW(model, anchors, LAM, lr=1e-2, surgery=_surgery(model))
+    _train(model, opt, 1)
+    AnchoredAdamW(model, anchors, LAM, lr=1e-2, surgery=_surgery(model, every=5)).load_state_dict(opt.state_dict())
+
+
 def _rewrap_conflicting_lambda():
     model = lora(tiny_llama(0), ["q_proj", "v_proj"])
     anchors, _ = make_anchors(model, DIMS, "safelora", None)
@@ -601,6 +644,9 @@ EXACT = {
     "resume: DCP get/set_optimizer_state_dict": lambda: _resume_route(_save_dcp),
     "resume: accelerate prepare": _resume_accelerate,
     "resume with safety subspaces: torch.save round trip": _resume_with_subspaces,
+    "resume with gradient surgery: torch.save round trip": lambda: _resume_with_surgery(
+        lambda m, o: _roundtrip(o.state_dict())),
+    "resume with gradient surgery: DCP get/set_optimizer_state_dict": lambda: _resume_with_surgery(_save_dcp),
     "re-wrap keeping λ": _rewrap_keeps_lambda,
     "add_param_group with an anchored weight": _add_param_group,
     "λ scheduler": _lambda_schedule,
@@ -627,6 +673,8 @@ ERRORS = {
     "resume with other safety subspaces": (_resume_with_other_subspaces, AnchorError, "saved with safety subspaces"),
     "resume dropping the safety subspaces": (_resume_without_the_subspaces, AnchorError, "this optimizer has none"),
     "resume adding safety subspaces": (_resume_adding_subspaces, AnchorError, "saved with no safety subspaces"),
+    "resume dropping the gradient surgery": (_drop_surgery, AnchorError, "saved with gradient surgery"),
+    "resume with other gradient-surgery settings": (_other_surgery, AnchorError, "every=2"),
     "re-wrap with a conflicting λ": (_rewrap_conflicting_lambda, ValueError, "anchor_lambda=None"),
     "PEFT wrapped after the optimizer": (_wrapped_after_optimizer, AnchorError, "build the optimizer on the final model"),
     "anchors for weights the model lacks": (_anchor_names_wrong, AnchorError, "match no module"),
@@ -659,7 +707,7 @@ def test_route_raises_a_clear_error(route):
 
 def test_the_probe_list_is_long_enough():
     # 30 routes in the first probe round, 16 more (and the tests below, and test_routes_io.py) in the
-    # second, 4 for the safety subspaces' state.
+    # second, 4 for the safety subspaces' state, 4 for the gradient surgery's.
     assert len(EXACT) + len(ERRORS) >= 50
 
 
