@@ -8,6 +8,7 @@ best-known names are also reachable from here, resolved on first use.
 
 from .anchors import Anchors, build_anchors
 from .conversion import convert_reference_lambda, lora_scaling
+from .ema import ParameterEMA
 from .input_anchors import InputAnchors
 from .input_projection import InputProjection, SumOperator
 from .optimizer import AnchoredAdamW, AnchoredOptimizer
@@ -32,6 +33,7 @@ _LAZY = {
     "AnchorLambdaCallback": "asft_optim.integrations.hf",
     "AnchorLoggingCallback": "asft_optim.integrations.hf",
     "AnchoredAdamWFactory": "asft_optim.integrations.hf",
+    "EMACallback": "asft_optim.integrations.hf",
     "add_anchor_logging": "asft_optim.integrations.hf",
     "anchor_summary": "asft_optim.integrations",
     "unwrap_optimizer": "asft_optim.integrations",
@@ -56,9 +58,11 @@ __all__ = [
     "AnchoredAdamW",
     "AnchoredOptimizer",
     "Anchors",
+    "EMACallback",
     "GradientSurgery",
     "InputAnchors",
     "InputProjection",
+    "ParameterEMA",
     "Projection",
     "SafeLoRALayer",
     "SafetySubspace",

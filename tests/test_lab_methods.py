@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from asft_optim.lab.attack import (
+    EMA_DECAYS,
     GRIDS,
     METHODS,
     Method,
@@ -57,15 +58,21 @@ def test_the_cli_reads_the_methods_settings():
     parser = argparse.ArgumentParser()
     lab_cli.add_parser(parser.add_subparsers())
     options = setting_options()
-    assert list(options) == ["--lambda", "--l2-lambda", "--alt-lambda", "--input-lambda"]
+    assert list(options) == ["--lambda", "--l2-lambda", "--alt-lambda", "--input-lambda", "--ema-decay"]
     for m in swept_methods():  # methods sharing an option share its field and help
         if m.setting.option is not None:
             assert options[m.setting.option].field == m.setting.field
             assert options[m.setting.option].help == m.setting.help
-    argv = ["lab", "--lambda", "0.5", "--l2-lambda", "0.25", "--alt-lambda", "7", "--input-lambda", "3"]
+    argv = ["lab", "--lambda", "0.5", "--l2-lambda", "0.25", "--alt-lambda", "7", "--input-lambda", "3",
+            "--ema-decay", "0.95", "--methods", "sft,ema"]
     cfg = lab_cli._config(parser.parse_args(argv))
     assert (cfg.attack.anchor_lambda, cfg.attack.l2_lambda, cfg.attack.alt_lambda) == (0.5, 0.25, 7.0)
-    assert cfg.attack.input_lambda == 3.0
+    assert (cfg.attack.input_lambda, cfg.attack.ema_decay, cfg.methods) == (3.0, 0.95, ("sft", "ema"))
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
+        lab_cli._config(parser.parse_args(["lab", "--ema-decay", "1"]))
+    # --sweep ema takes its β sweep; --sweep-values (the λ sweeps') leaves it alone.
+    settings = lab_cli._settings(parser.parse_args(["lab", "--sweep", "ema", "--sweep-values", "3"]))
+    assert [(s.method, s.field, s.values) for s in settings.sweeps] == [("ema", "ema_decay", EMA_DECAYS)]
     # --sweep NAME takes NAME's declared sweep; --sweep-values replaces the λ sweeps only.
     settings = lab_cli._settings(parser.parse_args(["lab", "--sweep", "safe-lora,asft-alt", "--sweep-values", "3"]))
     safe = METHODS["safe-lora"].setting
@@ -96,7 +103,7 @@ def test_attack_keys_take_the_declared_fields_and_the_defenders_rows(tmp_path):
     aligned = lab.aligned(0)[1]["key"]
     shared = ("r", "lora_alpha", "lora_dropout", "target_modules", "train")
     assert [n for n, m in METHODS.items() if m.reads_known_harmful] == ["asft-alt"]
-    for name in ("sft", "asft-alt", "weight-decay"):
+    for name in ("sft", "asft-alt", "weight-decay", "ema"):
         a = cfg.attack
         payload = {"stage": "attack", "aligned": aligned, "method": name, "poison": 0.1, "seed": 0,
                    "rows": _examples_hash(data.attack_set(0.1, 0)),
@@ -105,6 +112,36 @@ def test_attack_keys_take_the_declared_fields_and_the_defenders_rows(tmp_path):
             payload["known_harmful"] = _examples_hash(data.known_harmful)
         assert lab.attack(name, 0.1, 0)[1]["key"] == _key(payload), name
     # Another method's setting leaves a method's key alone.
-    other = replace(cfg.attack, alt_lambda=123.0, adamw_weight_decay=5.0)
+    other = replace(cfg.attack, alt_lambda=123.0, adamw_weight_decay=5.0, ema_decay=0.5)
     assert lab.attack("asft", 0.1, 0, other)[1]["key"] == lab.attack("asft", 0.1, 0)[1]["key"]
+    # ema_decay enters ema's keys only: sft's (and every other method's) stay as they were.
+    assert "ema_decay" in METHODS["ema"].uses
+    assert all("ema_decay" not in m.uses for n, m in METHODS.items() if n != "ema")
+    assert lab.attack("sft", 0.1, 0, other)[1]["key"] == lab.attack("sft", 0.1, 0)[1]["key"]
+    assert lab.attack("ema", 0.1, 0, other)[1]["key"] != lab.attack("ema", 0.1, 0)[1]["key"]
+    assert lab.attack("ema", 0.1, 0)[1]["key"] != lab.attack("sft", 0.1, 0)[1]["key"]
+    assert lab.evaluation("ema", 0.1, 0)["key"] != lab.evaluation("sft", 0.1, 0)["key"]
     assert lab.attack("asft-alt", 0.1, 0, other)[1]["key"] != lab.attack("asft-alt", 0.1, 0)[1]["key"]
+
+
+def test_ema_is_sfts_adamw_with_an_ema_callback_at_the_configs_beta():
+    """``ema`` is sft's AdamW plus an :class:`~asft_optim.integrations.hf.EMACallback` at the
+    config's β, started on the adapter it is built on, copied into it when training ends."""
+    import torch
+    from tiny_models import tiny_lora_llama
+
+    from asft_optim.integrations.hf import EMACallback
+    from asft_optim.lab.attack import AttackConfig
+
+    method = METHODS["ema"]
+    assert method.setting.values("full") == EMA_DECAYS and method.setting.values("reduced") is None
+    assert method.optimizer is METHODS["sft"].optimizer and method.operator is None
+    model = tiny_lora_llama(init_lora_weights=True)
+    ctx = type("Ctx", (), {"model": model, "config": replace(AttackConfig(), ema_decay=0.95)})()
+    (cb,) = method.callbacks(ctx)
+    assert isinstance(cb, EMACallback) and cb.copy_at_end and cb.ema.beta == 0.95
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(cb.ema.params) == len(trainable) and all(a is b for a, b in zip(cb.ema.params, trainable))
+    assert all(not s.any() for n, s in zip((n for n, p in model.named_parameters() if p.requires_grad),
+                                          cb.ema.shadow) if "lora_B" in n)
+    assert isinstance(method.optimizer(ctx)[0], torch.optim.AdamW)

@@ -2,7 +2,8 @@
 
 * :mod:`asft_optim.integrations.hf`: :class:`AnchorLoggingCallback` (Trainer logs),
   :class:`AnchoredAdamWFactory` (``optimizer_cls_and_kwargs=``, TRL ``peft_config=``) and
-  :class:`AnchorPenaltyMixin` (the loss-level penalty in a Trainer, DeepSpeed ZeRO-0/1/2).
+  :class:`AnchorPenaltyMixin` (the loss-level penalty in a Trainer, DeepSpeed ZeRO-0/1/2),
+  :class:`EMACallback` (a :class:`~asft_optim.ema.ParameterEMA` of the trained tensors).
 * :func:`unwrap_optimizer` / :func:`anchor_summary`: the anchored optimizer behind
   accelerate's ``AcceleratedOptimizer`` (or any ``.optimizer`` wrapper), and its
   statistics in one line for plain loops.
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 from .unwrap import anchor_summary, unwrap_optimizer
 
-_HF_NAMES = ("AnchorLambdaCallback", "AnchorLoggingCallback", "AnchorPenaltyMixin", "AnchoredAdamWFactory")
+_HF_NAMES = ("AnchorLambdaCallback", "AnchorLoggingCallback", "AnchorPenaltyMixin", "AnchoredAdamWFactory",
+             "EMACallback")
 
 __all__ = [
     "AnchorLambdaCallback",
     "AnchorLoggingCallback",
     "AnchorPenaltyMixin",
     "AnchoredAdamWFactory",
+    "EMACallback",
     "anchor_summary",
     "unwrap_optimizer",
 ]

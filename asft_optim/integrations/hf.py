@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from ..ema import ParameterEMA
 from ..optimizer import AnchoredAdamW, Coupling
 from ..penalty import anchor_penalty
 from ..projection import AnchorError, Projection
@@ -29,6 +30,7 @@ __all__ = [
     "AnchorLoggingCallback",
     "AnchorPenaltyMixin",
     "AnchoredAdamWFactory",
+    "EMACallback",
     "add_anchor_logging",
     "check_trainer_optimizer",
 ]
@@ -131,6 +133,63 @@ class AnchorLambdaCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.scheduler is not None:
             self.scheduler.set_step(state.global_step)
+
+
+class EMACallback(TrainerCallback):
+    """Keep a :class:`~asft_optim.ema.ParameterEMA` in a Trainer run: one
+    :meth:`~asft_optim.ema.ParameterEMA.update` after every optimizer step (``on_step_end``:
+    after the step, once per gradient-accumulation cycle).
+
+    Build the EMA on the model before ``trainer.train()``, so that it starts at the
+    model's weights (an aligned model; a fresh LoRA adapter's ``B = 0``). Each checkpoint
+    the Trainer saves gets the EMA's state as ``ema.pt``; to resume, load it before
+    ``train(resume_from_checkpoint=...)``: ``ema.load_state_dict(torch.load(ckpt / "ema.pt",
+    weights_only=True))``. A run resumed at step N with an EMA that has not seen N updates
+    is refused at ``on_train_begin`` (it would restart the average at the trained weights).
+
+    Args:
+        ema: the EMA to update.
+        copy_at_end: write the average into the model's tensors when training ends
+            (default: False: the model keeps its trained weights; call ``ema.copy_to()``).
+
+    Example::
+
+        >>> ema = ParameterEMA([p for p in model.parameters() if p.requires_grad], beta=0.9)
+        >>> Trainer(model, args, ..., callbacks=[EMACallback(ema, copy_at_end=True)]).train()
+    """
+
+    FILE = "ema.pt"
+
+    def __init__(self, ema: ParameterEMA, copy_at_end: bool = False) -> None:
+        self.ema = ema
+        self.copy_at_end = copy_at_end
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.ema.steps != state.global_step:
+            raise ValueError(
+                f"EMACallback: the Trainer starts at step {state.global_step} but the EMA has seen "
+                f"{self.ema.steps} updates; when resuming, load the checkpoint's {self.FILE} into it first")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.update()
+
+    def on_save(self, args, state, control, **kwargs):
+        import os
+
+        import torch
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if state.is_world_process_zero:  # where the Trainer has just written its checkpoint
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            torch.save(self.ema.state_dict(), os.path.join(folder, self.FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.copy_at_end:
+            self.ema.copy_to()
+
+    def summary(self) -> dict[str, float]:
+        """``ema/beta`` and ``ema/updates`` (the optimizer steps averaged so far)."""
+        return {"ema/beta": self.ema.beta, "ema/updates": self.ema.steps}
 
 
 def add_anchor_logging(trainer, **kwargs: Any) -> AnchorLoggingCallback:

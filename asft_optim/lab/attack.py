@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from asft_optim import AnchoredAdamW, build_anchors, harmful_anchors, l2_anchors, safe_lora_project
+from asft_optim.ema import ParameterEMA
 from asft_optim.input_anchors import InputAnchors
 
 from .data import Example, LabData
@@ -74,6 +75,13 @@ class AttackConfig:
     #: first tokens; the pretrained preset judges 32).
     operator_prompts: int = 32
     refusal_tokens: int = 32
+    #: ``ema``: β of the EMA of the LoRA factors, ``θ_ema ← β·θ_ema + (1−β)·θ`` per step
+    #: (a window of about 1/(1−β) = 10 steps; the sweep is :data:`EMA_DECAYS`).
+    ema_decay: float = 0.9
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:  # before a grid starts, not at its ema point
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 #: LoRA on every linear layer of a Llama block (the lab's models), beside the paper's q/v.
@@ -175,6 +183,9 @@ class Method:
         operator: the data-driven operator it reads (:class:`Operator`; default: None); its
             stage's key (the aligned model, the defender's prompts, the design) enters the
             attack's key, and its ``uses`` must be in the method's.
+        callbacks: ``ctx -> [TrainerCallback, ...]``, built on ``ctx.model`` before training
+            and run with it (default: None); one with a ``summary()`` adds it to the
+            training info.
     """
 
     name: str
@@ -185,6 +196,7 @@ class Method:
     setting: Setting | None = None
     reads_known_harmful: bool = False
     operator: Operator | None = None
+    callbacks: Callable[[AttackContext], list] | None = None
 
     def __post_init__(self):
         if self.setting is not None and self.setting.field not in self.uses:
@@ -230,6 +242,20 @@ def _weight_decay(ctx):
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     decay = ctx.config.adamw_weight_decay
     return torch.optim.AdamW(params, lr=ctx.config.train.lr, weight_decay=decay), {"weight_decay": decay}
+
+
+def _ema_callbacks(ctx):
+    """``ema``: an EMA of the trainable tensors, ``θ_ema ← β·θ_ema + (1−β)·θ`` after every
+    AdamW step from their initial values (the aligned model: B = 0), written into the
+    adapter when training ends, so the saved and evaluated adapter is the average
+    (Kim et al. 2025, arXiv 2508.12531). For LoRA that is the EMA of the factors A and B:
+    ``ΔW_ema = s·B_ema·A_ema``, not the EMA of ``ΔW``, because the factors are the PEFT
+    model's only trainable tensors, so an EMA of that model (its ``parameters()``,
+    ``AveragedModel``, a Trainer callback) averages them (see :class:`ParameterEMA`)."""
+    from asft_optim.integrations.hf import EMACallback
+
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    return [EMACallback(ParameterEMA(params, ctx.config.ema_decay), copy_at_end=True)]
 
 
 def _l2(ctx):
@@ -304,6 +330,13 @@ CONTRAST_LAMBDAS = (0.1, 1.0, 10.0, 100.0)
 FINE_CONTRAST_LAMBDAS = (0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
 #: ``spf``'s ranks (each a prefix of the one stage's 64 directions).
 SPF_RANKS = (4, 8, 16, 32, 64)
+#: ``ema``'s β. The pretrained preset's attack is 1 epoch of 128 task rows (+ round(p·128)
+#: harmful) at batch 8: 16-20 optimizer steps (18 at p = 0.1). β's window, about 1/(1−β)
+#: steps, goes from 2 (0.5: the EMA is the trained adapter, sft) to 50 (0.98: longer than
+#: the attack); the start (the aligned model) still weighs β^T after T steps: at T = 18,
+#: 0.5^18 ≈ 0, 0.8^18 = 0.02, 0.9^18 = 0.15, 0.95^18 = 0.40, 0.98^18 = 0.69, so the sweep
+#: goes from "no effect" to "mostly the aligned model", as the λ sweeps do.
+EMA_DECAYS = (0.5, 0.8, 0.9, 0.95, 0.98)
 
 _INPUT_LAMBDA = {"field": "input_lambda", "option": "--input-lambda", "penalty": True,
                  "help": "λ of input / input-contrast (library convention)"}
@@ -339,6 +372,9 @@ METHODS: dict[str, Method] = {
                setting=Setting(full=CONTRAST_LAMBDAS, fine=FINE_CONTRAST_LAMBDAS, **_INPUT_LAMBDA)),
         Method("spf", _spf, ("spf_rank",) + SPF.uses, operator=SPF,
                setting=Setting("spf_rank", SPF_RANKS)),
+        Method("ema", _sft, ("ema_decay",), callbacks=_ema_callbacks,
+               setting=Setting("ema_decay", EMA_DECAYS, option="--ema-decay",
+                               help="β of ema: the EMA of the LoRA factors (θ_ema ← β·θ_ema + (1−β)·θ per step)")),
     ]
 }
 
@@ -378,6 +414,8 @@ def train_attack(ctx: AttackContext, method: Method, examples: list[Example], se
     """Fine-tune ``ctx.model`` in place with ``method``'s optimizer; returns training info."""
     optimizer, info = method.optimizer(ctx)
     stats: dict[str, Any] = {}
+    own = method.callbacks(ctx) if method.callbacks is not None else []
+    callbacks = list(own)
     if hasattr(optimizer, "anchor_summary"):
         from transformers import TrainerCallback
 
@@ -385,12 +423,13 @@ def train_attack(ctx: AttackContext, method: Method, examples: list[Example], se
             def on_step_end(self, args, state, control, **kw):
                 stats.update(optimizer.anchor_summary())
 
-        callbacks = [_Summary()]
-    else:
-        callbacks = []
+        callbacks.append(_Summary())
     losses = fit(ctx.model, ctx.tokenizer, examples, ctx.config.train, seed, ctx.max_length,
                  optimizers=(optimizer, None), progress=progress, callbacks=callbacks,
                  answer_logits=ctx.answer_logits)
+    for cb in own:
+        if hasattr(cb, "summary"):
+            stats.update(cb.summary())
     return {**info, **stats, "final_loss": losses[-1] if losses else None}
 
 
