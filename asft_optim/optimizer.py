@@ -496,10 +496,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 does not tune fully, or has another shape.
         """
         inner_sd, entries, meta = anchor_state.split(state_dict)
-        anchor_state.check_meta(meta, self.coupling, self.anchor_fingerprint() if check_anchors else None)
-        if check_anchors:
-            anchor_state.check_subspaces(meta, self.subspace_fingerprint())
-            anchor_state.check_surgery(meta, None if self.surgery is None else self.surgery.settings())
+        self._check_meta(meta, check_anchors)
         by_saved = anchor_state.saved_params(inner_sd["param_groups"], self.param_groups)
         surgery = self._saved_surgery(anchor_state.pop_surgery(entries), by_saved)
         restored: dict[int, dict[str, Tensor]] = {}
@@ -534,6 +531,13 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         for i, group in enumerate(self.param_groups):
             group["anchor_lambda"] = lambda_value(group.setdefault("anchor_lambda", self.defaults["anchor_lambda"]),
                                                   f"anchor_lambda of param group {i}")
+
+    def _check_meta(self, meta: Mapping[str, Any], check_anchors: bool) -> None:
+        """Refuse a state saved under another coupling, other anchors, subspaces or surgery."""
+        anchor_state.check_meta(meta, self.coupling, self.anchor_fingerprint() if check_anchors else None)
+        if check_anchors:
+            anchor_state.check_subspaces(meta, self.subspace_fingerprint())
+            anchor_state.check_surgery(meta, None if self.surgery is None else self.surgery.settings())
 
     def _save_surgery(self, state: dict, index: dict[int, int]) -> None:
         """The surgery's step count and last safety gradient, in every trained tensor's entry."""

@@ -58,16 +58,18 @@ def test_the_cli_reads_the_methods_settings():
     parser = argparse.ArgumentParser()
     lab_cli.add_parser(parser.add_subparsers())
     options = setting_options()
-    assert list(options) == ["--lambda", "--l2-lambda", "--alt-lambda", "--input-lambda", "--ema-decay"]
+    assert list(options) == ["--lambda", "--l2-lambda", "--alt-lambda", "--input-lambda", "--ema-decay",
+                             "--safegrad-weight"]
     for m in swept_methods():  # methods sharing an option share its field and help
         if m.setting.option is not None:
             assert options[m.setting.option].field == m.setting.field
             assert options[m.setting.option].help == m.setting.help
     argv = ["lab", "--lambda", "0.5", "--l2-lambda", "0.25", "--alt-lambda", "7", "--input-lambda", "3",
-            "--ema-decay", "0.95", "--methods", "sft,ema"]
+            "--ema-decay", "0.95", "--safegrad-weight", "0.3", "--methods", "sft,ema"]
     cfg = lab_cli._config(parser.parse_args(argv))
     assert (cfg.attack.anchor_lambda, cfg.attack.l2_lambda, cfg.attack.alt_lambda) == (0.5, 0.25, 7.0)
     assert (cfg.attack.input_lambda, cfg.attack.ema_decay, cfg.methods) == (3.0, 0.95, ("sft", "ema"))
+    assert cfg.attack.safegrad_weight == 0.3
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
         lab_cli._config(parser.parse_args(["lab", "--ema-decay", "1"]))
     # --sweep ema takes its β sweep; --sweep-values (the λ sweeps') leaves it alone.

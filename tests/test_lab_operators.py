@@ -1,9 +1,10 @@
-"""The lab's data-driven methods (input, input-contrast, spf) on the tiny world: each trains,
+"""The lab's data-driven methods (input, input-contrast, spf, safegrad) on the tiny world: each trains,
 its operator comes from the defender's prompts only (rebuilt here from them), spf keeps
 QᵀΔW = 0 for the trained LoRA, and the operator is one cached stage per aligned model."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -20,6 +21,7 @@ from asft_optim.lab.operators import (
     _batches,
     _ids,
     defender_prompts,
+    load_refusal_examples,
     load_safety_subspaces,
     split_prompts,
 )
@@ -28,7 +30,7 @@ from asft_optim.lab.world import World
 from asft_optim.prompt_tokens import shared_prefix_length
 from asft_optim.refusal_gradients import greedy_refusals, refusal_subspaces
 
-NEW = ("input", "input-contrast", "spf")
+NEW = ("input", "input-contrast", "spf", "safegrad")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,14 @@ def test_each_method_trains_with_its_operator(lab):
     for m in NEW:
         _, info = lab.trained[m]
         assert info["rows"] == len(lab.data.attack_set(0.1, 0))
-        assert info["train"]["anchors"] == 4 if m != "spf" else info["train"]["subspaces"] == 4
+        if m == "spf":
+            assert info["train"]["subspaces"] == 4
+        elif m == "safegrad":  # the surgery's closure ran at every step (safegrad_every = 1)
+            t = lab.config.attack.train
+            steps = math.ceil(info["rows"] / t.batch_size) * math.ceil(t.epochs)
+            assert info["train"]["surgery/calls"] == steps > 0
+        else:
+            assert info["train"]["anchors"] == 4
     assert lab.trained["input"][1]["train"]["anchor_lambda"] == lab.config.attack.input_lambda
     assert lab.trained["spf"][1]["train"]["spf_rank"] == lab.config.attack.spf_rank
     # The default grid stays as it was: none of them runs unless asked for.
@@ -158,3 +167,24 @@ def test_the_defenders_prompts_never_include_evaluation_or_attack_rows():
                                                                       if e.instruction not in dict(prompts.harmful)]))
     with pytest.raises(ValueError, match="operator_prompts must be a positive int"):
         split_prompts(prompts.harmful, 0)
+
+
+def test_safegrad_examples_are_the_aligned_models_own_answers_to_the_build_half(lab):
+    """The stage holds exactly the aligned model's greedy answers to the defender's build
+    half (prompt labels -100), and counts its refusals."""
+    from asft_optim.lab.judge import is_refusal
+
+    a, tok = lab.config.attack, lab.tokenizer()[0]
+    harm_b, _ = split_prompts(defender_prompts(lab.data).harmful, a.operator_prompts)
+    ids = _ids(tok, harm_b, lab.config.model.max_length)
+    examples = greedy_refusals(load(lab.aligned(0)[0]), ids, max_new_tokens=a.refusal_tokens,
+                               eos_token_id=tok.eos_token_id)
+    refused = sum(is_refusal(tok.decode(e["input_ids"][0, len(t):], skip_special_tokens=True))
+                  for e, t in zip(examples, ids, strict=True))
+    stage, info = lab.operator("safegrad", 0)
+    rows = load_refusal_examples(stage)
+    assert info["examples"] == len(rows) == len(harm_b) > 0 and info["refused"] == refused
+    for row, e, t in zip(rows, examples, ids, strict=True):
+        assert row["input_ids"] == e["input_ids"][0].tolist() and row["labels"] == e["labels"][0].tolist()
+        assert set(row["labels"][: len(t)]) == {-100} and any(x != -100 for x in row["labels"][len(t):])
+    assert lab.trained["safegrad"][1]["train"]["refusal_examples"] == len(rows)

@@ -20,7 +20,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from asft_optim import AnchoredAdamW, build_anchors, harmful_anchors, l2_anchors, safe_lora_project
+from asft_optim import (
+    AnchoredAdamW,
+    GradientSurgery,
+    build_anchors,
+    harmful_anchors,
+    l2_anchors,
+    safe_lora_project,
+)
 from asft_optim.ema import ParameterEMA
 from asft_optim.input_anchors import InputAnchors
 
@@ -29,7 +36,9 @@ from .models import TrainConfig, fit, load, model_device
 from .operators import (
     OPERATOR_FILE,
     build_input_operator,
+    build_refusal_examples,
     build_refusal_operator,
+    load_refusal_examples,
     load_safety_subspaces,
 )
 from .tokenizer import Collator, encode_example
@@ -78,6 +87,13 @@ class AttackConfig:
     #: ``ema``: β of the EMA of the LoRA factors, ``θ_ema ← β·θ_ema + (1−β)·θ`` per step
     #: (a window of about 1/(1−β) = 10 steps; the sweep is :data:`EMA_DECAYS`).
     ema_decay: float = 0.9
+    #: ``safegrad``: μ (also descend the refusal NLL with weight μ; 0: the projection alone),
+    #: refresh the safety gradient every this many steps, on this many refusal examples. Every
+    #: step, on a batch as large as the pretrained attack's (8): the attack is 16-20 steps, and
+    #: SafeGrad refreshes every step; it costs one more forward and backward per step.
+    safegrad_weight: float = 0.0
+    safegrad_every: int = 1
+    safegrad_batch: int = 8
 
     def __post_init__(self):
         if not 0.0 <= self.ema_decay < 1.0:  # before a grid starts, not at its ema point
@@ -301,6 +317,32 @@ def _spf(ctx):
     return opt, {"subspaces": len(subspaces), "spf_rank": ctx.config.spf_rank, "anchor_lambda": 0.0}
 
 
+def _safegrad(ctx):
+    """AnchoredAdamW with :class:`~asft_optim.GradientSurgery` (SafeGrad-like): every
+    ``safegrad_every`` steps the gradient of the NLL of the aligned model's own greedy
+    answers to the defender's harmful prompts (the next ``safegrad_batch`` of the stage's, in
+    a fixed order, cycled; see :func:`~asft_optim.lab.operators.build_refusal_examples`); the task gradient of the LoRA factors is projected off it when
+    they conflict (``⟨g, s⟩ < 0``, over all factors at once), and ``μ·s`` is added
+    (``safegrad_weight``). No penalty: l2 anchors at λ = 0."""
+    import itertools
+
+    c = ctx.config
+    rows = load_refusal_examples(ctx.operator_dir)
+    collate = Collator(ctx.tokenizer.pad_token_id)
+    device = model_device(ctx.model)
+    batches = itertools.cycle([collate(rows[i : i + c.safegrad_batch]) for i in range(0, len(rows), c.safegrad_batch)])
+    model = ctx.model
+
+    def safety_loss():
+        return model(**{k: v.to(device) for k, v in next(batches).items()}).loss
+
+    surgery = GradientSurgery(safety_loss, every=c.safegrad_every, safety_weight=c.safegrad_weight)
+    anchors = l2_anchors(ctx.model, list(c.target_modules))
+    opt = AnchoredAdamW(ctx.model, anchors, anchor_lambda=0.0, lr=c.train.lr, weight_decay=c.train.weight_decay,
+                        surgery=surgery)
+    return opt, {"refusal_examples": len(rows), "safegrad_weight": c.safegrad_weight, "anchor_lambda": 0.0}
+
+
 def _safe_lora(ctx):
     """Safe LoRA projection of the sft adapter."""
     anchors = build_anchors(ctx.base_dir, ctx.aligned_dir, target_modules=list(ctx.config.target_modules),
@@ -315,6 +357,11 @@ INPUT = Operator("input-anchors", ("input_rank", "operator_prompts"),
 INPUT_CONTRAST = Operator("input-contrast-anchors", ("input_rank", "input_eps", "operator_prompts"),
                           lambda ctx, out: build_input_operator(ctx, out, contrast=True))
 SPF = Operator("refusal-subspace", ("operator_prompts", "refusal_tokens"), build_refusal_operator)
+REFUSAL_EXAMPLES = Operator("refusal-examples", ("operator_prompts", "refusal_tokens"), build_refusal_examples)
+
+#: ``safegrad``'s μ: 0 is the projection alone (SafeGrad's surgery without its alignment
+#: loss), then the refusal NLL's weight against the task loss's, from a tenth to three times.
+SAFEGRAD_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0)
 
 #: λ of the input-side sweeps. Why not l2's (0.001-1): the penalty sees only ΔW's part on
 #: span(U) (‖ΔW U‖² ≤ ‖ΔW‖²; for an update spread over the inputs about k/d_in of it, 32/576
@@ -375,6 +422,10 @@ METHODS: dict[str, Method] = {
         Method("ema", _sft, ("ema_decay",), callbacks=_ema_callbacks,
                setting=Setting("ema_decay", EMA_DECAYS, option="--ema-decay",
                                help="β of ema: the EMA of the LoRA factors (θ_ema ← β·θ_ema + (1−β)·θ per step)")),
+        Method("safegrad", _safegrad, ("safegrad_weight", "safegrad_every", "safegrad_batch") + REFUSAL_EXAMPLES.uses,
+               operator=REFUSAL_EXAMPLES,
+               setting=Setting("safegrad_weight", SAFEGRAD_WEIGHTS, option="--safegrad-weight",
+                               help="μ of safegrad: the refusal NLL's weight beside the surgery (0: projection only)")),
     ]
 }
 

@@ -1,4 +1,5 @@
-"""The data-driven operators of the methods ``input``, ``input-contrast`` and ``spf``: built
+"""The data-driven operators of the methods ``input``, ``input-contrast``, ``spf`` and
+``safegrad`` (its refusal examples): built
 once per aligned model from the defender's own prompts, a cached stage of their own.
 
 **The defender's data** (:func:`defender_prompts`). Harmful prompts: the lab's
@@ -229,14 +230,20 @@ def _task_examples(tokenizer, rows: list[Example], max_length: int, device) -> l
     return out
 
 
-def _refusals(ctx, pairs) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """The aligned model's greedy answers to ``pairs`` and how many of them are refusals."""
+def _answers(ctx, pairs) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
+    """The aligned model's greedy answers to ``pairs`` and, per answer, whether it is a refusal."""
     device = model_device(ctx.model)
     ids = [t.to(device) for t in _ids(ctx.tokenizer, pairs, ctx.max_length)]
     examples = greedy_refusals(ctx.model, ids, max_new_tokens=ctx.config.refusal_tokens,
                                eos_token_id=ctx.tokenizer.eos_token_id)
     answers = [ctx.tokenizer.decode(e["input_ids"][0, len(t):], skip_special_tokens=True) for e, t in zip(examples, ids)]
-    return examples, sum(is_refusal(a) for a in answers)
+    return examples, [is_refusal(a) for a in answers]
+
+
+def _refusals(ctx, pairs) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The aligned model's greedy answers to ``pairs`` and how many of them are refusals."""
+    examples, refused = _answers(ctx, pairs)
+    return examples, sum(refused)
 
 
 def build_refusal_operator(ctx, out: Path) -> dict[str, Any]:
@@ -308,3 +315,41 @@ def load_safety_subspaces(directory: Path, rank: int) -> SafetySubspaces:
                          f"(the stage keeps {SPF_MAX_RANK} directions, fewer where a weight has fewer outputs)")
     cut = {n: SafetySubspace(s.basis[:, :rank].contiguous(), s.d_in, energy[n][rank - 1]) for n, s in subs.items()}
     return SafetySubspaces(cut, {**subs.metadata, "rank": str(rank)}, subs.weights)
+
+
+# -- refusal examples (safegrad) ---------------------------------------------------------
+#: The ``safegrad`` stage's file: the refusal examples' token ids, concatenated.
+REFUSALS_FILE = "refusals.safetensors"
+
+
+def build_refusal_examples(ctx, out: Path) -> dict[str, Any]:
+    """The ``safegrad`` stage: the aligned model's greedy answers to the build half of the
+    defender's harmful prompts (the ``spf`` stage's prompts and answers), saved as token ids
+    (``input_ids``, ``labels`` with the prompt at -100, ``lengths``) to ``out / REFUSALS_FILE``.
+
+    Every answer is kept, refusal or not: the safety loss is their NLL, the hard-label form
+    of SafeGrad's KL to the aligned model on harmful prompts, i.e. "answer these as the
+    aligned model did". An answer that complied asks for no more compliance than the aligned
+    model already had there (and a lab whose aligned model refuses nothing, as the tiny one,
+    still runs). How many were refusals is recorded."""
+    from safetensors.torch import save_file
+
+    prompts = defender_prompts(ctx.data)
+    harm_b, _ = split_prompts(prompts.harmful, ctx.config.operator_prompts)
+    start = time.perf_counter()
+    examples, refused = _answers(ctx, harm_b)
+    save_file({"input_ids": torch.cat([e["input_ids"][0].cpu() for e in examples]),
+               "labels": torch.cat([e["labels"][0].cpu() for e in examples]),
+               "lengths": torch.tensor([e["input_ids"].shape[1] for e in examples])}, str(out / REFUSALS_FILE))
+    return {"prompts": len(harm_b), "examples": len(examples), "refused": sum(refused),
+            "generate_seconds": round(time.perf_counter() - start, 2)}
+
+
+def load_refusal_examples(directory: Path) -> list[dict[str, list[int]]]:
+    """The ``safegrad`` stage's examples as encoded rows (``input_ids``, ``labels``) for the
+    lab's :class:`~asft_optim.lab.tokenizer.Collator`."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(Path(directory) / REFUSALS_FILE))
+    ids, labels = torch.split(t["input_ids"], t["lengths"].tolist()), torch.split(t["labels"], t["lengths"].tolist())
+    return [{"input_ids": i.tolist(), "labels": la.tolist()} for i, la in zip(ids, labels, strict=True)]
