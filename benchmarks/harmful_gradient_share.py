@@ -17,7 +17,13 @@ of the lab, the share of ``‖G‖²`` it acts on:
 * ``input`` / ``input-contrast`` penalise ``ΔW U`` (U: 32 orthonormal input directions):
   ``‖G U‖² / ‖G‖²``;
 * ``spf`` keeps ``QᵀΔW = 0`` (Q: the top-k output directions of the refusal gradients):
-  ``‖QᵀG‖² / ‖G‖²``, at k = 8, 16, 32, 64.
+  ``‖QᵀG‖² / ‖G‖²``, at k = 8, 16, 32, 64;
+* ``safegrad`` (conflict mode) removes ``G``'s component along the safety gradient ``S`` (the
+  gradient of the NLL of the aligned model's own greedy answers to the defender's harmful
+  build half, the lab's ``safegrad`` stage) when ``⟨G, S⟩ < 0``: ``cos²(G, S)`` then, else 0.
+  Per weight here (the library's ``granularity="tensor"``, on full weights at the aligned
+  model); the lab's method acts on the LoRA factors, over all of them at once, at every
+  step's weights: this is where its first step stands, not what it does later.
 
 Per operator the table gives the harmful share, the task share and their ratio (harmful /
 task: about 1 means the operator cannot tell the attack's harmful gradient from its task
@@ -58,7 +64,7 @@ from torch import Tensor
 #: The spf ranks the lab sweeps (each a prefix of the one stage's 64 directions).
 SPF_RANKS = (8, 16, 32, 64)
 #: The lab methods whose operator comes from a stage of :meth:`Lab.operator`.
-STAGE_METHODS = ("input", "input-contrast", "spf")
+STAGE_METHODS = ("input", "input-contrast", "spf", "safegrad")
 
 
 # -- the shares (float64, scale-free) ---------------------------------------------------------
@@ -115,6 +121,22 @@ class OutputShare(_BasisShare):
         return self.basis.T @ g
 
 
+class ConflictShare:
+    """``safegrad`` (conflict mode, per weight): the share of ``‖G‖²`` removed when ``G`` and
+    the safety gradient ``S`` conflict, ``cos²(G, S)`` if ``⟨G, S⟩ < 0`` else 0 (a random
+    direction: about ``1/(2·d_out·d_in)``)."""
+
+    def __init__(self, safety: Tensor):
+        self.safety = safety.double()
+        self.norm = _energy(self.safety)
+        self.chance = 0.5 / safety.numel()
+
+    def __call__(self, g: Tensor) -> float:
+        g = g.double()
+        dot, total = float((g * self.safety).sum()), _energy(g)
+        return 0.0 if dot >= 0 or total == 0 or self.norm == 0 else dot * dot / (total * self.norm)
+
+
 # -- the gradients ---------------------------------------------------------------------------
 def row_gradients(model, rows: list[dict[str, list[int]]], names: list[str], answer_loss):
     """Yield ``(answer tokens, {name: ∂loss/∂W})`` per encoded row, the loss summed over the
@@ -167,7 +189,8 @@ def lab_operators(lab, seed: int, attack, model) -> dict[str, dict[str, object]]
     """``{operator: {parameter name: share}}`` of every lab method, built as the lab builds it."""
     from asft_optim import build_anchors
     from asft_optim.input_anchors import InputAnchors
-    from asft_optim.lab.operators import OPERATOR_FILE, load_safety_subspaces
+    from asft_optim.lab.models import answer_loss
+    from asft_optim.lab.operators import OPERATOR_FILE, load_refusal_examples, load_safety_subspaces
 
     targets = list(attack.target_modules)
     weights = [n for n, _ in model.named_parameters()
@@ -193,6 +216,12 @@ def lab_operators(lab, seed: int, attack, model) -> dict[str, dict[str, object]]
     for k in SPF_RANKS:
         subs = load_safety_subspaces(dirs["spf"], k)
         ops[f"spf (k={k})"] = keyed(subs, lambda s: OutputShare(s.basis))
+    total, tokens = {}, 0  # S: the token-mean gradient over the safegrad stage's examples
+    for n_tok, grads in row_gradients(model, load_refusal_examples(dirs["safegrad"]), weights, answer_loss):
+        tokens += n_tok
+        for n, g in grads.items():
+            total[n] = g.double() + total.get(n, 0.0)
+    ops["safegrad (conflict, per weight)"] = {n: ConflictShare(total[n] / tokens) for n in weights}
     return ops
 
 

@@ -96,3 +96,21 @@ def test_summed_gradient_is_the_lab_loss_over_one_batch(bench, seed, n_rows, dat
         for agg in ("summed", "per_row"):
             assert set(result[op][agg]) == set(names)
             assert all(v == pytest.approx(want_share, abs=1e-12) for v in result[op][agg].values())
+
+
+@settings(deadline=None, max_examples=30)
+@given(shape=shape_and_rank(), seed=seeds)
+def test_the_conflict_share_is_what_the_surgery_removes(bench, shape, seed):
+    """ConflictShare equals ‖G − G'‖² / ‖G‖² for G' the library's surgery (conflict mode, one
+    tensor), and is 0 when G and S agree."""
+    from asft_optim.surgery import surgery_project_
+
+    d_out, d_in, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+    g, s = torch.randn(d_out, d_in, generator=gen, dtype=D), torch.randn(d_out, d_in, generator=gen, dtype=D)
+    for sign in (1.0, -1.0):
+        projected = g.clone()
+        surgery_project_([projected], [sign * s], "conflict", "tensor")
+        removed = float((g - projected).square().sum() / g.square().sum())
+        assert bench.ConflictShare(sign * s)(g) == pytest.approx(removed, rel=1e-9, abs=1e-12)
+    assert bench.ConflictShare(g)(g) == 0.0 and bench.ConflictShare(-g)(g) == pytest.approx(1.0)
