@@ -149,10 +149,16 @@ class GradientSurgery:
     def due(self) -> bool:
         return self.steps % self.every == 0 or not self.safety
 
+    @torch.compiler.disable  # a forward and autograd.grad of the user's: eager, under torch.compile(opt.step) too
     def refresh(self, params: Sequence[Tensor]) -> None:
         """Call the closure and keep ``s`` (zeros for tensors the safety loss does not reach)."""
+        before = _grad_marks(params)
         with torch.enable_grad():
             loss = self.safety_closure()
+        if _grad_marks(params) != before:
+            raise AnchorError("safety_closure changed the trained tensors' .grad (it called backward() or "
+                              "zero_grad()?): it must only return the safety loss; the optimizer "
+                              "differentiates it apart, and the task gradient in .grad is now mixed")
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"safety_closure must return a scalar tensor, got {_describe(loss)}")
         if not loss.requires_grad:
@@ -184,6 +190,11 @@ class GradientSurgery:
             return {"surgery/calls": float(self.calls)}
         c = max(self._last, key=lambda t: float(t.abs()))
         return {"surgery/coefficient": float(c), "surgery/calls": float(self.calls)}
+
+
+def _grad_marks(params: Sequence[Tensor]) -> list[tuple[int, int] | None]:
+    """Which ``.grad`` tensor each parameter holds and its version: any write shows."""
+    return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
 
 
 def _describe(value: Any) -> str:

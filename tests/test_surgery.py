@@ -249,6 +249,30 @@ def test_a_non_callable_closure_is_refused():
         GradientSurgery(torch.zeros(()))
 
 
+@pytest.mark.parametrize("habit", ["backward", "zero_grad"])
+def test_a_closure_that_touches_grad_is_refused(habit):
+    """LBFGS-style closures call zero_grad() and backward(): here that would mix the safety
+    gradient into the task's (or wipe it) silently, so it raises, before the inner step."""
+    model = _model()
+    holder = {}
+
+    def closure():
+        loss = lm_loss(model, 99)
+        if habit == "backward":
+            loss.backward(retain_graph=True)
+        else:
+            holder["opt"].zero_grad()
+        return loss
+
+    opt = holder["opt"] = _opt(model, GradientSurgery(closure))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    lm_loss(model, 0).backward()
+    with pytest.raises(AnchorError, match="changed the trained tensors' .grad"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_maximize_is_refused():
     model = _model()
     anchors, _ = make_anchors(model, DIMS, "safelora", None)
