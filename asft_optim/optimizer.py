@@ -206,11 +206,15 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             raise TypeError(f"surgery must be a GradientSurgery, got {type(surgery).__name__}")
         if any(g.get("maximize", False) for g in self.param_groups):
             raise ValueError("surgery= with maximize=True: the rule is defined for a gradient that is descended")
+        if surgery.bound:
+            raise ValueError("this GradientSurgery already belongs to another optimizer (its step count and "
+                             "safety gradient are that run's): build a new GradientSurgery for each optimizer")
         from torch.distributed.tensor import DTensor
 
         if any(isinstance(p, DTensor) for p in self._surgery_params()):
             raise AnchorError("surgery= under FSDP2 (DTensor parameters) is not supported: the safety "
                               "gradient's inner products would need the full tensors; use DDP or one process")
+        surgery.bound = True
 
     def _surgery_params(self) -> list[Tensor]:
         """The trained tensors (the surgery's ``θ``), in state-dict order, each once."""
@@ -324,7 +328,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         the closure is wrapped so that every evaluation (LBFGS evaluates several) adds
         λ∇P and returns ``loss + λP``; with ``"decoupled"`` the closure's own loss.
         """
-        if self.surgery is not None and self.surgery.due():
+        if self.surgery is not None and self.surgery.due(self._surgery_params()):
             self.surgery.refresh(self._surgery_params())  # before any change: a failing closure changes nothing
         if closure is None:
             self._surgery_project()
@@ -485,9 +489,10 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
                 (a state dict of a plain optimizer, or one a tool stripped), take the
                 weights as they are now as the new reference instead of raising: ΔW
                 restarts from zero (default: False).
-            check_anchors: raise when the dict was saved with other anchors or other
-                safety subspaces (or with subspaces this optimizer lacks, or without those
-                it has) (default: True).
+            check_anchors: raise when the dict was saved with other anchors, safety
+                subspaces or gradient-surgery settings (or with ones this optimizer lacks, or
+                without those it has); False switches on purpose, dropping a saved surgery
+                state this optimizer has no surgery for (default: True).
 
         Raises:
             AnchorError: a fully tuned weight's reference (or an adapter's initial
@@ -498,7 +503,7 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         inner_sd, entries, meta = anchor_state.split(state_dict)
         self._check_meta(meta, check_anchors)
         by_saved = anchor_state.saved_params(inner_sd["param_groups"], self.param_groups)
-        surgery = self._saved_surgery(anchor_state.pop_surgery(entries), by_saved)
+        surgery = self._saved_surgery(anchor_state.pop_surgery(entries), by_saved, check_anchors)
         restored: dict[int, dict[str, Tensor]] = {}
         for key, values in entries.items():
             if key not in by_saved:
@@ -540,23 +545,27 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
             anchor_state.check_surgery(meta, None if self.surgery is None else self.surgery.settings())
 
     def _save_surgery(self, state: dict, index: dict[int, int]) -> None:
-        """The surgery's step count and last safety gradient, in every trained tensor's entry."""
+        """The surgery's step count in every parameter's entry (frozen ones too: a resume may
+        unfreeze them), the last safety gradient in those of the tensors it has one for."""
         steps = torch.tensor(self.surgery.steps, dtype=torch.int64)
-        for p in self._surgery_params():
+        for p in (p for g in self.param_groups for p in g["params"]):
             values = {anchor_state.SURGERY_STEP_KEY: steps}
-            if id(p) in self.surgery.safety:
-                values[anchor_state.SURGERY_GRAD_KEY] = self.surgery.safety[id(p)].detach().clone()
+            if p in self.surgery.safety:
+                values[anchor_state.SURGERY_GRAD_KEY] = self.surgery.safety[p].detach().clone()
             anchor_state.add_entry(state, index[id(p)], **values)
 
-    def _saved_surgery(self, saved: dict[Any, dict[str, Tensor]], by_saved: dict[Any, Tensor]
-                       ) -> tuple[int, dict[int, Tensor]] | None:
-        """``(steps, {id(param): s})`` from a loaded state (None: it has none to restore);
-        raises before anything changes when it is incomplete."""
+    def _saved_surgery(self, saved: dict[Any, dict[str, Tensor]], by_saved: dict[Any, Tensor],
+                       check_anchors: bool = True) -> tuple[int, dict[Tensor, Tensor]] | None:
+        """``(steps, {param: s})`` from a loaded state (None: it has none to restore);
+        raises before anything changes when it is incomplete. A tensor without a saved ``s``
+        (it joined or was unfrozen after the last refresh) makes the next step refresh, as
+        it would have in the saved run."""
         if self.surgery is None:
-            if saved:
+            if saved and check_anchors:
                 raise AnchorError("the state dict holds gradient-surgery state and this optimizer has no "
-                                  "surgery: build it with surgery=GradientSurgery(...) as the run was")
-            return None
+                                  "surgery: build it with surgery=GradientSurgery(...) as the run was, or "
+                                  "pass check_anchors=False to drop the surgery on purpose")
+            return None  # check_anchors=False: the surgery is dropped on purpose, its state with it
         params = self._surgery_params()
         by_id = {id(by_saved[k]): v for k, v in saved.items() if k in by_saved}
         if not by_id:
@@ -568,10 +577,8 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         steps = {int(by_id[id(p)][anchor_state.SURGERY_STEP_KEY]) for p in params}
         if len(steps) != 1:
             raise AnchorError(f"the state dict's gradient-surgery step counts disagree: {sorted(steps)}")
-        safety = {id(p): by_id[id(p)][anchor_state.SURGERY_GRAD_KEY].to(p.device, p.dtype)
+        safety = {p: by_id[id(p)][anchor_state.SURGERY_GRAD_KEY].to(p.device, p.dtype)
                   for p in params if anchor_state.SURGERY_GRAD_KEY in by_id[id(p)]}
-        if safety and len(safety) != len(params):
-            raise AnchorError("the state dict holds the safety gradient of only some trained tensors")
         return steps.pop(), safety
 
     def __getstate__(self) -> dict[str, Any]:

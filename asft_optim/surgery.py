@@ -79,7 +79,11 @@ def surgery_project_(grads: Sequence[Tensor], safety: Sequence[Tensor], mode: st
     """In place: ``g ← g − c·s + μ·s`` for every pair; returns the coefficients ``c``."""
     coefs = surgery_coefficients(grads, safety, mode, granularity)
     for g, s, c in zip(grads, safety, coefs, strict=True):
-        g.sub_(s.to(g.dtype) * (c.to(g.dtype) - safety_weight))
+        dtype = torch.promote_types(g.dtype, torch.float32)
+        if g.dtype == dtype:
+            g.sub_(s.to(dtype) * (c.to(dtype) - safety_weight))
+        else:  # bf16/fp16: c and the axpy in float32, one rounding (c in bf16 would leave ~0.3 % of ⟨g, s⟩)
+            g.copy_(g.to(dtype) - s.to(dtype) * (c.to(dtype) - safety_weight))
     return coefs
 
 
@@ -91,14 +95,21 @@ class GradientSurgery:
         \qquad s = \nabla_\theta \mathcal{L}_\text{safety}(\theta_t) \text{ every } k \text{ steps}
 
     The safety gradient comes from ``safety_closure``, an explicit hook: the optimizer calls
-    it (and nothing else runs a forward pass) at its first step and every ``every`` steps
-    after, under ``torch.enable_grad()``, and differentiates the loss it returns with
+    it (and nothing else runs a forward pass) at its first step, every ``every`` steps
+    after, and at any step where a trained tensor has no ``s`` yet (``add_param_group``, a
+    tensor unfrozen since), under ``torch.enable_grad()``, and differentiates the loss it returns with
     ``torch.autograd.grad`` with respect to the trained tensors, so ``.grad`` and the
     task's graph are left alone. The closure picks its own batch (e.g. cycles an iterator
     over refusal examples) and must call the model the task uses, unwrapped from DDP
     (``model.module``: DDP's hooks do not support ``autograd.grad``); under DDP the
     safety gradient is averaged over the ranks, so all of them apply the same surgery.
     See :mod:`asft_optim.surgery` for the rule, its guarantee and its cost.
+
+    One ``GradientSurgery`` per optimizer (a second one refuses it). Gradient checkpointing
+    must be non-reentrant (``use_reentrant=False``): a reentrant one is refused. A copy of
+    the optimizer (``copy.deepcopy``) keeps the closure, which still calls the original
+    model: set ``copy.surgery.safety_closure``. ``pickle`` needs a picklable closure (a
+    module-level function); ``state_dict()`` is the way to save a run.
 
     The last safety gradient and the step count are optimizer state (saved in
     ``state_dict()``, so a resumed run equals an uninterrupted one); the settings are
@@ -138,7 +149,10 @@ class GradientSurgery:
         self.every, self.mode, self.granularity = every, mode, granularity
         self.safety_weight = float(safety_weight)
         self.steps = 0  # step() calls so far (a skipped AMP step does not call step())
-        self.safety: dict[int, Tensor] = {}  # id(param) -> its part of s
+        # param -> its part of s. Keyed by the tensor (hashed by identity, as torch.optim's
+        # state), not id(): copy.deepcopy/pickle of the optimizer remap the keys to the copies.
+        self.safety: dict[Tensor, Tensor] = {}
+        self.bound = False  # taken by an optimizer (one each: the state is that run's)
         self.calls = 0  # closure calls (diagnostics)
         self._last: list[Tensor] = []
 
@@ -146,8 +160,11 @@ class GradientSurgery:
         """The settings a saved state must match (stored in its param groups)."""
         return f"mode={self.mode},granularity={self.granularity},every={self.every},weight={self.safety_weight!r}"
 
-    def due(self) -> bool:
-        return self.steps % self.every == 0 or not self.safety
+    def due(self, params: Sequence[Tensor]) -> bool:
+        """Whether ``step()`` refreshes ``s`` now: every ``every`` steps, and whenever a trained
+        tensor has none (joined by ``add_param_group`` or unfrozen since the last refresh):
+        the inner products must run over all of them, with an ``s`` of the current weights."""
+        return self.steps % self.every == 0 or any(p not in self.safety for p in params)
 
     @torch.compiler.disable  # a forward and autograd.grad of the user's: eager, under torch.compile(opt.step) too
     def refresh(self, params: Sequence[Tensor]) -> None:
@@ -164,23 +181,19 @@ class GradientSurgery:
         if not loss.requires_grad:
             raise AnchorError("the safety loss has no graph (computed under torch.no_grad() or detached?): "
                               "the closure must return a loss the trained tensors can be differentiated through")
-        with torch.enable_grad():  # step() runs under no_grad: the reshape must keep the graph
-            grads = torch.autograd.grad(loss.reshape(()), list(params), allow_unused=True)
-        if all(g is None for g in grads):
-            raise AnchorError("the safety loss does not depend on any trained tensor: call the model this "
-                              "optimizer trains in safety_closure")
+        grads = _safety_grads(loss, params)
         safety = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
         _average_over_ranks(safety)
-        self.safety = {id(p): s for p, s in zip(params, safety, strict=True)}
+        self.safety = dict(zip(params, safety, strict=True))
         self.calls += 1
 
     @torch.no_grad()
     def project_(self, params: Sequence[Tensor]) -> None:
         """Apply the rule to the ``.grad`` of ``params`` (those with one)."""
-        live = [p for p in params if p.grad is not None and id(p) in self.safety]
+        live = [p for p in params if p.grad is not None and p in self.safety]
         if not live:
             return
-        self._last = surgery_project_([p.grad for p in live], [self.safety[id(p)] for p in live],
+        self._last = surgery_project_([p.grad for p in live], [self.safety[p] for p in live],
                                       self.mode, self.granularity, self.safety_weight)
 
     def stats(self) -> dict[str, float]:
@@ -190,6 +203,46 @@ class GradientSurgery:
             return {"surgery/calls": float(self.calls)}
         c = max(self._last, key=lambda t: float(t.abs()))
         return {"surgery/coefficient": float(c), "surgery/calls": float(self.calls)}
+
+
+_REENTRANT = "reentrant gradient checkpointing"
+_REENTRANT_FIX = ("autograd.grad cannot see through the recomputation of " + _REENTRANT + " (the layers' "
+                  "tensors are not in the graph): enable it with gradient_checkpointing_kwargs="
+                  "{'use_reentrant': False}, or run safety_closure's forward without checkpointing")
+
+
+def _safety_grads(loss: Tensor, params: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+    """``∂loss/∂params`` (None where unused); raises when none is reached, or when part of the
+    graph is hidden by reentrant checkpointing (its tensors would silently get ``s = 0``)."""
+    try:
+        with torch.enable_grad():  # step() runs under no_grad: the reshape must keep the graph
+            grads = torch.autograd.grad(loss.reshape(()), list(params), allow_unused=True)
+    except RuntimeError as e:
+        if "Checkpointing is not compatible" in str(e):
+            raise AnchorError(f"the safety loss runs through {_REENTRANT}: {_REENTRANT_FIX}") from e
+        raise
+    if any(g is None for g in grads) and _has_reentrant_checkpoint(loss):
+        raise AnchorError(f"the safety loss runs through {_REENTRANT}, so some trained tensors would get "
+                          f"a zero safety gradient: {_REENTRANT_FIX}")
+    if all(g is None for g in grads):
+        raise AnchorError("the safety loss does not depend on any trained tensor: call the model this "
+                          "optimizer trains in safety_closure (a copy.deepcopy of the optimizer keeps the "
+                          "original's closure: set copy.surgery.safety_closure to one on the copied model)")
+    return grads
+
+
+def _has_reentrant_checkpoint(loss: Tensor) -> bool:
+    """Whether the graph holds a reentrant checkpoint (only walked when a tensor got no gradient)."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "CheckpointFunctionBackward":
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
 
 
 def _grad_marks(params: Sequence[Tensor]) -> list[tuple[int, int] | None]:
