@@ -7,7 +7,13 @@ iteration (forward + backward + step) of the same model, in interleaved rounds:
 * ``input_k{k}``: :meth:`InputProjection.lora_terms` for every LoRA pair (input-side
   anchors of rank k) and the ``.grad`` accumulation ``g += λ·dP`` the step does;
 * ``spf_k{k}``: :meth:`SafetySubspace.project_lora_` of every B (after the step);
-* ``sum_k{k}``: a :class:`SumOperator` of two input-side parts (composition overhead).
+* ``sum_k{k}``: a :class:`SumOperator` of two input-side parts (composition overhead);
+* ``surgery_project``: :class:`~asft_optim.GradientSurgery`'s per-step work, the conflict
+  rule on every trained tensor's ``.grad`` against a stored safety gradient (``"always"``,
+  so the ``axpy`` always runs: the conflict rule's worst case);
+* ``surgery_refresh``: its refresh, the closure's forward and ``autograd.grad`` on a safety
+  batch as large as the task's; a step pays it every ``every`` steps, so the per-step
+  overhead is ``surgery_project + surgery_refresh / every``.
 
 Models: the lab model (h128, 4 layers, vocab 1024; batch 16 × 96) and SmolLM2-135M's
 shapes (h576, 30 layers, 9 heads / 3 KV heads, vocab 49152; batch 8 × 128);
@@ -30,6 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from asft_optim.input_projection import InputProjection, SumOperator
 from asft_optim.safety_subspace import SafetySubspace
+from asft_optim.surgery import GradientSurgery
 
 MODELS = {
     "lab (h128, 4 layers)": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, heads=4, kv=4,
@@ -76,6 +83,19 @@ def bench_model(name: str, cfg: dict, device, reps: int | None) -> dict:
         opt.zero_grad(set_to_none=True)
 
     fns = {"adamw": iteration}
+    surgery = GradientSurgery(lambda: model(input_ids=ids, labels=ids).loss, mode="always")
+    surgery.refresh(trainable)
+
+    @torch.no_grad()
+    def surgery_project():
+        for p in trainable:
+            p.grad = torch.ones_like(p)
+        surgery.project_(trainable)
+        for p in trainable:
+            p.grad = None
+
+    fns["surgery_project"] = surgery_project
+    fns["surgery_refresh"] = lambda: surgery.refresh(trainable)
     for k in cfg["ks"]:
         ins = [InputProjection(orthonormal(a.shape[1], k), b.shape[0]) for b, a, _ in pairs]
         sums = [SumOperator([op, InputProjection(orthonormal(a.shape[1], k), b.shape[0])])

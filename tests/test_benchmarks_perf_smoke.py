@@ -66,5 +66,5 @@ def test_operator_cost_smoke(tmp_path):
     out = _run("operator_cost", tmp_path)
     (r,) = out["results"]
     assert r["lora_pairs"] == 4  # q_proj, v_proj of 2 layers
-    assert set(r["stats"]) == {"adamw", "input_k4", "sum_k4", "spf_k4"}
+    assert set(r["stats"]) == {"adamw", "input_k4", "sum_k4", "spf_k4", "surgery_project", "surgery_refresh"}
     assert all(s["share_of_adamw_step"] > 0 for k, s in r["stats"].items() if k != "adamw")
