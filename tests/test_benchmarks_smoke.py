@@ -108,3 +108,15 @@ def test_lab_pretrained_align_benchmark_tiny(tmp_path, capsys, pretrained_base):
     stages = sorted((tmp_path / "cache").iterdir())
     assert [p.name.split("-")[0] for p in stages] == ["aligned", "base", "judged", "reference"]
     assert [p.name for p in stages if p.is_symlink()] == [pretrained_base.name]  # the base was found, not rebuilt
+
+
+def test_over_refusal_builds_nothing(tmp_path):
+    """benchmarks/over_refusal.py reads attacks from a lab cache: on an empty one it stops
+    with the missing stage named, and writes nothing."""
+    spec = importlib.util.spec_from_file_location("over_refusal_bench", BENCH.parent / "over_refusal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit, match="this script builds nothing"):
+        mod.main(["--data", str(REAL_DATA), "--out", str(tmp_path / "lab"), "--json", str(tmp_path / "o.json"),
+                  "--", "--methods", "l2"])
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "lab" / "cache").exists()
