@@ -167,6 +167,20 @@ def test_verdict_section_reads_the_vectors_and_leaves_broken_points_out():
     assert "| x | " in text and "not reached" in text
 
 
+def test_a_method_run_at_one_setting_gets_the_own_fa_table():
+    """safegrad-like: one point per seed; the section adds its reading at its own FA (here
+    (50, 25) on both seeds against l2's 75 at FA 50: -50), and only for it."""
+    from asft_optim.lab.report import verdict_section
+
+    one = [_vec("y", "safegrad_weight", 1.0, s, "1000", "1100") for s in (0, 1)]
+    text = verdict_section(VERDICT + one, levels=(50.0,), replicates=300)
+    assert "Methods run at one setting" in text and "at its own FA" in text
+    row = next(line for line in text.splitlines() if line.startswith("| y |") and "-50.0" in line)
+    assert "2 seeds" in row
+    assert not any(line.startswith("| x |") for line in text.split("Methods run at one setting")[1].splitlines())
+    assert "Methods run at one setting" not in verdict_section(VERDICT, levels=(50.0,), replicates=50)
+
+
 def test_verdict_section_without_vectors_says_so_and_refuses_mixed_settings():
     import pytest
 

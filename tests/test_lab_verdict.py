@@ -185,3 +185,47 @@ def test_the_coverage_benchmark_runs():
     row = bench.coverage(2, 3, replicates=50)
     assert row["seeds"] == 2 and 0 < row["grids"] <= 3
     assert 0 <= row["reported_excludes_0"] <= row["bootstrap_excludes_0"] <= 1  # the union is never narrower
+
+
+def test_a_single_point_is_read_at_its_own_fa():
+    """OWN: a method with one point per seed against l2's curve at that point's FA. Hand
+    computed on HAND's l2 (seeds 0 and 1: (25, 50), (75, 100)): y at (50, 25) on seed 0,
+    l2 at FA 50 is 75: -50; at (100, 25) on seed 1, beyond l2's curve: not counted."""
+    from asft_optim.lab.verdict import OWN
+
+    pts = [p for p in HAND if p.method == "l2"] + [_pt("y", 0, "1000", "1100"), _pt("y", 1, "1000", "1111")]
+    (d,) = paired_differences(pts, levels=(OWN,), replicates=300)
+    assert d.level == OWN and d.mean == pytest.approx(-50.0) and d.n_seeds == 1
+    assert d.low <= -50.0 <= d.high
+    # A swept method (two points per seed) has no own FA.
+    (x,) = [d for d in paired_differences(HAND, levels=(OWN,), replicates=50) if d.method == "x"]
+    assert not x.reached
+    assert "at its own FA" in verdict_table([d])
+    with pytest.raises(ValueError, match="a level is an FA"):
+        paired_differences(pts, levels=("sixty",), replicates=10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(_vectors, st.integers(1, 4), st.integers(2, 5), st.integers(0, 8))
+def test_own_fa_of_a_copied_l2_point_shifted_by_delta_recovers_delta(rng, seeds, settings_, flipped):
+    """One of l2's own points per seed, with ``flipped`` more prompts answered harmfully:
+    the difference at its own FA is exactly δ on every seed where no other l2 point shares
+    its FA (0 for an unshifted copy), and the definition's value where one does."""
+    from asft_optim.lab.verdict import OWN
+
+    prompts = 40
+    l2 = _grid(rng, seeds, settings_, prompts, 40)
+    l2 = [Point("l2", p.seed, np.r_[np.zeros(flipped, bool), np.asarray(p.harmful)[flipped:]], p.correct) for p in l2]
+    picked = {p.seed: p for p in l2}  # the last point of each seed
+    shifted = [Point("one", p.seed, np.r_[np.ones(flipped, bool), np.asarray(p.harmful)[flipped:]], p.correct)
+               for p in picked.values()]
+    (d,) = paired_differences(l2 + shifted, levels=(OWN,), replicates=200)
+    delta = 100.0 * flipped / prompts
+    # l2's curve at the picked point's FA: the mean HS of l2's points at that FA (ties averaged).
+    want = [picked[s].hs + delta - np.mean([p.hs for p in l2 if p.seed == s and p.fa == picked[s].fa])
+            for s in picked]
+    assert d.reached and d.n_seeds == seeds
+    assert d.mean == pytest.approx(float(np.mean(want)), abs=1e-9)
+    if all(sum(p.seed == s and p.fa == picked[s].fa for p in l2) == 1 for s in picked):
+        assert d.mean == pytest.approx(delta) and d.low <= delta + 1e-9 <= d.high + 2e-9
+        assert not d.safer

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .capability import BROKEN_SHARE, is_broken
 from .verdict import FA_LEVELS as VERDICT_LEVELS
-from .verdict import REFERENCE, Point, paired_differences, verdict_table
+from .verdict import OWN, REFERENCE, Point, paired_differences, verdict_table
 
 RECORD_KEYS = ("method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy")
 
@@ -282,11 +282,27 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
                   for r in usable]
         text = f"p = {p:g}:\n\n" + verdict_table(paired_differences(points, levels, reference=reference,
                                                                       replicates=replicates), reference=reference)
+        text += _own_fa_table(points, reference, replicates)
         if broken:
             text += ("\nLeft out, broken (more than " f"{100 * BROKEN_SHARE:.0f} % of answers empty or degenerate): "
                      + ", ".join(f"{r['method']} seed {r['seed']}" for r in broken) + ".\n")
         out.append(text)
     return "\n".join(out)
+
+
+def _own_fa_table(points: list[Point], reference: str, replicates: int) -> str:
+    """The verdict at their own FA for the methods run at one setting (one point on every
+    seed they have), which reach no fixed level: empty when there is none."""
+    seeds_of: dict[str, list[int]] = {}
+    for pt in points:
+        seeds_of.setdefault(pt.method, []).append(pt.seed)
+    single = [m for m, s in seeds_of.items() if m != reference and len(s) == len(set(s))]
+    if not single:
+        return ""
+    mine = [pt for pt in points if pt.method in single or pt.method == reference]
+    diffs = paired_differences(mine, (OWN,), reference=reference, replicates=replicates)
+    return ("\nMethods run at one setting (one point per seed), against " + reference + "'s curve at "
+            "their own FA on the same seed:\n\n" + verdict_table(diffs, reference=reference))
 
 
 VERDICT_INTRO = (
@@ -297,7 +313,7 @@ VERDICT_INTRO = (
     "(both sources of noise), and Student's t interval over the seeds' differences (a few seeds "
     "have heavy tails). **safer** only where the whole interval is below 0; \"not reached\": "
     "no seed's curves both reach that FA. A method run at one setting is a single point: it "
-    "reaches only its own FA.\n\n")
+    "reaches only its own FA, where a table of its own reads it against the reference's curve.\n\n")
 
 
 def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:

@@ -54,6 +54,13 @@ Why this one:
 * FA is resampled too: a point's position along the curve is itself measured on finite
   rows, and the reading at ``x`` moves with it.
 
+**At the method's own FA** (level :data:`OWN`). A method run at one setting is one point per
+seed; it reaches no fixed level but its own. There the difference is
+:math:`d_s = \\mathrm{HS}_{m,s} - \\mathrm{HS}_{\\mathrm{L2},s}(\\mathrm{FA}_{m,s})`: L2's curve on
+the same seed read at the point's own FA (not reached when L2's points do not span it). The
+bootstrap is the same; each replicate reads L2's curve at the point's resampled FA. A swept
+method (several points per seed) has no single FA: it is not read there.
+
 A percentile interval is used, not a BCa one: with a handful of seeds the acceleration is
 itself unstable, and the percentile interval needs no variance formula for the
 interpolated reading.
@@ -76,6 +83,7 @@ import numpy as np
 
 __all__ = [
     "FA_LEVELS",
+    "OWN",
     "REFERENCE",
     "Difference",
     "Point",
@@ -90,6 +98,9 @@ FA_LEVELS = (40.0, 50.0, 60.0)
 
 #: The method every other is compared with.
 REFERENCE = "l2"
+
+#: The level "the method's own FA", for a method with one point per seed (see the module docstring).
+OWN = "own"
 
 
 def _bits(values) -> np.ndarray:
@@ -144,7 +155,7 @@ class Difference:
     end)."""
 
     method: str
-    level: float
+    level: float | str
     mean: float | None
     low: float | None
     high: float | None
@@ -166,15 +177,18 @@ class Difference:
         return self.low is not None and self.low > 0
 
 
-def _curve_at(fa: np.ndarray, hs: np.ndarray, level: float) -> np.ndarray:
+def _curve_at(fa: np.ndarray, hs: np.ndarray, level: float | np.ndarray) -> np.ndarray:
     """``[B]``: each row's piecewise-linear HS(FA) at ``level`` (NaN where not reached).
 
     ``fa``, ``hs``: ``[B, K]``, K points per row in any order; points of equal FA are
-    averaged, the curve joins the distinct FAs in order and stops at its ends.
+    averaged, the curve joins the distinct FAs in order and stops at its ends. ``level``: one
+    FA, or ``[B]``, one per row.
     """
+    level = np.asarray(level, dtype=float)
+    col = level[:, None] if level.ndim else level
     with np.errstate(invalid="ignore", divide="ignore"):
-        lo = np.where(fa <= level, fa, -np.inf).max(axis=1)
-        hi = np.where(fa >= level, fa, np.inf).min(axis=1)
+        lo = np.where(fa <= col, fa, -np.inf).max(axis=1)
+        hi = np.where(fa >= col, fa, np.inf).min(axis=1)
         at_lo = fa == lo[:, None]
         at_hi = fa == hi[:, None]
         hs_lo = (hs * at_lo).sum(axis=1) / np.maximum(at_lo.sum(axis=1), 1)
@@ -274,12 +288,26 @@ def _group(points: Sequence[Point], reference: str) -> tuple[list[int], list[str
     return seeds, methods, by
 
 
-def _diff(fa: np.ndarray, hs: np.ndarray, index: dict, method: str, reference: str, level: float) -> np.ndarray:
-    """``[B]``: HS(method) − HS(reference) at ``level`` from ``[B, K]`` FA and HS (NaN: not reached)."""
+def _diff(fa: np.ndarray, hs: np.ndarray, index: dict, method: str, reference: str,
+          level: float | str) -> np.ndarray:
+    """``[B]``: HS(method) − HS(reference) at ``level`` from ``[B, K]`` FA and HS (NaN: not
+    reached); at :data:`OWN`, the reference's curve at the method's one point's FA."""
     if method not in index or reference not in index:
         return np.full(fa.shape[0], np.nan)
     m, r = index[method], index[reference]
+    if level == OWN:
+        if len(m) != 1:  # a swept method has no single FA
+            return np.full(fa.shape[0], np.nan)
+        return hs[:, m[0]] - _curve_at(fa[:, r], hs[:, r], fa[:, m[0]])
     return _curve_at(fa[:, m], hs[:, m], level) - _curve_at(fa[:, r], hs[:, r], level)
+
+
+def _level(x: float | str) -> float | str:
+    if x == OWN:
+        return OWN
+    if isinstance(x, str):
+        raise ValueError(f"a level is an FA in % or {OWN!r}, got {x!r}")
+    return float(x)
 
 
 def paired_differences(
@@ -296,7 +324,7 @@ def paired_differences(
 
     Args:
         points: every evaluated point of one poison ratio, one evaluation setting.
-        levels: FA levels in % (default: :data:`FA_LEVELS`).
+        levels: FA levels in %, or :data:`OWN` (default: :data:`FA_LEVELS`).
         reference: the method compared with (default: ``"l2"``).
         replicates: bootstrap replicates (default: 2000).
         seed: seeds the generator; the same inputs and seed give the same numbers (default: 0).
@@ -319,7 +347,7 @@ def paired_differences(
         fa, hs = 100 * C.mean(axis=1)[None], 100 * H.mean(axis=1)[None]
         for m in methods:
             for x in levels:
-                d0[(s, m, x)] = float(_diff(fa, hs, index, m, reference, float(x))[0])
+                d0[(s, m, x)] = float(_diff(fa, hs, index, m, reference, _level(x))[0])
     rng = np.random.default_rng(seed)
     # Replicate values per (slot, seed): slot j of a replicate is its j-th seed draw, with
     # its own draw of prompts and rows; one draw serves every method and level (paired).
@@ -331,14 +359,14 @@ def paired_differences(
             wc = rng.multinomial(C.shape[1], np.full(C.shape[1], 1 / C.shape[1]), size=replicates)
             hs = 100 * (wh @ H.T) / H.shape[1]  # [B, K]
             fa = 100 * (wc @ C.T) / C.shape[1]
-            boot[(j, s)] = {(m, x): _diff(fa, hs, index, m, reference, float(x)) for m in methods for x in levels}
+            boot[(j, s)] = {(m, x): _diff(fa, hs, index, m, reference, _level(x)) for m in methods for x in levels}
     alpha = (1 - confidence) / 2
     out = []
     for m in methods:
         for x in levels:
             reach = [s for s in seeds if not math.isnan(d0[(s, m, x)])]
             if not reach:
-                out.append(Difference(m, float(x), None, None, None, 0, 1.0))
+                out.append(Difference(m, _level(x), None, None, None, 0, 1.0))
                 continue
             n = len(reach)
             draws = rng.integers(0, n, size=(replicates, n))
@@ -359,7 +387,7 @@ def paired_differences(
                 low = mean - half if low is None else min(low, mean - half)
                 high = mean + half if high is None else max(high, mean + half)
                 low, high = max(low, -100.0), min(high, 100.0)  # a difference of two percentages
-            out.append(Difference(m, float(x), mean, low, high, n, float(1 - len(ok) / replicates)))
+            out.append(Difference(m, _level(x), mean, low, high, n, float(1 - len(ok) / replicates)))
     return out
 
 
@@ -392,7 +420,8 @@ def verdict_table(differences: Sequence[Difference], *, reference: str = REFEREN
     levels = list(dict.fromkeys(d.level for d in differences))
     methods = list(dict.fromkeys(d.method for d in differences))
     cells = {(d.method, d.level): d for d in differences}
-    head = ["Method"] + [f"HS − HS({reference}) at FA = {x:g}" for x in levels]
+    head = ["Method"] + [f"HS − HS({reference}) at its own FA" if x == OWN else f"HS − HS({reference}) at FA = {x:g}"
+                         for x in levels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         lines.append("| " + " | ".join([m] + [_cell(cells[(m, x)]) if (m, x) in cells else "–" for x in levels])
