@@ -161,33 +161,28 @@ def check_subspaces(meta: Mapping[str, Any], fingerprint: str | None) -> None:
     another anchored optimizer without subspaces (``anchor_version`` and no
     ``anchor_subspaces``) counts as "none"; a plain optimizer's state says nothing.
     """
-    saved = meta.get("anchor_subspaces")
-    if saved is None and "anchor_version" not in meta:
-        return
-    if saved == fingerprint:
-        return
-    was = "no safety subspaces" if saved is None else f"safety subspaces {saved}"
-    now = "none" if fingerprint is None else f"subspaces {fingerprint}"
-    raise AnchorError(
-        f"the state was saved with {was}, this optimizer has {now}: resume with the subspaces that run "
-        "used (subspaces=SafetySubspaces.load(the same file)), or pass check_anchors=False to switch on purpose"
-    )
+    _check_same(meta, "anchor_subspaces", fingerprint, "safety subspaces {}", "subspaces {}",
+                "the subspaces that run used (subspaces=SafetySubspaces.load(the same file))")
 
 
 def check_surgery(meta: Mapping[str, Any], settings: str | None) -> None:
     """Raise :class:`AnchorError` when the saved state was trained under other gradient-surgery
     settings than ``settings`` (None: this optimizer has no surgery), as :func:`check_subspaces`."""
-    saved = meta.get("anchor_surgery")
-    if saved is None and "anchor_version" not in meta:
+    _check_same(meta, "anchor_surgery", settings, "gradient surgery ({})", "gradient surgery ({})",
+                "the surgery that run used (surgery=GradientSurgery(..., the same settings))")
+
+
+def _check_same(meta: Mapping[str, Any], key: str, now: str | None, saved_as: str, now_as: str, fix: str) -> None:
+    """The saved ``meta[key]`` must equal ``now``; a state of another anchored optimizer without
+    the key counts as "none", a plain optimizer's state says nothing."""
+    saved = meta.get(key)
+    if (saved is None and "anchor_version" not in meta) or saved == now:
         return
-    if saved == settings:
-        return
-    was = "no gradient surgery" if saved is None else f"gradient surgery ({saved})"
-    now = "none" if settings is None else f"gradient surgery ({settings})"
-    raise AnchorError(
-        f"the state was saved with {was}, this optimizer has {now}: resume with the surgery that run used "
-        "(surgery=GradientSurgery(..., the same settings)), or pass check_anchors=False to switch on purpose"
-    )
+    what = saved_as.split(" (")[0].split(" {")[0]
+    was = f"no {what}" if saved is None else saved_as.format(saved)
+    has = "none" if now is None else now_as.format(now)
+    raise AnchorError(f"the state was saved with {was}, this optimizer has {has}: resume with {fix}, "
+                      "or pass check_anchors=False to switch on purpose")
 
 
 def pop_surgery(entries: dict[Any, dict[str, Tensor]]) -> dict[Any, dict[str, Tensor]]:
