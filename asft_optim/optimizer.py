@@ -328,8 +328,10 @@ class AnchoredOptimizer(AnchorDiagnostics, Optimizer):
         the closure is wrapped so that every evaluation (LBFGS evaluates several) adds
         λ∇P and returns ``loss + λP``; with ``"decoupled"`` the closure's own loss.
         """
-        if self.surgery is not None and self.surgery.due(self._surgery_params()):
-            self.surgery.refresh(self._surgery_params())  # before any change: a failing closure changes nothing
+        if self.surgery is not None:
+            params = self._surgery_params()  # one walk of the groups for the check and the refresh
+            if self.surgery.due(params):
+                self.surgery.refresh(params)  # before any change: a failing closure changes nothing
         if closure is None:
             self._surgery_project()
             self._apply_penalty(want_total=False)
