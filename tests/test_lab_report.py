@@ -167,18 +167,38 @@ def test_verdict_section_reads_the_vectors_and_leaves_broken_points_out():
     assert "| x | " in text and "not reached" in text
 
 
-def test_a_method_run_at_one_setting_gets_the_own_fa_table():
-    """safegrad-like: one point per seed; the section adds its reading at its own FA (here
-    (50, 25) on both seeds against l2's 75 at FA 50: -50), and only for it."""
+def test_a_method_that_reaches_no_level_gets_the_own_fa_table():
+    """safegrad-like: one point per seed per setting at FA 75, beyond every fixed level
+    asked; the section adds each setting's reading at its own FA (here HS 25 against l2's 100
+    at FA 75: -75), and only for it."""
     from asft_optim.lab.report import verdict_section
 
-    one = [_vec("y", "safegrad_weight", 1.0, s, "1000", "1100") for s in (0, 1)]
+    one = [_vec("y", "safegrad_weight", mu, s, "1000", "1101") for s in (0, 1) for mu in (0.0, 1.0)]
     text = verdict_section(VERDICT + one, levels=(50.0,), replicates=300)
-    assert "Methods run at one setting" in text and "at its own FA" in text
-    row = next(line for line in text.splitlines() if line.startswith("| y |") and "-50.0" in line)
-    assert "2 seeds" in row
-    assert not any(line.startswith("| x |") for line in text.split("Methods run at one setting")[1].splitlines())
-    assert "Methods run at one setting" not in verdict_section(VERDICT, levels=(50.0,), replicates=50)
+    head = "Methods that reach no FA level above"
+    assert head in text and "at its own FA" in text
+    own = text.split(head)[1].splitlines()
+    rows = [line for line in own if line.startswith("| y ")]
+    assert len(rows) == 2 and all("-75.0" in r and "2 seeds" in r for r in rows)
+    assert not any(line.startswith("| x ") for line in own)  # x reaches FA 50: it is read there
+    assert head not in verdict_section(VERDICT, levels=(50.0,), replicates=50)
+
+
+def test_sft_ends_l2s_curve():
+    """l2 at λ = 0 is sft: sft's point extends l2's curve, and sft gets no row of its own.
+    Here l2 spans FA 25-75 on both seeds; sft at FA 100 (HS 100) lets x's point at FA 100
+    (HS 50) be read: -50."""
+    from asft_optim.lab.report import verdict_section
+
+    sft = [_vec("sft", None, None, s, "1111", "1111") for s in (0, 1)]
+    z = [_vec("z", "safegrad_weight", 1.0, s, "1100", "1111") for s in (0, 1)]
+    text = verdict_section(VERDICT + z, levels=(50.0,), replicates=100)
+    assert "| z " in text and "not reached" in text.split("| z ")[1].splitlines()[0]
+    text = verdict_section(VERDICT + sft + z, levels=(50.0,), replicates=100)
+    assert "l2's curve ends at its strength 0, sft" in text
+    assert not any(line.startswith("| sft") for line in text.splitlines())
+    row = [line for line in text.splitlines() if line.startswith("| z ")][-1]  # the own-FA table's
+    assert "-50.0" in row and "2 seeds" in row
 
 
 def test_verdict_section_without_vectors_says_so_and_refuses_mixed_settings():

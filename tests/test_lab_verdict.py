@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asft_optim.lab.verdict import Difference, Point, hs_at_fa, paired_differences, verdict_table
+from asft_optim.lab.verdict import (
+    OWN,
+    Difference,
+    Point,
+    hs_at_fa,
+    paired_differences,
+    verdict_table,
+)
 
 
 def _pt(method, seed, hs_bits, fa_bits):
@@ -229,3 +236,21 @@ def test_own_fa_of_a_copied_l2_point_shifted_by_delta_recovers_delta(rng, seeds,
     if all(sum(p.seed == s and p.fa == picked[s].fa for p in l2) == 1 for s in picked):
         assert d.mean == pytest.approx(delta) and d.low <= delta + 1e-9 <= d.high + 2e-9
         assert not d.safer
+
+
+def test_the_zero_method_ends_the_references_curve():
+    """Hand-computed: l2 at (FA, HS) (25, 50) and (50, 75); sft (75, 100) is its λ = 0 end.
+    x's one point (75, 25): without the end, not reached; with it, 25 − 100 = −75. At FA 60
+    a swept x through (25, 0) and (75, 50) reads 35, against 85 on l2's curve with its end."""
+    l2 = [Point("l2", 0, "1100", "1000"), Point("l2", 0, "1110", "1100")]
+    sft = [Point("sft", 0, "1111", "1110")]
+    x = [Point("x", 0, "1000", "1110")]
+    d = paired_differences(l2 + sft + x, (OWN,), replicates=50)
+    assert [(e.method, e.reached) for e in d] == [("sft", False), ("x", False)]
+    (e,) = paired_differences(l2 + sft + x, (OWN,), zero="sft", replicates=50)
+    assert e.method == "x" and e.mean == -75.0
+    xs = [Point("x", 0, "0000", "1000"), Point("x", 0, "1100", "1110")]
+    (e,) = paired_differences(l2 + sft + xs, (60.0,), zero="sft", replicates=50)
+    assert e.mean == pytest.approx(35.0 - 85.0)
+    with pytest.raises(ValueError, match="strength 0"):
+        paired_differences(l2 + x, (50.0,), zero="l2")

@@ -280,9 +280,13 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
             continue
         points = [Point(method[id(r)], r["seed"], r["harmful_verdicts"], r["task_correct"], r["method"])
                   for r in usable]
-        text = f"p = {p:g}:\n\n" + verdict_table(paired_differences(points, levels, reference=reference,
-                                                                      replicates=replicates), reference=reference)
-        text += _own_fa_table(points, reference, replicates)
+        zero = ZERO_OF.get(reference) if any(m == ZERO_OF.get(reference) for m in method.values()) else None
+        diffs = paired_differences(points, levels, reference=reference, zero=zero, replicates=replicates)
+        text = f"p = {p:g}:\n\n" + verdict_table(diffs, reference=reference)
+        if zero:
+            text += (f"\n{reference}'s curve ends at its strength 0, {zero} (the same seed's point): "
+                     f"{zero} has no row of its own.\n")
+        text += _own_fa_table(points, diffs, reference, zero, replicates)
         if broken:
             text += ("\nLeft out, broken (more than " f"{100 * BROKEN_SHARE:.0f} % of answers empty or degenerate): "
                      + ", ".join(f"{r['method']} seed {r['seed']}" for r in broken) + ".\n")
@@ -290,19 +294,32 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
     return "\n".join(out)
 
 
-def _own_fa_table(points: list[Point], reference: str, replicates: int) -> str:
-    """The verdict at their own FA for the methods run at one setting (one point on every
-    seed they have), which reach no fixed level: empty when there is none."""
-    seeds_of: dict[str, list[int]] = {}
+def _own_fa_table(points: list[Point], fixed: Sequence, reference: str, zero: str | None,
+                  replicates: int) -> str:
+    """The verdict at their own FA (level :data:`~asft_optim.lab.verdict.OWN`) for the
+    methods that reach none of the fixed FA levels (``fixed``: the main table's
+    differences) on any seed: one row per setting (a setting is one point per seed), since
+    a swept method has no single FA. Empty when there is none."""
+    reached = {d.method for d in fixed if d.reached}
+    units = {}
     for pt in points:
-        seeds_of.setdefault(pt.method, []).append(pt.seed)
-    single = [m for m, s in seeds_of.items() if m != reference and len(s) == len(set(s))]
-    if not single:
+        if pt.method in (reference, zero) or pt.method in reached:
+            continue
+        unit = pt.label if pt.label and pt.label != pt.method else pt.method
+        units.setdefault(unit, []).append(pt.seed)
+    units = {u: s for u, s in units.items() if len(s) == len(set(s))}  # one point per seed
+    if not units:
         return ""
-    mine = [pt for pt in points if pt.method in single or pt.method == reference]
-    diffs = paired_differences(mine, (OWN,), reference=reference, replicates=replicates)
-    return ("\nMethods run at one setting (one point per seed), against " + reference + "'s curve at "
-            "their own FA on the same seed:\n\n" + verdict_table(diffs, reference=reference))
+    mine = [Point(pt.label if pt.label in units else pt.method, pt.seed, pt.harmful, pt.correct, pt.label)
+            for pt in points if pt.method in (reference, zero) or pt.label in units or pt.method in units]
+    diffs = paired_differences(mine, (OWN,), reference=reference, zero=zero, replicates=replicates)
+    return ("\nMethods that reach no FA level above, one row per setting (one point per seed), against "
+            + reference + "'s curve at their own FA on the same seed:\n\n" + verdict_table(diffs, reference=reference))
+
+
+#: The method that is the reference at strength 0, whose points end the reference's curve:
+#: L2 with λ = 0 is sft (the same AdamW on the same data order).
+ZERO_OF = {"l2": "sft"}
 
 
 VERDICT_INTRO = (
@@ -312,8 +329,9 @@ VERDICT_INTRO = (
     "spans a bootstrap over seeds and, within each seed, over the evaluation prompts and task rows "
     "(both sources of noise), and Student's t interval over the seeds' differences (a few seeds "
     "have heavy tails). **safer** only where the whole interval is below 0; \"not reached\": "
-    "no seed's curves both reach that FA. A method run at one setting is a single point: it "
-    "reaches only its own FA, where a table of its own reads it against the reference's curve.\n\n")
+    "no seed's curves both reach that FA. {ref}'s curve ends at sft, its strength 0. A method "
+    "that reaches no level (one that keeps the undefended FA) is read per setting at its own FA, "
+    "against the reference's curve, in a table of its own.\n\n")
 
 
 def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:

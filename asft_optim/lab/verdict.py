@@ -54,6 +54,12 @@ Why this one:
 * FA is resampled too: a point's position along the curve is itself measured on finite
   rows, and the reading at ``x`` moves with it.
 
+**The reference's strength-0 end** (``zero``). L2 at λ = 0 is plain fine-tuning (sft): the
+same AdamW on the same data order. With ``zero="sft"`` each seed's sft point joins L2's
+curve as its λ = 0 end, so the curve spans the FAs up to the undefended attack's instead of
+stopping at its weakest λ; that is still no extrapolation, since the point was measured. A
+defence whose FA lies between L2's weakest λ and sft is then read, not dropped.
+
 **At the method's own FA** (level :data:`OWN`). A method run at one setting is one point per
 seed; it reaches no fixed level but its own. There the difference is
 :math:`d_s = \\mathrm{HS}_{m,s} - \\mathrm{HS}_{\\mathrm{L2},s}(\\mathrm{FA}_{m,s})`: L2's curve on
@@ -268,9 +274,9 @@ def t_quantile(q: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def _group(points: Sequence[Point], reference: str) -> tuple[list[int], list[str], dict]:
+def _group(points: Sequence[Point], reference: str, zero: str | None = None) -> tuple[list[int], list[str], dict]:
     seeds = sorted({p.seed for p in points})
-    methods = list(dict.fromkeys(p.method for p in points if p.method != reference))
+    methods = list(dict.fromkeys(p.method for p in points if p.method not in (reference, zero)))
     by = {}
     for s in seeds:
         mine = [p for p in points if p.seed == s]
@@ -283,7 +289,7 @@ def _group(points: Sequence[Point], reference: str) -> tuple[list[int], list[str
         C = np.stack([p._c for p in mine]).astype(float)  # [K, rows]
         index = {}
         for k, p in enumerate(mine):
-            index.setdefault(p.method, []).append(k)
+            index.setdefault(reference if p.method == zero else p.method, []).append(k)
         by[s] = (H, C, index)
     return seeds, methods, by
 
@@ -315,6 +321,7 @@ def paired_differences(
     levels: Sequence[float] = FA_LEVELS,
     *,
     reference: str = REFERENCE,
+    zero: str | None = None,
     replicates: int = 2000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -326,6 +333,9 @@ def paired_differences(
         points: every evaluated point of one poison ratio, one evaluation setting.
         levels: FA levels in %, or :data:`OWN` (default: :data:`FA_LEVELS`).
         reference: the method compared with (default: ``"l2"``).
+        zero: the method that *is* the reference at strength 0, whose points join the
+            reference's curve as its end (``"sft"`` for L2: λ = 0 is plain fine-tuning) and
+            get no row of their own (default: ``None``).
         replicates: bootstrap replicates (default: 2000).
         seed: seeds the generator; the same inputs and seed give the same numbers (default: 0).
         confidence: the interval's coverage (default: 0.95).
@@ -339,7 +349,9 @@ def paired_differences(
         raise ValueError(f"replicates must be positive, got {replicates}")
     if not any(p.method == reference for p in points):
         raise ValueError(f"no point of the reference method {reference!r}: nothing to compare with")
-    seeds, methods, by = _group(points, reference)
+    if zero == reference:
+        raise ValueError(f"zero names the method at the reference's strength 0, not the reference {reference!r}")
+    seeds, methods, by = _group(points, reference, zero)
     # The point estimate, per seed, from the points as measured.
     d0 = {}
     for s in seeds:
