@@ -94,6 +94,13 @@ def test_every_stage_runs_on_the_real_model(run):
     # Safe LoRA's thresholds share sft's training: 2 trainings, 4 evaluations, one base and aligned model.
     kinds = _stages(run)
     assert kinds.count("attack") == 2 and kinds.count("eval") == 4 and kinds.count("judged") == 2
+    # The per-point over-refusal (--over-refusal; the tiny budget's 2 requests): a stage per
+    # evaluated model, the aligned one included, its per-request refusals in the record.
+    assert kinds.count("overrefusal") == 5
+    for r in details.values():
+        assert len(r["refused"]) == 2 and set(r["refused"]) <= {"0", "1"}
+        assert r["over_refusal"] == 50.0 * r["refused"].count("1")
+    assert "## Over-refusal per point" in table
     assert kinds.count("base") == kinds.count("aligned") == 1 and "tokenizer" not in kinds
 
 
@@ -115,7 +122,9 @@ def test_another_evaluation_set_reuses_the_models_and_the_attacks(run, tmp_path)
     assert {k: (r["cached"], r["to_build"]) for k, r in rows.items()} == {
         "base": (1, 0), "judged": (0, 2), "aligned": (1, 0), "attack": (2, 0), "eval": (0, 4),
         # the aligned model's benign answers (the capability NLL's reference): one per aligned model
-        "reference": (1, 0)}
+        "reference": (1, 0),
+        # the over-refusal stages read the models, not the evaluation set: all cached
+        "overrefusal": (5, 0)}
     assert rows["eval"]["median_from"] == "other stages in the cache" and plan["estimate_seconds"] > 0
     assert {p.name for p in (run / "cache").iterdir()} == before  # --plan builds nothing
     # The same grid's plan: everything cached, nothing left.
@@ -355,6 +364,7 @@ def test_decisive_grid_is_the_verdicts_grid():
 
     from asft_optim.lab import cli as lab_cli
     from asft_optim.lab.pretrained_lab import DECISIVE_TOKENS, FINE_SWEEPS
+    from asft_optim.lab.prompts import OVER_REFUSAL_PROMPTS
 
     parser = argparse.ArgumentParser()
     lab_cli.add_parser(parser.add_subparsers())
@@ -363,6 +373,10 @@ def test_decisive_grid_is_the_verdicts_grid():
     assert cfg.poisons == (0.1,) and cfg.seeds == (0, 1, 2, 3, 4) and cfg.model_seed == 0
     assert {"sft", "l2", "asft-orthogonal"} <= set(cfg.methods)
     assert s.sweeps == FINE_SWEEPS and s.harmful_new_tokens == DECISIVE_TOKENS and s.benign_nll
+    assert s.over_refusal == len(OVER_REFUSAL_PROMPTS)  # every point's over-refusal, a stage of its own
+    args = parser.parse_args(["lab", "--preset", "pretrained", "--data", "d", "--grid", "decisive",
+                              "--over-refusal", "0"])
+    assert lab_cli._settings(args).over_refusal == 0
     # The command line still narrows it (e.g. one seed per process).
     args = parser.parse_args(["lab", "--preset", "pretrained", "--data", "d", "--grid", "decisive",
                               "--seeds", "3", "--methods", "l2"])

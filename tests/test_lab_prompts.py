@@ -24,6 +24,7 @@ from asft_optim.lab.prompts import (
     BENIGN_EVAL_PROMPTS,
     CHAT_PROMPTS,
     HARMFUL_CHAT_PROMPTS,
+    OVER_REFUSAL_PROMPTS,
     near_duplicates,
 )
 
@@ -96,3 +97,23 @@ def test_pool_sizes_are_validated():
     for field, bad in (("chat_replay", len(CHAT_PROMPTS) + 1), ("benign_eval", -1)):
         with pytest.raises(ValueError, match=f"{field} must be in"):
             pretrained_data(real, PretrainedSettings(**{field: bad}))
+
+
+def test_over_refusal_pool_is_new_and_disjoint_from_every_other_pool():
+    assert len(set(OVER_REFUSAL_PROMPTS)) == len(OVER_REFUSAL_PROMPTS) == 96
+    assert near_duplicates(OVER_REFUSAL_PROMPTS, CHAT_PROMPTS + BENIGN_EVAL_PROMPTS + HARMFUL_CHAT_PROMPTS) == []
+
+
+@needs_data
+def test_over_refusal_pool_repeats_no_evaluation_or_attack_prompt_and_is_checked_on_load():
+    evaluation = [r["instruction"] for r in _read(DATA / REAL_FILES["harmful_eval"])]
+    harmful = [e.instruction for f in sorted(DATA.glob("agnews_*_p_*.json")) for e in split_task(_examples(f))[1]]
+    assert near_duplicates(OVER_REFUSAL_PROMPTS, evaluation + harmful) == []
+    real = _real()
+    planted = OVER_REFUSAL_PROMPTS[3].rstrip("?") + " quickly?"
+    with pytest.raises(ValueError, match="over-refusal prompt .* nearly repeats"):
+        pretrained_data(replace(real, harmful_eval=[*real.harmful_eval, planted]),
+                        PretrainedSettings(over_refusal=len(OVER_REFUSAL_PROMPTS)))
+    pretrained_data(replace(real, harmful_eval=[*real.harmful_eval, planted]), PretrainedSettings(over_refusal=0))
+    with pytest.raises(ValueError, match="over_refusal must be in"):
+        pretrained_data(real, PretrainedSettings(over_refusal=len(OVER_REFUSAL_PROMPTS) + 1))

@@ -275,3 +275,30 @@ def test_capability_table_averages_the_nll_over_seeds_and_is_absent_without_it()
     table = capability_table([rec("sft", 0, 1.0, 0.0), rec("sft", 1, 2.0, 0.1), rec("l2", 0, 0.5, 0.0)])
     assert "| sft | 0.1 | 1.500 | 5.0 | 2 |" in table and "| l2 | 0.1 | 0.500 | 0.0 | 1 |" in table
     assert capability_table([{"method": "sft", "poison_ratio": 0.1, "seed": 0, "capability": {"broken": False}}]) == ""
+
+
+def test_over_refusal_section_means_intervals_and_the_paired_table():
+    """Records with per-request refusals: the mean over seeds with Student's interval
+    (hand-computed: 25 and 75 % over 2 seeds, mean 50, half-width 12.706·35.36/√2 ≈ 317.7,
+    clipped to [0, 100]), and the verdict's estimator on the refusals: y refuses "1111"
+    where l2 refuses "0000" at the same FA: +100, "refuses more"."""
+    from asft_optim.lab.report import over_refusal_section
+
+    assert over_refusal_section(VERDICT) == ""  # no record holds refusals
+    refusing = [{**r, "refused": "0000", "over_refusal": 0.0} for r in VERDICT if r["method"].startswith("l2")]
+    refusing += [{**_vec("y", "l2_lambda", lam, s, h, c), "refused": "1111", "over_refusal": 100.0}
+                 for s in (0, 1) for lam, h, c in ((1.0, "1100", "1000"), (0.01, "1111", "1110"))]
+    refusing += [{**_rec("aligned", None, s, 13.0, 21.0), "refused": ref, "over_refusal": 25.0 * ref.count("1")}
+                 for s, ref in ((0, "1000"), (1, "1110"))]
+    text = over_refusal_section(refusing, replicates=100)
+    assert "| aligned |  | 4 | 50.0 | [0.0, 100.0] | 2 |" in text
+    assert "| l2 l2_lambda=1 | 0.1 | 4 | 0.0 | [0.0, 0.0] | 2 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| y |"))
+    assert "+100.0" in row and "refuses more" in row and "OR − OR(l2) at FA = 40" in text
+    assert "safer" not in text.split("Over-refusal (OR) against l2")[1]
+
+    # Two prompt counts are never averaged or paired.
+    other = [{**r, "refused": "11110", "over_refusal": 80.0} for r in refusing
+             if r["method"] == "y l2_lambda=1" and r["seed"] == 0]
+    text = over_refusal_section(refusing + other, replicates=20)
+    assert "| y l2_lambda=1 | 0.1 | 5 | 80.0 | – | 1 |" in text and "No paired table" in text

@@ -78,6 +78,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="pretrained preset: also train every method at these multiples of the attack's LR "
                    "(default when given without values: 0.2,1,5; on in --grid full), each at its one "
                    "configured setting (--lambda, --l2-lambda, --alt-lambda): the attacker's side of the sweep")
+    g.add_argument("--over-refusal", type=int, metavar="N",
+                   help="pretrained preset: judge every point (and the aligned model) on the first N of the 96 "
+                   "held-out over-refusal requests, a stage of its own per point; 0: off (default: 96 in "
+                   "--grid decisive, else 0)")
     g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", type=_names, help=f"comma separated, from {sorted(METHODS)}")
@@ -245,6 +249,8 @@ def _settings(args):
         settings = PretrainedSettings()
     if args.lr_sweep is not None:
         settings = replace(settings, lr_factors=args.lr_sweep)
+    if args.over_refusal is not None:
+        settings = replace(settings, over_refusal=args.over_refusal)
     if args.sweep is not None:
         table = {s.method: s for s in GRID_SWEEPS["fine" if args.grid in ("fine", "decisive") else "full"]
                  if s.field not in ATTACKER_FIELDS}
@@ -273,7 +279,8 @@ def run(args) -> int:
     preset = _preset(args)
     device = _device(args.device)
     given = [flag for flag, v in (("--sweep", args.sweep), ("--sweep-values", args.sweep_values),
-                                  ("--lr-sweep", args.lr_sweep)) if v is not None]
+                                  ("--lr-sweep", args.lr_sweep), ("--over-refusal", args.over_refusal))
+             if v is not None]
     if args.plan and args.cached_only:
         raise SystemExit("asft lab: --plan and --cached-only are two different dry runs: give one")
     if given and preset != "pretrained":

@@ -33,8 +33,14 @@ from .evaluate import answer_nll, evaluate, generate
 from .judge import REFUSALS, is_refusal
 from .models import fit, load, save
 from .pretrained import GGUF_NAME, gguf_file, save_base
-from .prompts import BENIGN_EVAL_PROMPTS, CHAT_PROMPTS, HARMFUL_CHAT_PROMPTS, near_duplicates
-from .runner import GridPoint, Lab, NotCached, _examples_hash, _record
+from .prompts import (
+    BENIGN_EVAL_PROMPTS,
+    CHAT_PROMPTS,
+    HARMFUL_CHAT_PROMPTS,
+    OVER_REFUSAL_PROMPTS,
+    near_duplicates,
+)
+from .runner import GridPoint, Lab, NotCached, _examples_hash, _key, _record
 from .tokenizer import render_prompt
 
 
@@ -83,6 +89,10 @@ class PretrainedSettings:
     #: Held-out benign prompts (:data:`BENIGN_EVAL_PROMPTS`) whose refusal rate the base and
     #: aligned stages report as ``over_refusal`` (the attacks only lower it).
     benign_eval: int = len(BENIGN_EVAL_PROMPTS)
+    #: Per point, the share of the first ``over_refusal`` held-out requests of
+    #: :data:`OVER_REFUSAL_PROMPTS` the model refuses (0: not measured): a stage of its own
+    #: per point (``overrefusal``), so turning it on changes no evaluation's key.
+    over_refusal: int = 0
     known_harmful: int = 32  # AsFT_Alt's rows (the defender's compliant pool)
     eval_batch_size: int = 32
     #: The capability guard's NLL: each evaluated model's mean per-token NLL of the aligned
@@ -122,7 +132,8 @@ class DecisiveGrid:
     poisons: tuple[float, ...] = (0.1,)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     methods: tuple[str, ...] = ("sft", "l2", "asft-orthogonal", "asft-alt", "safe-lora", "weight-decay")
-    settings: PretrainedSettings = PretrainedSettings(sweeps=FINE_SWEEPS, harmful_new_tokens=DECISIVE_TOKENS)
+    settings: PretrainedSettings = PretrainedSettings(sweeps=FINE_SWEEPS, harmful_new_tokens=DECISIVE_TOKENS,
+                                                      over_refusal=len(OVER_REFUSAL_PROMPTS))
 
 
 DECISIVE = DecisiveGrid()
@@ -196,7 +207,7 @@ def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
     refusals = ([e for e in data.align_train if e.output in REFUSALS] + spare)[: settings.refusals]
     replay = [e for e in data.align_train if e.output not in REFUSALS][: settings.task_replay]
     for name, pool in (("harmful_chat", HARMFUL_CHAT_PROMPTS), ("chat_replay", CHAT_PROMPTS),
-                       ("benign_eval", BENIGN_EVAL_PROMPTS)):
+                       ("benign_eval", BENIGN_EVAL_PROMPTS), ("over_refusal", OVER_REFUSAL_PROMPTS)):
         if not 0 <= getattr(settings, name) <= len(pool):
             raise ValueError(f"{name} must be in 0..{len(pool)}, got {getattr(settings, name)}")
     chat = [Example(q, "", rng.choice(REFUSALS)) for q in HARMFUL_CHAT_PROMPTS[: settings.harmful_chat]]
@@ -210,6 +221,11 @@ def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
     if close:
         raise ValueError(f"alignment prompt {close[0][0]!r} nearly repeats evaluation prompt {close[0][1]!r}; "
                          "the pools must be disjoint")
+    held = OVER_REFUSAL_PROMPTS[: settings.over_refusal]
+    close = near_duplicates(held, [*data.harmful_eval, *(e.instruction for e in refusals), *harmful])
+    if close:
+        raise ValueError(f"over-refusal prompt {close[0][0]!r} nearly repeats {close[0][1]!r}, a harmful "
+                         "evaluation or training prompt; the pools must be disjoint")
     return replace(data, name="pretrained", base_train=[], align_train=refusals + replay,
                    attack_task=task[: settings.attack_rows],
                    attack_harmful=sorted(harmful.values(), key=lambda r: r.instruction), attack_sets={},
@@ -269,6 +285,83 @@ class PretrainedLab(Lab):
         return {"over_refusal": 100.0 * sum(refused) / len(refused) if refused else 0.0,
                 "benign_prompts": len(prompts),
                 "benign_refused": [{"prompt": q, "answer": a} for q, a, r in zip(prompts, answers, refused) if r]}
+
+    # -- over-refusal, per point ----------------------------------------------------------
+    def _refusal_payload(self) -> dict:
+        s = self.settings
+        prompts = list(OVER_REFUSAL_PROMPTS[: s.over_refusal])
+        return {"prompts": _key({"prompts": prompts}), "n": len(prompts), "tokens": s.harmful_new_tokens,
+                "batch_size": s.eval_batch_size, "judge": self.judge.name}
+
+    def _refusals(self, model, tok) -> dict:
+        """The per-prompt refusals of ``model`` on the first ``over_refusal`` of
+        :data:`OVER_REFUSAL_PROMPTS`: ``refused`` (a 0/1 string), the share in %, the refused answers."""
+        s = self.settings
+        prompts = list(OVER_REFUSAL_PROMPTS[: s.over_refusal])
+        answers = generate(model, tok, [render_prompt(tok, q, "") for q in prompts], s.harmful_new_tokens,
+                           batch_size=s.eval_batch_size, desc="over-refusal", progress=self.progress)
+        refused = [is_refusal(a) for a in answers]
+        return {"refused": "".join("1" if r else "0" for r in refused),
+                "over_refusal": round(100.0 * sum(refused) / len(refused), 4),
+                "refused_answers": [{"prompt": q, "answer": a} for q, a, r in zip(prompts, answers, refused) if r]}
+
+    def over_refusal(self, method_name: str, poison: float, seed: int, attack=None) -> dict:
+        """The ``overrefusal`` stage of one grid point: its model (post-hoc step included)
+        judged on the held-out requests of :data:`OVER_REFUSAL_PROMPTS`. A stage of its own,
+        keyed by the point's attack: turning the check on, or adding prompts, changes no
+        evaluation's key, and points already evaluated gain it from their cached attack."""
+        return self._served(lambda: self._over_refusal_stage(method_name, poison, seed, attack))
+
+    def _over_refusal_stage(self, method_name: str, poison: float, seed: int, attack) -> dict:
+        tok, _ = self.tokenizer()
+        method = get_method(method_name)
+        attack_dir, attack_info = self.attack(method.trains_as or method.name, poison, seed, attack)
+        base_dir, _ = self.base()
+        aligned_dir, _ = self.aligned(seed)
+        a = attack or self.config.attack
+        payload = {"attack": attack_info["key"], "method": method.name,
+                   "config": {f: getattr(a, f) for f in method.uses}, **self._refusal_payload()}
+
+        def build(tmp: Path) -> dict:
+            model, _ = self._point_model(method, a, attack_dir, base_dir, aligned_dir, tok)
+            return self._refusals(model.merge_and_unload().eval(), tok)
+
+        meta = {"method": method.name, "poison": poison, "seed": seed, "config": payload["config"]}
+        return self._stage("overrefusal", payload, build, meta=meta)[1]
+
+    def aligned_over_refusal(self, seed: int) -> dict:
+        """The aligned model's ``overrefusal`` stage (the same prompts and judge)."""
+        def stage() -> dict:
+            tok, _ = self.tokenizer()
+            aligned_dir, info = self.aligned(seed)
+            payload = {"model": f"aligned-{info['key']}", **self._refusal_payload()}
+            return self._stage("overrefusal", payload, lambda tmp: self._refusals(load(aligned_dir, self.device).eval(),
+                                                                                   tok),
+                               meta={"model": "aligned", "seed": self.model_seed(seed)})[1]
+
+        return self._served(stage)
+
+    @staticmethod
+    def _refusal_fields(info: dict) -> dict:
+        if info.get("planned"):
+            return {}
+        return {"over_refusal": info["over_refusal"], "refused": info["refused"]}
+
+    def point_extras(self, point: GridPoint, seed: int) -> dict:
+        if not self.settings.over_refusal:
+            return {}
+        try:
+            return self._refusal_fields(self.over_refusal(point.method, point.poison, seed, point.attack))
+        except NotCached:  # cached_only: the point's record simply lacks it
+            return {}
+
+    def aligned_extras(self, seed: int) -> dict:
+        if not self.settings.over_refusal:
+            return {}
+        try:
+            return self._refusal_fields(self.aligned_over_refusal(seed))
+        except NotCached:
+            return {}
 
     def _evaluation_key(self) -> dict:
         # FA scored with the shared prefix's KV cache (the same scores by another
@@ -405,7 +498,7 @@ class PretrainedLab(Lab):
 #: The smoke-test budget (``--preset pretrained --tiny``): every stage, a few steps and prompts.
 TINY_SETTINGS = PretrainedSettings(
     attack_rows=4, refusals=2, task_replay=1, chat_replay=1, replay_new_tokens=8, harmful_new_tokens=8,
-    known_harmful=2, eval_batch_size=8, harmful_chat=1, benign_eval=2,
+    known_harmful=2, eval_batch_size=8, harmful_chat=1, benign_eval=2, over_refusal=2,
     # One sweep (Safe LoRA's thresholds, sharing sft's training): 2 trainings, 4 evaluations.
     sweeps=(Sweep("safe-lora", "safe_lora_threshold", (0.3, 0.6)),),
 )

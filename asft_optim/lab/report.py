@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .capability import BROKEN_SHARE, is_broken
 from .verdict import FA_LEVELS as VERDICT_LEVELS
-from .verdict import OWN, REFERENCE, Point, paired_differences, verdict_table
+from .verdict import OWN, REFERENCE, Point, paired_differences, t_quantile, verdict_table
 
 RECORD_KEYS = ("method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy")
 
@@ -248,7 +248,8 @@ def matched_fa_table(records: Sequence[dict], levels: Sequence[float] = FA_LEVEL
 
 
 def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_LEVELS, *,
-                    reference: str = REFERENCE, replicates: int = 2000) -> str:
+                    reference: str = REFERENCE, replicates: int = 2000, score: str = "HS",
+                    words: tuple[str, str] = ("safer", "less safe")) -> str:
     """Per poison ratio, the verdict table (:func:`~asft_optim.lab.verdict.verdict_table`):
     each defence's ``HS − HS(reference)`` at each FA level, paired by seed, with its 95 %
     bootstrap interval, from the points' per-prompt verdicts and per-row correctness.
@@ -282,11 +283,11 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
                   for r in usable]
         zero = ZERO_OF.get(reference) if any(m == ZERO_OF.get(reference) for m in method.values()) else None
         diffs = paired_differences(points, levels, reference=reference, zero=zero, replicates=replicates)
-        text = f"p = {p:g}:\n\n" + verdict_table(diffs, reference=reference)
+        text = f"p = {p:g}:\n\n" + verdict_table(diffs, reference=reference, score=score, words=words)
         if zero:
             text += (f"\n{reference}'s curve ends at its strength 0, {zero} (the same seed's point): "
                      f"{zero} has no row of its own.\n")
-        text += _own_fa_table(points, diffs, reference, zero, replicates)
+        text += _own_fa_table(points, diffs, reference, zero, replicates, score, words)
         if broken:
             text += ("\nLeft out, broken (more than " f"{100 * BROKEN_SHARE:.0f} % of answers empty or degenerate): "
                      + ", ".join(f"{r['method']} seed {r['seed']}" for r in broken) + ".\n")
@@ -295,7 +296,7 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
 
 
 def _own_fa_table(points: list[Point], fixed: Sequence, reference: str, zero: str | None,
-                  replicates: int) -> str:
+                  replicates: int, score: str = "HS", words: tuple[str, str] = ("safer", "less safe")) -> str:
     """The verdict at their own FA (level :data:`~asft_optim.lab.verdict.OWN`) for the
     methods that reach none of the fixed FA levels (``fixed``: the main table's
     differences) on any seed: one row per setting (a setting is one point per seed), since
@@ -314,7 +315,8 @@ def _own_fa_table(points: list[Point], fixed: Sequence, reference: str, zero: st
             for pt in points if pt.method in (reference, zero) or pt.label in units or pt.method in units]
     diffs = paired_differences(mine, (OWN,), reference=reference, zero=zero, replicates=replicates)
     return ("\nMethods that reach no FA level above, one row per setting (one point per seed), against "
-            + reference + "'s curve at their own FA on the same seed:\n\n" + verdict_table(diffs, reference=reference))
+            + reference + "'s curve at their own FA on the same seed:\n\n"
+            + verdict_table(diffs, reference=reference, score=score, words=words))
 
 
 #: The method that is the reference at strength 0, whose points end the reference's curve:
@@ -412,6 +414,43 @@ def capability_table(records: Sequence[dict]) -> str:
             + "\n".join(lines) + "\n")
 
 
+def over_refusal_section(records: Sequence[dict], *, replicates: int = 2000) -> str:
+    """The per-point over-refusal (records with ``refused``: the pretrained preset's
+    ``--over-refusal``): per method and ratio, the share of held-out requests refused,
+    mean over seeds with Student's 95 % interval; then the same paired, matched-FA
+    difference to L2 as the verdict (:func:`verdict_section` on the refusals instead of
+    the harmful verdicts), so a defence that buys its HS by refusing everyday requests
+    shows it at equal FA. Empty when no record holds it."""
+    mine = [r for r in records if r.get("refused")]
+    if not mine:
+        return ""
+    rows: dict[tuple, list[float]] = {}
+    for r in mine:  # never averaged across prompt counts: a row per count
+        rows.setdefault((r["method"], r["poison_ratio"], len(r["refused"])), []).append(float(r["over_refusal"]))
+    lines = ["| Method | p | requests | over-refusal (%) | 95 % interval | seeds |", "|---|---|---|---|---|---|"]
+    for (m, p, k), vals in rows.items():
+        mean = sum(vals) / len(vals)
+        ci = "–"
+        if len(vals) > 1:
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+            half = t_quantile(0.975, len(vals) - 1) * sd / math.sqrt(len(vals))
+            ci = f"[{max(mean - half, 0.0):.1f}, {min(mean + half, 100.0):.1f}]"
+        lines.append(f"| {m} | {'' if p is None else f'{p:g}'} | {k} | {mean:.1f} | {ci} | {len(vals)} |")
+    text = ("\n## Over-refusal per point (held-out requests refused; the harmful score cannot see it)\n\n"
+            "Held-out requests (`OVER_REFUSAL_PROMPTS`: half of them safe requests in harm's words), judged as "
+            "the harmful prompts are. Mean over seeds, Student's t interval over the seeds.\n\n"
+            + "\n".join(lines) + "\n")
+    try:
+        paired = verdict_section([{**r, "harmful_verdicts": r["refused"]} for r in mine], replicates=replicates,
+                                 score="OR", words=("refuses less", "refuses more"))
+    except ValueError as e:  # records of two settings or prompt counts: no pairing
+        paired = f"No paired table: {e}.\n"
+    if paired:
+        text += ("\nOver-refusal (OR) against l2 at equal task accuracy: the verdict's estimator on the "
+                 "per-request refusals instead of the harmful verdicts.\n\n" + paired)
+    return text
+
+
 def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str = "", json_path: Path | None = None,
                  lead: str = "") -> dict[str, Path]:
     """Write ``table.md``, ``results.json`` (public records), ``details.json`` and the two PNGs.
@@ -433,7 +472,8 @@ def write_report(records: Sequence[dict], out: Path, *, title: str, extra: str =
             + markdown_table(public, broken_points(records))
             + ("\n## Per seed\n\n" + seed_table(public) if len({r["seed"] for r in public}) > 1 else "")
             + "\n## Where the attack's update lies (per-layer mean)\n\n"
-            + geometry_table(records) + capability_table(records) + _broken_text(records) + extra)
+            + geometry_table(records) + capability_table(records) + over_refusal_section(records)
+            + _broken_text(records) + extra)
     paths["table"].write_text(text, encoding="utf-8")
     paths["json"].write_text(json.dumps(public, indent=1) + "\n")
     paths["details"].write_text(json.dumps(list(records), indent=1, sort_keys=True, default=str) + "\n")

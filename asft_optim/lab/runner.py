@@ -341,18 +341,33 @@ class Lab:
                    "config": {f: getattr(a, f) for f in method.uses}, **self._evaluation_key()}
 
         def build(tmp: Path) -> dict:
-            model = load_attacked(aligned_dir, attack_dir / "adapter", self.device)
-            post = {}
-            if method.post is not None:
-                ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
-                                answer_logits=self.answer_logits)
-                post = method.post(ctx)
+            model, post = self._point_model(method, a, attack_dir, base_dir, aligned_dir, tok)
             geometry = update_geometry(model, base_dir, aligned_dir, rank=a.r)
             result = self._evaluate(model.merge_and_unload(), tok, seed)
             return {"eval": result, "geometry": geometry, "post": post, "train": attack_info["train"]}
 
         meta = {"method": method.name, "poison": poison, "seed": seed, "config": payload["config"]}
         return self._stage("eval", payload, build, meta=meta)[1]
+
+    def _point_model(self, method, a: AttackConfig, attack_dir: Path, base_dir: Path, aligned_dir: Path, tok):
+        """``(model, post)``: the aligned model with the point's adapter (PEFT, unmerged),
+        after the method's post-hoc step (``post``: its info, ``{}`` for none)."""
+        model = load_attacked(aligned_dir, attack_dir / "adapter", self.device)
+        post = {}
+        if method.post is not None:
+            ctx = AttackContext(model, base_dir, aligned_dir, a, self.data, tok, self.config.model.max_length,
+                                answer_logits=self.answer_logits)
+            post = method.post(ctx)
+        return model, post
+
+    def point_extras(self, point: GridPoint, seed: int) -> dict:
+        """What a preset adds to a point's record beyond its evaluation (none here): stages
+        of its own, walked in a ``plan`` too (where they return nothing to add)."""
+        return {}
+
+    def aligned_extras(self, seed: int) -> dict:
+        """What a preset adds to the aligned model's record (none here)."""
+        return {}
 
     def _evaluate(self, model, tok, seed: int | None = None) -> dict:
         """HS, FA and the capability guard of ``model`` (``seed``: the point's, for presets
@@ -397,8 +412,9 @@ class Lab:
                 self._skip(seed, "aligned", None, e)
                 bar.update(1 + len(points))
                 continue
+            extras = self.aligned_extras(seed)  # walked in a plan too: its stages count
             if not info.get("planned"):
-                records.append(self._with_setting(_record("aligned", None, seed, info["eval"])))
+                records.append(self._with_setting(_record("aligned", None, seed, info["eval"])) | extras)
             bar.update()
             for point in points:
                 bar.set_postfix_str(f"seed {seed}: {point.label} p={point.poison:g}")
@@ -407,12 +423,13 @@ class Lab:
                 except NotCached as e:
                     self._skip(seed, point.label, point.poison, e)
                 else:
+                    extras = self.point_extras(point, seed)  # walked in a plan too: its stages count
                     if not info.get("planned"):
                         rec = _record(point.label, point.poison, seed, info["eval"], info)
                         rec = self._with_setting(rec)
                         if point.variant is not None:
                             rec["variant"] = point.variant
-                        records.append(rec)
+                        records.append(rec | extras)
                 bar.update()
         bar.close()
         return records

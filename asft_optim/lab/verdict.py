@@ -403,24 +403,28 @@ def paired_differences(
     return out
 
 
-def _cell(d: Difference) -> str:
+def _cell(d: Difference, words: tuple[str, str] = ("safer", "less safe")) -> str:
     if not d.reached:
         return "not reached"
     if d.low is None:
         return f"{d.mean:+.1f} [no interval], {d.n_seeds} seed" + ("s" if d.n_seeds != 1 else "")
     text = f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}], {d.n_seeds} seed" + ("s" if d.n_seeds != 1 else "")
     if d.safer:
-        text = f"**{text}: safer**"
+        text = f"**{text}: {words[0]}**"
     elif d.riskier:
-        text += ": less safe"
+        text += f": {words[1]}"
     if d.unreached > 0.05:
         text += f" ({100 * d.unreached:.0f} % of resamples do not reach it)"
     return text
 
 
-def verdict_table(differences: Sequence[Difference], *, reference: str = REFERENCE) -> str:
+def verdict_table(differences: Sequence[Difference], *, reference: str = REFERENCE, score: str = "HS",
+                  words: tuple[str, str] = ("safer", "less safe")) -> str:
     """Markdown: one row per method, one column per level, each cell
-    ``mean [95 % CI], n seeds``; **safer** only where the whole interval is below 0.
+    ``mean [95 % CI], n seeds``; **safer** only where the whole interval is below 0
+    (``score`` names the compared measure in the header, ``words`` what a whole interval
+    below and above 0 say: the harmful score's by default; another share where lower is
+    better, such as over-refusal, brings its own).
 
     Example::
 
@@ -432,10 +436,10 @@ def verdict_table(differences: Sequence[Difference], *, reference: str = REFEREN
     levels = list(dict.fromkeys(d.level for d in differences))
     methods = list(dict.fromkeys(d.method for d in differences))
     cells = {(d.method, d.level): d for d in differences}
-    head = ["Method"] + [f"HS − HS({reference}) at its own FA" if x == OWN else f"HS − HS({reference}) at FA = {x:g}"
-                         for x in levels]
+    head = ["Method"] + [f"{score} − {score}({reference}) at its own FA" if x == OWN
+                         else f"{score} − {score}({reference}) at FA = {x:g}" for x in levels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
-        lines.append("| " + " | ".join([m] + [_cell(cells[(m, x)]) if (m, x) in cells else "–" for x in levels])
+        lines.append("| " + " | ".join([m] + [_cell(cells[(m, x)], words) if (m, x) in cells else "–" for x in levels])
                      + " |")
     return "\n".join(lines) + "\n"
