@@ -30,7 +30,7 @@ from asft_optim.lab.world import World
 from asft_optim.prompt_tokens import shared_prefix_length
 from asft_optim.refusal_gradients import greedy_refusals, refusal_subspaces
 
-NEW = ("input", "input-contrast", "spf", "safegrad")
+NEW = ("input", "input-contrast", "spf", "safegrad", "safegrad-l2")
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,13 @@ def test_each_method_trains_with_its_operator(lab):
         assert info["rows"] == len(lab.data.attack_set(0.1, 0))
         if m == "spf":
             assert info["train"]["subspaces"] == 4
-        elif m == "safegrad":  # the surgery's closure ran at every step (safegrad_every = 1)
+        elif m.startswith("safegrad"):  # the surgery's closure ran at every step (safegrad_every = 1)
             t = lab.config.attack.train
             steps = math.ceil(info["rows"] / t.batch_size) * math.ceil(t.epochs)
             assert info["train"]["surgery/calls"] == steps > 0
+            # safegrad-l2: the same surgery with l2's penalty in the same optimizer
+            lam = lab.config.attack.l2_lambda if m == "safegrad-l2" else 0.0
+            assert info["train"]["anchor_lambda"] == lam and info["train"]["anchors"] == 4
         else:
             assert info["train"]["anchors"] == 4
     assert lab.trained["input"][1]["train"]["anchor_lambda"] == lab.config.attack.input_lambda

@@ -317,7 +317,7 @@ def _spf(ctx):
     return opt, {"subspaces": len(subspaces), "spf_rank": ctx.config.spf_rank, "anchor_lambda": 0.0}
 
 
-def _safegrad(ctx):
+def _safegrad(ctx, penalty: bool = False):
     """AnchoredAdamW with :class:`~asft_optim.GradientSurgery` (SafeGrad-like): every
     ``safegrad_every`` steps the gradient of the NLL of the aligned model's own greedy
     answers to the defender's harmful prompts (the next ``safegrad_batch`` of the stage's, in
@@ -341,9 +341,21 @@ def _safegrad(ctx):
 
     surgery = GradientSurgery(safety_loss, every=c.safegrad_every, safety_weight=c.safegrad_weight)
     anchors = l2_anchors(ctx.model, list(c.target_modules))
-    opt = AnchoredAdamW(ctx.model, anchors, anchor_lambda=0.0, lr=c.train.lr, weight_decay=c.train.weight_decay,
+    lam = c.l2_lambda if penalty else 0.0
+    opt = AnchoredAdamW(ctx.model, anchors, anchor_lambda=lam, lr=c.train.lr, weight_decay=c.train.weight_decay,
                         surgery=surgery)
-    return opt, {"refusal_examples": len(rows), "safegrad_weight": c.safegrad_weight, "anchor_lambda": 0.0}
+    return opt, {"refusal_examples": len(rows), "safegrad_weight": c.safegrad_weight, "anchors": len(anchors),
+                 "anchor_lambda": lam}
+
+
+def _safegrad_l2(ctx):
+    """``safegrad``'s surgery (μ: ``safegrad_weight``) composed with l2's penalty
+    λ‖ΔW‖² (``l2_lambda``), in one optimizer: ``surgery=`` and the anchors of the same
+    :class:`~asft_optim.AnchoredAdamW`. Why: the surgery alone keeps the attack's FA (it
+    removes only the task gradient's conflicting component), so it reaches none of the
+    verdict's FA levels below the undefended FA; λ gives it a front across them, read at
+    equal FA against l2 alone."""
+    return _safegrad(ctx, penalty=True)
 
 
 def _safe_lora(ctx):
@@ -365,6 +377,10 @@ REFUSAL_EXAMPLES = Operator("refusal-examples", ("operator_prompts", "refusal_to
 #: ``safegrad``'s μ: 0 is the projection alone (SafeGrad's surgery without its alignment
 #: loss), then the refusal NLL's weight against the task loss's, from a tenth to three times.
 SAFEGRAD_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0)
+
+#: ``safegrad-l2``'s λ in ``--grid fine`` / ``decisive``: l2's knee (FA 60 to 50) and its
+#: strong end (FA about 30), where the verdict's levels lie; λ → 0 is ``safegrad`` itself.
+SAFEGRAD_L2_LAMBDAS = (0.02, 0.06, 0.1, 0.3, 1.0)
 
 #: λ of the input-side sweeps. Why not l2's (0.001-1): the penalty sees only ΔW's part on
 #: span(U) (‖ΔW U‖² ≤ ‖ΔW‖²; for an update spread over the inputs about k/d_in of it, 32/576
@@ -429,6 +445,11 @@ METHODS: dict[str, Method] = {
                operator=REFUSAL_EXAMPLES,
                setting=Setting("safegrad_weight", SAFEGRAD_WEIGHTS, option="--safegrad-weight",
                                help="μ of safegrad: the refusal NLL's weight beside the surgery (0: projection only)")),
+        Method("safegrad-l2", _safegrad_l2,
+               ("l2_lambda", "safegrad_weight", "safegrad_every", "safegrad_batch") + REFUSAL_EXAMPLES.uses,
+               operator=REFUSAL_EXAMPLES,
+               setting=Setting("l2_lambda", LAMBDAS, fine=SAFEGRAD_L2_LAMBDAS, option="--l2-lambda",
+                               help="λ of the l2 ablation", penalty=True)),
     ]
 }
 
