@@ -41,6 +41,19 @@ def lab(tmp_path_factory):
     return lab
 
 
+def _update_norm(attack_dir) -> float:
+    """‖ΔW‖_F over the adapter's layers: ΔW = B·A (the same scale s for every method)."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(attack_dir / "adapter" / "adapter_model.safetensors"))
+    total = 0.0
+    for name, a in w.items():
+        if "lora_A" in name:
+            total += float((w[name.replace("lora_A", "lora_B")].double() @ a.double()).square().sum())
+    assert total > 0
+    return total ** 0.5
+
+
 def _projector(basis):
     b = basis.double()
     return b @ b.T
@@ -61,6 +74,9 @@ def test_each_method_trains_with_its_operator(lab):
             assert info["train"]["anchor_lambda"] == lam and info["train"]["anchors"] == 4
         else:
             assert info["train"]["anchors"] == 4
+    # safegrad-l2's penalty acts: the same surgery, seed and rows, a smaller update.
+    assert lab.config.attack.l2_lambda > 0
+    assert _update_norm(lab.trained["safegrad-l2"][0]) < 0.9 * _update_norm(lab.trained["safegrad"][0])
     assert lab.trained["input"][1]["train"]["anchor_lambda"] == lab.config.attack.input_lambda
     assert lab.trained["spf"][1]["train"]["spf_rank"] == lab.config.attack.spf_rank
     # The default grid stays as it was: none of them runs unless asked for.

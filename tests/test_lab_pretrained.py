@@ -359,6 +359,27 @@ def test_fine_grid_sweeps_lambda_where_the_fronts_turn():
     assert [w.values for w in _lab_args("--grid", "fine", "--sweep", "l2").sweeps] == [FINE_LAMBDAS]
 
 
+@needs_model
+@needs_data
+@pytest.mark.slow
+def test_another_over_refusal_count_changes_no_evaluation_and_is_listed_when_missing(run, tmp_path):
+    # --over-refusal 1 asks for stages the run did not build (its requests are in their key,
+    # not in the evaluations'): --cached-only finds every evaluation and lists each point's
+    # missing over-refusal, never a silent gap.
+    out = tmp_path / "one-request"
+    out.mkdir()
+    (out / "cache").symlink_to(run / "cache", target_is_directory=True)
+    assert main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress", "--cached-only",
+                 "--over-refusal", "1", "--out", str(out)]) == 0
+    records = json.loads((out / "details.json").read_text())
+    assert len(records) == 5 and not any("refused" in r for r in records)
+    table = (out / "table.md").read_text()
+    assert table.count("(no overrefusal stage)") == 5 and "## Over-refusal per point" not in table
+    with pytest.raises(SystemExit, match="over_refusal must be in"):
+        main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress", "--plan",
+              "--over-refusal", "97", "--out", str(out)])
+
+
 def test_decisive_grid_is_the_verdicts_grid():
     import argparse
 

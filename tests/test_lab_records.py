@@ -154,3 +154,23 @@ def test_a_refused_record_is_replaced_when_its_point_is_built(grid, tmp_path):
     # The cache still holds the point: a run reads it there and writes a good record back.
     _lab(tmp_path / "a", *GRID, "--records", str(records))
     assert json.loads(path.read_text()) == good
+
+
+def test_a_kind_with_its_own_setting_is_shared_by_two_evaluation_settings(tmp_path):
+    """A record kind whose numbers do not depend on the evaluation set (the per-point
+    over-refusal) is stamped with its own setting: a store of another evaluation set reads
+    it and never overwrites it, while its other kinds stay apart; the folder scan counts it usable."""
+    from asft_optim.lab.records import RecordStore
+
+    own = {"overrefusal": {"lab_version": 1, "device": "cpu", "kind": "overrefusal"}}
+    a = RecordStore(tmp_path, 1, {"test": "A"}, own)
+    b = RecordStore(tmp_path, 1, {"test": "B"}, own)
+    a.put("overrefusal", "k1", {"over_refusal": 12.5})
+    a.put("eval", "k2", {"harmful_score": 1.0})
+    assert b.get("overrefusal", "k1") == {"over_refusal": 12.5} and b.has("overrefusal", "k1")
+    assert b.get("eval", "k2") is None and b.refused == [("eval-k2.json", "another evaluation setting")]
+    assert b.scan() == {"usable": 1, "other_version": 0, "other_setting": 1, "unreadable": 0}
+    # Without the kind's own setting, the same file is another setting's.
+    plain = RecordStore(tmp_path, 1, {"test": "B"})
+    assert plain.get("overrefusal", "k1") is None
+    assert json.loads((tmp_path / "overrefusal-k1.json").read_text())["setting_detail"] == own["overrefusal"]

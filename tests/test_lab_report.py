@@ -292,6 +292,13 @@ def test_over_refusal_section_means_intervals_and_the_paired_table():
                  for s, ref in ((0, "1000"), (1, "1110"))]
     text = over_refusal_section(refusing, replicates=100)
     assert "| aligned |  | 4 | 50.0 | [0.0, 100.0] | 2 |" in text
+    # One aligned model serving both seeds (one stage key) is one model, not two seeds; a
+    # broken point (its empty answers refuse nothing) is left out.
+    shared = [{**r, "refusal_key": "k", "refused": "1000", "over_refusal": 25.0} if r["method"] == "aligned" else r
+              for r in refusing]
+    broken = {**_vec("w", "l2_lambda", 1.0, 0, "0000", "1000", broken=True), "refused": "0000", "over_refusal": 0.0}
+    text2 = over_refusal_section(shared + [broken], replicates=20)
+    assert "| aligned |  | 4 | 25.0 | – | 1 |" in text2 and "| w " not in text2
     assert "| l2 l2_lambda=1 | 0.1 | 4 | 0.0 | [0.0, 0.0] | 2 |" in text
     row = next(line for line in text.splitlines() if line.startswith("| y |"))
     assert "+100.0" in row and "refuses more" in row and "OR − OR(l2) at FA = 40" in text
@@ -302,3 +309,6 @@ def test_over_refusal_section_means_intervals_and_the_paired_table():
              if r["method"] == "y l2_lambda=1" and r["seed"] == 0]
     text = over_refusal_section(refusing + other, replicates=20)
     assert "| y l2_lambda=1 | 0.1 | 5 | 80.0 | – | 1 |" in text and "No paired table" in text
+    # Counts that differ between seeds only (seed 0 on 8 requests, seed 1 on 4): no pairing either.
+    longer = [{**r, "refused": r["refused"] * 2} if r.get("seed") == 0 else r for r in refusing]
+    assert "No paired table" in over_refusal_section(longer, replicates=20)

@@ -323,7 +323,8 @@ def _safegrad(ctx, penalty: bool = False):
     answers to the defender's harmful prompts (the next ``safegrad_batch`` of the stage's, in
     a fixed order, cycled; see :func:`~asft_optim.lab.operators.build_refusal_examples`); the task gradient of the LoRA factors is projected off it when
     they conflict (``⟨g, s⟩ < 0``, over all factors at once), and ``μ·s`` is added
-    (``safegrad_weight``). No penalty: l2 anchors at λ = 0. With μ > 0 this also trains on
+    (``safegrad_weight``). No penalty: l2 anchors at λ = 0 (``penalty``: at ``l2_lambda``,
+    :func:`_safegrad_l2`). With μ > 0 this also trains on
     the aligned model's answers to harmful prompts (a safety-data replay, as SafeGrad's
     alignment loss does), which can raise over-refusal (``benchmarks/over_refusal.py``); the
     Trainer clips the task gradient before ``step()``, so ``μ·s`` is added unclipped."""

@@ -81,7 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--over-refusal", type=int, metavar="N",
                    help="pretrained preset: judge every point (and the aligned model) on the first N of the 96 "
                    "held-out over-refusal requests, a stage of its own per point; 0: off (default: 96 in "
-                   "--grid decisive, else 0)")
+                   "--grid decisive, 2 with --tiny, else 0)")
     g.add_argument("--input-chars", type=int, help="cut task inputs to N characters (real-data default: 80)")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", type=_names, help=f"comma separated, from {sorted(METHODS)}")

@@ -40,7 +40,7 @@ from .prompts import (
     OVER_REFUSAL_PROMPTS,
     near_duplicates,
 )
-from .runner import GridPoint, Lab, NotCached, _examples_hash, _key, _record
+from .runner import LAB_VERSION, GridPoint, Lab, NotCached, _examples_hash, _key, _record
 from .tokenizer import render_prompt
 
 
@@ -222,10 +222,12 @@ def pretrained_data(data: LabData, settings: PretrainedSettings) -> LabData:
         raise ValueError(f"alignment prompt {close[0][0]!r} nearly repeats evaluation prompt {close[0][1]!r}; "
                          "the pools must be disjoint")
     held = OVER_REFUSAL_PROMPTS[: settings.over_refusal]
-    close = near_duplicates(held, [*data.harmful_eval, *(e.instruction for e in refusals), *harmful])
+    others = [*data.harmful_eval, *(e.instruction for e in refusals), *harmful, *CHAT_PROMPTS, *BENIGN_EVAL_PROMPTS,
+              *(e.instruction for e in data.known_harmful), *(e.instruction for e in replay)]
+    close = near_duplicates(held, others)
     if close:
-        raise ValueError(f"over-refusal prompt {close[0][0]!r} nearly repeats {close[0][1]!r}, a harmful "
-                         "evaluation or training prompt; the pools must be disjoint")
+        raise ValueError(f"over-refusal prompt {close[0][0]!r} nearly repeats {close[0][1]!r}, an evaluation or "
+                         "training prompt; the pools must be disjoint")
     return replace(data, name="pretrained", base_train=[], align_train=refusals + replay,
                    attack_task=task[: settings.attack_rows],
                    attack_harmful=sorted(harmful.values(), key=lambda r: r.instruction), attack_sets={},
@@ -341,18 +343,26 @@ class PretrainedLab(Lab):
 
         return self._served(stage)
 
+    def record_settings(self) -> dict[str, dict]:
+        # A point's over-refusal reads its model and the requests (all in the stage's key),
+        # not the task's test set or the harmful prompts: grids of two evaluation sets share it.
+        return {"overrefusal": {"lab_version": LAB_VERSION, "device": self.device, "kind": "overrefusal"}}
+
     @staticmethod
     def _refusal_fields(info: dict) -> dict:
         if info.get("planned"):
             return {}
-        return {"over_refusal": info["over_refusal"], "refused": info["refused"]}
+        # The stage's key: the aligned model's stage is one for every seed of a grid with one
+        # aligned model, and the report counts it once.
+        return {"over_refusal": info["over_refusal"], "refused": info["refused"], "refusal_key": info["key"]}
 
     def point_extras(self, point: GridPoint, seed: int) -> dict:
         if not self.settings.over_refusal:
             return {}
         try:
             return self._refusal_fields(self.over_refusal(point.method, point.poison, seed, point.attack))
-        except NotCached:  # cached_only: the point's record simply lacks it
+        except NotCached as e:  # cached_only: the record lacks it, and the report says so
+            self._skip(seed, point.label, point.poison, e)
             return {}
 
     def aligned_extras(self, seed: int) -> dict:
@@ -360,7 +370,8 @@ class PretrainedLab(Lab):
             return {}
         try:
             return self._refusal_fields(self.aligned_over_refusal(seed))
-        except NotCached:
+        except NotCached as e:
+            self._skip(seed, "aligned", None, e)
             return {}
 
     def _evaluation_key(self) -> dict:

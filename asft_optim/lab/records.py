@@ -45,19 +45,29 @@ class RecordStore:
         directory: the folder of record files (created on the first write).
         code_version: the lab's :data:`~asft_optim.lab.runner.LAB_VERSION`.
         setting: the lab's evaluation setting (judge, device, evaluation sets).
+        kind_settings: the setting of a record kind whose numbers do not depend on all of
+            ``setting`` (the over-refusal of a point does not depend on the task's test set):
+            its records are stamped and checked with it, so grids of two evaluation sets
+            share them (default: none).
     """
 
-    def __init__(self, directory: str | Path, code_version: int, setting: dict[str, Any]):
+    def __init__(self, directory: str | Path, code_version: int, setting: dict[str, Any],
+                 kind_settings: dict[str, dict[str, Any]] | None = None):
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"--records {self.directory}: not a folder; give a folder for the point records")
         self.code_version = code_version
         self.setting = setting_fingerprint(setting)
         self.setting_detail = setting
+        self._kind = {k: (setting_fingerprint(v), v) for k, v in (kind_settings or {}).items()}
         #: ``(file name, reason)`` of every record found under a key of this grid and refused
         self.refused: list[tuple[str, str]] = []
         #: ``(kind, key)`` of every record written by this process
         self.written: list[tuple[str, str]] = []
+
+    def setting_of(self, kind: str) -> str:
+        """The setting fingerprint records of ``kind`` carry."""
+        return self._kind[kind][0] if kind in self._kind else self.setting
 
     def path(self, kind: str, key: str) -> Path:
         return self.directory / f"{kind}-{key}.json"
@@ -69,7 +79,7 @@ class RecordStore:
             return f"it holds {rec.get('kind')}-{rec.get('key')}, not the stage its name says"
         if rec.get("lab_version") != self.code_version:
             return f"another code version (lab {rec.get('lab_version')}, this lab {self.code_version})"
-        if rec.get("setting") != self.setting:
+        if rec.get("setting") != self.setting_of(kind):
             return "another evaluation setting"
         return None
 
@@ -101,8 +111,9 @@ class RecordStore:
     def put(self, kind: str, key: str, info: dict, meta: dict | None = None) -> Path:
         """Write the record of a finished stage, atomically: a temporary file renamed."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        detail = self._kind[kind][1] if kind in self._kind else self.setting_detail
         rec = {"kind": kind, "key": key, "lab_version": self.code_version, "package_version": __version__,
-               "setting": self.setting, "setting_detail": self.setting_detail, "meta": meta or {}, "info": info}
+               "setting": self.setting_of(kind), "setting_detail": detail, "meta": meta or {}, "info": info}
         final = self.path(kind, key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -124,7 +135,7 @@ class RecordStore:
                 counts["unreadable"] += 1
             elif rec.get("lab_version") != self.code_version:
                 counts["other_version"] += 1
-            elif rec.get("setting") != self.setting:
+            elif rec.get("setting") != self.setting_of(str(rec.get("kind"))):
                 counts["other_setting"] += 1
             else:
                 counts["usable"] += 1

@@ -127,8 +127,13 @@ class Lab:
     def records(self) -> RecordStore | None:
         """The record store of ``records=`` (None without one)."""
         if self._store is None and self._records_dir is not None:
-            self._store = RecordStore(self._records_dir, LAB_VERSION, self.setting())
+            self._store = RecordStore(self._records_dir, LAB_VERSION, self.setting(), self.record_settings())
         return self._store
+
+    def record_settings(self) -> dict[str, dict[str, Any]]:
+        """Record kinds whose numbers depend on less than :meth:`setting`, and what they
+        depend on (:class:`~asft_optim.lab.records.RecordStore`'s ``kind_settings``; none here)."""
+        return {}
 
     def _served(self, fn):
         """``fn()`` (a stage's info), read from the record store when the cache lacks it,
