@@ -120,3 +120,19 @@ def test_over_refusal_builds_nothing(tmp_path):
         mod.main(["--data", str(REAL_DATA), "--out", str(tmp_path / "lab"), "--json", str(tmp_path / "o.json"),
                   "--", "--methods", "l2"])
     assert not (tmp_path / "o.json").exists() and not (tmp_path / "lab" / "cache").exists()
+
+
+def test_rebuild_check_needs_the_cached_attack(tmp_path):
+    """benchmarks/rebuild_check.py compares a rebuilt attack with the cached one: without it
+    in --cache, a clear error names the point, before anything is built."""
+    if not REAL_DATA.is_dir():
+        pytest.skip("needs the real data in ../shared/data/asft")
+    spec = importlib.util.spec_from_file_location("rebuild_check_bench", BENCH.parent / "rebuild_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(SystemExit, match="l2 seed 0: no cached attack"):
+        mod.main(["--data", str(REAL_DATA), "--cache", str(tmp_path / "cache"), "--", "--methods", "l2"])
+    with pytest.raises(SystemExit, match="not a folder"):
+        mod.main(["--data", str(REAL_DATA), "--cache", str(tmp_path / "none"), "--", "--methods", "l2"])
+    assert not list((tmp_path / "cache").iterdir())  # built nothing

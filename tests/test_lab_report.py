@@ -162,26 +162,28 @@ def test_verdict_section_reads_the_vectors_and_leaves_broken_points_out():
               for r in VERDICT if "harmful_verdicts" in r and not r["capability"]["broken"]]
     diffs = paired_differences(points, (50.0, 90.0), replicates=300)
     assert diffs[0].mean == -25.0 and not diffs[1].reached
-    assert text == ("p = 0.1:\n\n" + verdict_table(diffs)
-                    + "\nLeft out, broken (more than 25 % of answers empty or degenerate): x l2_lambda=0.1 seed 0.\n")
+    assert text.startswith("p = 0.1:\n\n" + verdict_table(diffs) + "\nEach setting at its own FA")
+    assert text.endswith("\nLeft out, broken (more than 25 % of answers empty or degenerate): x l2_lambda=0.1 seed 0.\n")
     assert "| x | " in text and "not reached" in text
 
 
-def test_a_method_that_reaches_no_level_gets_the_own_fa_table():
+def test_each_setting_is_read_at_its_own_fa():
     """safegrad-like: one point per seed per setting at FA 75, beyond every fixed level
     asked; the section adds each setting's reading at its own FA (here HS 25 against l2's 100
-    at FA 75: -75), and only for it."""
+    at FA 75: -75), and x's settings' too (x is l2 shifted by -25: -25 at FA 25 and 75)."""
     from asft_optim.lab.report import verdict_section
 
     one = [_vec("y", "safegrad_weight", mu, s, "1000", "1101") for s in (0, 1) for mu in (0.0, 1.0)]
     text = verdict_section(VERDICT + one, levels=(50.0,), replicates=300)
-    head = "Methods that reach no FA level above"
-    assert head in text and "at its own FA" in text
+    head = "Each setting at its own FA"
+    assert head in text
     own = text.split(head)[1].splitlines()
     rows = [line for line in own if line.startswith("| y ")]
     assert len(rows) == 2 and all("-75.0" in r and "2 seeds" in r for r in rows)
-    assert not any(line.startswith("| x ") for line in own)  # x reaches FA 50: it is read there
-    assert head not in verdict_section(VERDICT, levels=(50.0,), replicates=50)
+    rows = [line for line in own if line.startswith("| x ")]
+    assert len(rows) == 2 and all("-25.0" in r and "2 seeds" in r for r in rows)  # the broken one left out
+    only_l2 = [r for r in VERDICT if not r["method"].startswith("x")]
+    assert head not in verdict_section(only_l2, levels=(50.0,), replicates=50)
 
 
 def test_sft_ends_l2s_curve():

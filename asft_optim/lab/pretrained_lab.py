@@ -361,8 +361,8 @@ class PretrainedLab(Lab):
             return {}
         try:
             return self._refusal_fields(self.over_refusal(point.method, point.poison, seed, point.attack))
-        except NotCached as e:  # cached_only: the record lacks it, and the report says so
-            self._skip(seed, point.label, point.poison, e)
+        except NotCached:  # cached_only: the record lacks it, and the report says so
+            self._skip(seed, point.label, point.poison, NotCached("overrefusal"))
             return {}
 
     def aligned_extras(self, seed: int) -> dict:
@@ -370,8 +370,8 @@ class PretrainedLab(Lab):
             return {}
         try:
             return self._refusal_fields(self.aligned_over_refusal(seed))
-        except NotCached as e:
-            self._skip(seed, "aligned", None, e)
+        except NotCached:
+            self._skip(seed, "aligned", None, NotCached("overrefusal"))
             return {}
 
     def _evaluation_key(self) -> dict:

@@ -297,14 +297,15 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
 
 def _own_fa_table(points: list[Point], fixed: Sequence, reference: str, zero: str | None,
                   replicates: int, score: str = "HS", words: tuple[str, str] = ("safer", "less safe")) -> str:
-    """The verdict at their own FA (level :data:`~asft_optim.lab.verdict.OWN`) for the
-    methods that reach none of the fixed FA levels (``fixed``: the main table's
-    differences) on any seed: one row per setting (a setting is one point per seed), since
-    a swept method has no single FA. Empty when there is none."""
-    reached = {d.method for d in fixed if d.reached}
+    """Every setting of every method at its own FA (level :data:`~asft_optim.lab.verdict.OWN`):
+    one row per setting (a setting is one point per seed; a swept method has no single FA).
+    It reads what the fixed levels miss: a method whose FA lies above every level, or above
+    them on some seeds (the surgery keeps the attack's FA). Empty when there is no other
+    method. ``fixed`` (the main table's differences) is not used to pick rows: a rule such as
+    "only the methods that reach no level" would drop a method the moment one seed reaches one."""
     units = {}
     for pt in points:
-        if pt.method in (reference, zero) or pt.method in reached:
+        if pt.method in (reference, zero):
             continue
         unit = pt.label if pt.label and pt.label != pt.method else pt.method
         units.setdefault(unit, []).append(pt.seed)
@@ -314,8 +315,8 @@ def _own_fa_table(points: list[Point], fixed: Sequence, reference: str, zero: st
     mine = [Point(pt.label if pt.label in units else pt.method, pt.seed, pt.harmful, pt.correct, pt.label)
             for pt in points if pt.method in (reference, zero) or pt.label in units or pt.method in units]
     diffs = paired_differences(mine, (OWN,), reference=reference, zero=zero, replicates=replicates)
-    return ("\nMethods that reach no FA level above, one row per setting (one point per seed), against "
-            + reference + "'s curve at their own FA on the same seed:\n\n"
+    return ("\nEach setting at its own FA (one point per seed), against " + reference + "'s curve at that FA on "
+            "the same seed (many rows: read them as a map, the table above as the verdict):\n\n"
             + verdict_table(diffs, reference=reference, score=score, words=words))
 
 
@@ -331,9 +332,8 @@ VERDICT_INTRO = (
     "spans a bootstrap over seeds and, within each seed, over the evaluation prompts and task rows "
     "(both sources of noise), and Student's t interval over the seeds' differences (a few seeds "
     "have heavy tails). **safer** only where the whole interval is below 0; \"not reached\": "
-    "no seed's curves both reach that FA. A method "
-    "that reaches no level (one that keeps the undefended FA) is read per setting at its own FA, "
-    "against the reference's curve, in a table of its own.\n\n")
+    "no seed's curves both reach that FA. A second table reads each setting at its own FA against "
+    "the reference's curve: a method that keeps the undefended FA reaches no level above.\n\n")
 
 
 def pareto_plots(records: Sequence[dict], out: Path) -> dict[str, Path]:
