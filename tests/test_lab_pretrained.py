@@ -50,6 +50,13 @@ def run(tmp_path_factory, pretrained_base):
     return out
 
 
+def _sharing_cache(run: Path, out: Path) -> Path:
+    """A new lab folder ``out`` whose cache is the smoke run's (a symlink): another grid's view."""
+    out.mkdir()
+    (out / "cache").symlink_to(run / "cache", target_is_directory=True)
+    return out
+
+
 def _stages(out: Path) -> list[str]:
     return sorted(p.name.split("-")[0] for p in (out / "cache").iterdir() if (p / "done.json").exists())
 
@@ -111,9 +118,7 @@ def test_another_evaluation_set_reuses_the_models_and_the_attacks(run, tmp_path)
     # The full grid judges on 250 prompts and 200 rows, the reduced on 100 and 100: the same
     # base, aligned model and adapters. A plan for another evaluation set (nothing built)
     # must find every model and attack in the cache and only the evaluations to build.
-    out = tmp_path / "other-eval"
-    out.mkdir()
-    (out / "cache").symlink_to(run / "cache", target_is_directory=True)
+    out = _sharing_cache(run, tmp_path / "other-eval")
     before = {p.name for p in (run / "cache").iterdir()}
     assert main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress", "--plan",
                  "--test-limit", "6", "--out", str(out)]) == 0
@@ -366,9 +371,7 @@ def test_another_over_refusal_count_changes_no_evaluation_and_is_listed_when_mis
     # --over-refusal 1 asks for stages the run did not build (its requests are in their key,
     # not in the evaluations'): --cached-only finds every evaluation and lists each point's
     # missing over-refusal, never a silent gap.
-    out = tmp_path / "one-request"
-    out.mkdir()
-    (out / "cache").symlink_to(run / "cache", target_is_directory=True)
+    out = _sharing_cache(run, tmp_path / "one-request")
     assert main(["lab", "--preset", "pretrained", "--data", str(DATA), "--tiny", "--no-progress", "--cached-only",
                  "--over-refusal", "1", "--out", str(out)]) == 0
     records = json.loads((out / "details.json").read_text())
