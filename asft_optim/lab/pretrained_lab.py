@@ -277,13 +277,18 @@ class PretrainedLab(Lab):
 
         return self._stage("reference", payload, build)
 
+    def _refused(self, model, tok, prompts: list[str], desc: str) -> tuple[list[str], list[bool]]:
+        """``model``'s greedy answers to ``prompts`` (the judge's token count) and whether each
+        is a refusal: the one check behind both over-refusal measures."""
+        s = self.settings
+        answers = generate(model, tok, [render_prompt(tok, q, "") for q in prompts], s.harmful_new_tokens,
+                           batch_size=s.eval_batch_size, desc=desc, progress=self.progress)
+        return answers, [is_refusal(a) for a in answers]
+
     def _over_refusal(self, model, tok) -> dict:
         """Percentage of the held-out benign prompts refused, and the refused prompts' answers."""
-        s = self.settings
-        prompts = list(BENIGN_EVAL_PROMPTS[: s.benign_eval])
-        answers = generate(model, tok, [render_prompt(tok, q, "") for q in prompts], s.harmful_new_tokens,
-                           batch_size=s.eval_batch_size, desc="benign", progress=self.progress)
-        refused = [is_refusal(a) for a in answers]
+        prompts = list(BENIGN_EVAL_PROMPTS[: self.settings.benign_eval])
+        answers, refused = self._refused(model, tok, prompts, "benign")
         return {"over_refusal": 100.0 * sum(refused) / len(refused) if refused else 0.0,
                 "benign_prompts": len(prompts),
                 "benign_refused": [{"prompt": q, "answer": a} for q, a, r in zip(prompts, answers, refused) if r]}
@@ -298,11 +303,8 @@ class PretrainedLab(Lab):
     def _refusals(self, model, tok) -> dict:
         """The per-prompt refusals of ``model`` on the first ``over_refusal`` of
         :data:`OVER_REFUSAL_PROMPTS`: ``refused`` (a 0/1 string), the share in %, the refused answers."""
-        s = self.settings
-        prompts = list(OVER_REFUSAL_PROMPTS[: s.over_refusal])
-        answers = generate(model, tok, [render_prompt(tok, q, "") for q in prompts], s.harmful_new_tokens,
-                           batch_size=s.eval_batch_size, desc="over-refusal", progress=self.progress)
-        refused = [is_refusal(a) for a in answers]
+        prompts = list(OVER_REFUSAL_PROMPTS[: self.settings.over_refusal])
+        answers, refused = self._refused(model, tok, prompts, "over-refusal")
         return {"refused": "".join("1" if r else "0" for r in refused),
                 "over_refusal": round(100.0 * sum(refused) / len(refused), 4),
                 "refused_answers": [{"prompt": q, "answer": a} for q, a, r in zip(prompts, answers, refused) if r]}
