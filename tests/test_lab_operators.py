@@ -85,6 +85,26 @@ def test_each_method_trains_with_its_operator(lab):
     assert not set(NEW) & set(default_config().methods)
 
 
+def test_safegrad_l2_at_lambda_0_is_safegrad(lab):
+    """The report's CURVE_ENDS joins safegrad's point to safegrad-l2's curve as its λ = 0
+    end; that holds only if the two train to the same adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    from asft_optim.lab.report import CURVE_ENDS
+
+    assert CURVE_ENDS["safegrad-l2"] == ("safegrad", "l2_lambda")
+    zero = replace(lab.config.attack, l2_lambda=0.0)
+    got, info = lab.attack("safegrad-l2", 0.1, 0, zero)
+    want, _ = lab.trained["safegrad"]
+    assert got != want and info["train"]["anchor_lambda"] == 0.0  # its own stage, not safegrad's
+    a = load_file(str(got / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(want / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ... and a λ > 0 does not (the check above can fail).
+    c = load_file(str(lab.trained["safegrad-l2"][0] / "adapter" / "adapter_model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_input_anchors_are_rebuilt_from_the_defenders_build_half_alone(lab):
     a, tok = lab.config.attack, lab.tokenizer()[0]
     prompts = defender_prompts(lab.data)

@@ -80,6 +80,9 @@ def test_every_stage_runs_on_the_real_model(run):
     assert asft["_detail"]["train"]["anchor_lambda"] == 0.1  # the preset's λ
     swept = details["safe-lora safe_lora_threshold=0.6"]
     assert swept["variant"] == {"method": "safe-lora", "field": "safe_lora_threshold", "value": 0.6}
+    # The settings each method reads, swept and fixed (the report's CURVE_ENDS joins by them).
+    assert swept["config"] == {"safe_lora_threshold": 0.6} and details["sft"]["config"] == {}
+    assert asft["config"] == {"anchor_lambda": 0.1}
     assert len(asft["_detail"]["geometry"]) == 4
     assert details["safe-lora safe_lora_threshold=0.3"]["_detail"]["post"]["layers"] == 4
     samples = details["sft"]["_detail"]["examples"]
@@ -359,7 +362,7 @@ def test_fine_grid_sweeps_lambda_where_the_fronts_turn():
     s = _lab_args("--grid", "fine")
     sweeps = {w.method: w.values for w in s.sweeps}
     assert sweeps["l2"] == sweeps["asft-orthogonal"] == FINE_LAMBDAS
-    assert {0.01, 0.02, 0.035, 0.06, 0.1} <= set(FINE_LAMBDAS) and len([v for v in FINE_LAMBDAS if 0.01 <= v <= 0.1]) == 5
+    assert {0.01, 0.02, 0.035, 0.06, 0.1, 0.3} <= set(FINE_LAMBDAS) and len([v for v in FINE_LAMBDAS if 0.01 <= v <= 0.1]) == 5
     assert "weight-decay" in sweeps and s.lr_factors == ()
     assert [w.values for w in _lab_args("--grid", "fine", "--sweep", "l2").sweeps] == [FINE_LAMBDAS]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -201,6 +202,49 @@ def test_sft_ends_l2s_curve():
     assert not any(line.startswith("| sft") for line in text.splitlines())
     row = [line for line in text.splitlines() if line.startswith("| z ")][-1]  # the own-FA table's
     assert "-50.0" in row and "2 seeds" in row
+
+
+def _cfg(rec, **config):
+    return {**rec, "config": config}
+
+
+def test_safegrad_ends_safegrad_l2s_curve_at_the_same_settings_only():
+    """CURVE_ENDS: safegrad-l2 at λ = 0 is safegrad at the same μ. safegrad-l2 (μ 0.3) at
+    (FA, HS) (25, 25) and (50, 25); safegrad μ = 0.3 at (100, 25) ends its curve, so at FA 75
+    it reads 25 against l2's 100: -75. safegrad μ = 1 at (75, 0) must not join (were it
+    joined, FA 75 would read 0 - 100 = -100)."""
+    from asft_optim.lab.report import curve_ends, fixed_settings_text, verdict_section
+
+    rest = {"safegrad_weight": 0.3, "safegrad_every": 1}
+    ours = [_cfg(_vec("safegrad-l2", "l2_lambda", lam, s, "1000", c), l2_lambda=lam, **rest)
+            for s in (0, 1) for lam, c in ((1.0, "1000"), (0.1, "1100"))]
+    ends = [_cfg(_vec("safegrad", "safegrad_weight", mu, s, h, c), safegrad_weight=mu, safegrad_every=1)
+            for s in (0, 1) for mu, h, c in ((0.3, "1000", "1111"), (1.0, "0000", "1110"))]
+    base = [r for r in VERDICT if not r["method"].startswith("x")]
+    text = verdict_section(base + ours, levels=(75.0,), replicates=100)
+    assert "| safegrad-l2 | not reached" in text  # no end: its curve stops at FA 50
+    text = verdict_section(base + ours + ends, levels=(75.0,), replicates=100)
+    row = next(line for line in text.splitlines() if line.startswith("| safegrad-l2 |"))
+    assert "-75.0" in row and "2 seeds" in row
+    assert ("safegrad-l2's curve ends at its l2_lambda = 0, which is safegrad safegrad_weight=0.3 "
+            "(the same training; the same seed's point); that point keeps its own row.") in text
+    # safegrad keeps its own row (its μ sweep is its own curve), and in the own-FA table no
+    # "(end of ...)" copy appears.
+    assert any(line.startswith("| safegrad |") for line in text.splitlines())
+    assert "end of" not in text.split("Each setting at its own FA")[1]
+    points, said = curve_ends(ends)  # no safegrad-l2 point: nothing to end
+    assert points == [] and said == []
+    # Records without config (written before the lab kept it) join nothing.
+    bare = [{k: v for k, v in r.items() if k != "config"} for r in ends]
+    assert curve_ends(ours + bare) == ([], [])
+    # Two settings besides λ on one seed are two curves: refused, not merged.
+    other = _cfg(_vec("safegrad-l2", "l2_lambda", 0.3, 0, "1000", "1100"), l2_lambda=0.3,
+                 safegrad_weight=1.0, safegrad_every=1)
+    with pytest.raises(ValueError, match="2 settings besides l2_lambda"):
+        verdict_section(base + ours + ends + [other], levels=(75.0,), replicates=10)
+    fixed = fixed_settings_text(ours + ends)
+    assert "- safegrad-l2: safegrad_weight=0.3, safegrad_every=1" in fixed
+    assert "- safegrad: safegrad_every=1" in fixed
 
 
 def test_verdict_section_without_vectors_says_so_and_refuses_mixed_settings():

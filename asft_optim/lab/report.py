@@ -282,11 +282,14 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
         points = [Point(method[id(r)], r["seed"], r["harmful_verdicts"], r["task_correct"], r["method"])
                   for r in usable]
         zero = ZERO_OF.get(reference) if any(m == ZERO_OF.get(reference) for m in method.values()) else None
-        diffs = paired_differences(points, levels, reference=reference, zero=zero, replicates=replicates)
+        ends, joined = curve_ends(usable, method)
+        diffs = paired_differences(points + ends, levels, reference=reference, zero=zero, replicates=replicates)
         text = f"p = {p:g}:\n\n" + verdict_table(diffs, reference=reference, score=score, words=words)
         if zero:
             text += (f"\n{reference}'s curve ends at its strength 0, {zero} (the same seed's point): "
                      f"{zero} has no row of its own.\n")
+        for line in joined:
+            text += f"\n{line}\n"
         text += _own_fa_table(points, diffs, reference, zero, replicates, score, words)
         if broken:
             text += ("\nLeft out, broken (more than " f"{100 * BROKEN_SHARE:.0f} % of answers empty or degenerate): "
@@ -323,6 +326,48 @@ def _own_fa_table(points: list[Point], fixed: Sequence, reference: str, zero: st
 #: The method that is the reference at strength 0, whose points end the reference's curve:
 #: L2 with λ = 0 is sft (the same AdamW on the same data order).
 ZERO_OF = {"l2": "sft"}
+
+#: A method whose curve, at its swept field's 0, *is* another method's point of the same
+#: settings: ``safegrad-l2`` at λ = 0 runs ``safegrad``'s optimizer unchanged (``_safegrad``
+#: with λ = 0; ``tests/test_lab_verdict.py`` checks the two train to the same adapter). That
+#: point joins the method's curve as its end (the surgery alone keeps the attack's FA, so
+#: without it the curve stops at its weakest λ) and keeps its own row.
+CURVE_ENDS = {"safegrad-l2": ("safegrad", "l2_lambda")}
+
+
+def curve_ends(records: Sequence[dict], method_of: dict | None = None) -> tuple[list[Point], list[str]]:
+    """The points :data:`CURVE_ENDS` joins to other methods' curves, and one sentence per join.
+
+    A record of the end method joins method M's curve on its seed when its ``config`` equals
+    the config of M's records there without M's swept field. Records without ``config``
+    (written before the lab kept it) join nothing. Raises ``ValueError`` when M's records on
+    one seed hold two settings besides the swept one: they are two curves, not one.
+    """
+    method_of = method_of or {}
+    name = {id(r): method_of.get(id(r), (r.get("variant") or {}).get("method", r["method"])) for r in records}
+    points, said = [], []
+    for m, (end, field) in CURVE_ENDS.items():
+        fixed: dict[int, set] = {}
+        for r in records:
+            if name[id(r)] == m and r.get("config") is not None:
+                rest = {k: v for k, v in r["config"].items() if k != field}
+                fixed.setdefault(r["seed"], set()).add(json.dumps(rest, sort_keys=True, default=str))
+        labels = set()
+        for seed, keys in sorted(fixed.items()):
+            if len(keys) > 1:
+                raise ValueError(f"{m}'s points on seed {seed} hold {len(keys)} settings besides {field} "
+                                 f"({sorted(keys)}): report each apart")
+            (key,) = keys
+            hit = [r for r in records if name[id(r)] == end and r["seed"] == seed and r.get("config") is not None
+                   and json.dumps(r["config"], sort_keys=True, default=str) == key]
+            if len(hit) == 1:
+                r = hit[0]
+                points.append(Point(m, seed, r["harmful_verdicts"], r["task_correct"], f"{r['method']} (end of {m})"))
+                labels.add(r["method"])
+        if labels:
+            said.append(f"{m}'s curve ends at its {field} = 0, which is {', '.join(sorted(labels))} (the same "
+                        f"training; the same seed's point); that point keeps its own row.")
+    return points, said
 
 
 VERDICT_INTRO = (
@@ -523,6 +568,7 @@ def lab_sections(lab, records: Sequence[dict], device: str) -> str:
         if matched:
             extra += ("\n## Safety at equal task accuracy (the Pareto fronts as numbers)\n\n"
                       + MATCHED_FA_INTRO + matched)
+    extra += fixed_settings_text(records)
     extra += records_text(lab)
     if lab.not_run:
         extra += (f"\n## Not run ({len(lab.not_run)} grid points not in the cache; `--cached-only`)\n\n"
@@ -530,6 +576,26 @@ def lab_sections(lab, records: Sequence[dict], device: str) -> str:
                                + ("" if m["poison_ratio"] is None else f" p={m['poison_ratio']:g}")
                                + f" (no {m['missing_stage']} stage)" for m in lab.not_run) + "\n")
     return extra
+
+
+def fixed_settings_text(records: Sequence[dict]) -> str:
+    """Per method, the settings it reads besides its swept one (the records' ``config``), so a
+    label such as ``safegrad-l2 l2_lambda=0.3`` says which μ it ran at. Empty when no method
+    has any."""
+    by: dict[str, dict[str, set]] = {}
+    for r in records:
+        if not r.get("config"):
+            continue
+        variant = r.get("variant") or {}
+        m = variant.get("method", r["method"])
+        for k, v in r["config"].items():
+            if k != variant.get("field"):
+                by.setdefault(m, {}).setdefault(k, set()).add(json.dumps(v, default=str))
+    lines = [f"- {m}: " + ", ".join(f"{k}={'/'.join(sorted(v))}" for k, v in fields.items())
+             for m, fields in by.items() if fields]
+    if not lines:
+        return ""
+    return "\n## Settings besides the swept one\n\n" + "\n".join(lines) + "\n"
 
 
 def verdict_lead(records: Sequence[dict]) -> str:

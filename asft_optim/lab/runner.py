@@ -434,6 +434,10 @@ class Lab:
                         rec = self._with_setting(rec)
                         if point.variant is not None:
                             rec["variant"] = point.variant
+                        # The settings the method reads (its swept one and the fixed ones): the
+                        # report names the fixed ones and joins curves by them (CURVE_ENDS).
+                        attack = point.attack or self.config.attack
+                        rec["config"] = {f: getattr(attack, f) for f in get_method(point.method).uses}
                         records.append(rec | extras)
                 bar.update()
         bar.close()
