@@ -24,6 +24,8 @@ from asft_optim.lab.prompts import (
     BENIGN_EVAL_PROMPTS,
     CHAT_PROMPTS,
     HARMFUL_CHAT_PROMPTS,
+    OVER_REFUSAL_EVERYDAY,
+    OVER_REFUSAL_HARM_WORDED,
     OVER_REFUSAL_PROMPTS,
     near_duplicates,
 )
@@ -101,6 +103,13 @@ def test_pool_sizes_are_validated():
 
 def test_over_refusal_pool_is_new_and_disjoint_from_every_other_pool():
     assert len(set(OVER_REFUSAL_PROMPTS)) == len(OVER_REFUSAL_PROMPTS) == 96
+    # Half and half, harm-worded first (the report splits by that order); the sha256 of the
+    # whole tuple is the one every committed over-refusal record was judged on.
+    assert OVER_REFUSAL_PROMPTS == OVER_REFUSAL_HARM_WORDED + OVER_REFUSAL_EVERYDAY
+    assert len(OVER_REFUSAL_HARM_WORDED) == len(OVER_REFUSAL_EVERYDAY) == 48
+    import hashlib
+    import json
+    assert hashlib.sha256(json.dumps(OVER_REFUSAL_PROMPTS).encode()).hexdigest().startswith("4068a83ead3b63e9")
     assert near_duplicates(OVER_REFUSAL_PROMPTS, CHAT_PROMPTS + BENIGN_EVAL_PROMPTS + HARMFUL_CHAT_PROMPTS) == []
 
 

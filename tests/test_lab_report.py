@@ -337,7 +337,8 @@ def test_over_refusal_section_means_intervals_and_the_paired_table():
     refusing += [{**_rec("aligned", None, s, 13.0, 21.0), "refused": ref, "over_refusal": 25.0 * ref.count("1")}
                  for s, ref in ((0, "1000"), (1, "1110"))]
     text = over_refusal_section(refusing, replicates=100)
-    assert "| aligned |  | 4 | 50.0 | [0.0, 100.0] | 2 |" in text
+    # 4 requests: all in the harm-worded half (the first 48), none everyday.
+    assert "| aligned |  | 4 | 50.0 | [0.0, 100.0] | 2 | 50.0 | – |" in text
     # One aligned model serving both seeds (one stage key) is one model, not two seeds; a
     # broken point (its empty answers refuse nothing) is left out.
     shared = [{**r, "refusal_key": "k", "refused": "1000", "over_refusal": 25.0} if r["method"] == "aligned" else r
@@ -350,6 +351,9 @@ def test_over_refusal_section_means_intervals_and_the_paired_table():
     assert "+100.0" in row and "refuses more" in row and "OR − OR(l2) at FA = 40" in text
     assert "safer" not in text.split("Over-refusal (OR) against l2")[1]
 
+    # The halves: 48 harm-worded requests all refused, 2 everyday ones, one refused.
+    split = [{**_rec("aligned", None, 0, 13.0, 21.0), "refused": "1" * 48 + "01", "over_refusal": 98.0}]
+    assert "| aligned |  | 50 | 98.0 | – | 1 | 100.0 | 50.0 |" in over_refusal_section(split, replicates=10)
     # Two prompt counts are never averaged or paired.
     other = [{**r, "refused": "11110", "over_refusal": 80.0} for r in refusing
              if r["method"] == "y l2_lambda=1" and r["seed"] == 0]

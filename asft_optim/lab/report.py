@@ -459,6 +459,14 @@ def capability_table(records: Sequence[dict]) -> str:
             + "\n".join(lines) + "\n")
 
 
+def _halves(refused, first: int) -> tuple[float | None, float | None]:
+    """The share refused (%) among the first ``first`` requests and among the rest (None: no
+    request of that half was judged)."""
+    bits = [str(b) in ("1", "True") for b in refused]
+    head, tail = bits[:first], bits[first:]
+    return (100.0 * sum(head) / len(head) if head else None, 100.0 * sum(tail) / len(tail) if tail else None)
+
+
 def over_refusal_section(records: Sequence[dict], *, replicates: int = 2000) -> str:
     """The per-point over-refusal (records with ``refused``: the pretrained preset's
     ``--over-refusal``): per method and ratio, the share of held-out requests refused,
@@ -469,22 +477,30 @@ def over_refusal_section(records: Sequence[dict], *, replicates: int = 2000) -> 
     mine = [r for r in records if r.get("refused") and not is_broken(r)]  # a broken model refuses nothing
     if not mine:
         return ""
+    from .prompts import OVER_REFUSAL_HARM_WORDED
+
     rows: dict[tuple, dict] = {}
     for r in mine:  # never averaged across prompt counts: a row per count; one stage counted once
         rows.setdefault((r["method"], r["poison_ratio"], len(r["refused"])), {})[
-            r.get("refusal_key") or id(r)] = float(r["over_refusal"])
-    lines = ["| Method | p | requests | over-refusal (%) | 95 % interval | models |", "|---|---|---|---|---|---|"]
+            r.get("refusal_key") or id(r)] = (float(r["over_refusal"]), *_halves(r["refused"], len(OVER_REFUSAL_HARM_WORDED)))
+    lines = ["| Method | p | requests | over-refusal (%) | 95 % interval | models | harm-worded (%) | everyday (%) |",
+             "|---|---|---|---|---|---|---|---|"]
     for (m, p, k), by_key in rows.items():
-        vals = list(by_key.values())
+        vals = [v[0] for v in by_key.values()]
+        halves = [sum(v[i] for v in by_key.values()) / len(by_key) if all(v[i] is not None for v in by_key.values())
+                  else None for i in (1, 2)]
         mean = sum(vals) / len(vals)
         ci = "–"
         if len(vals) > 1:
             sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
             half = t_quantile(0.975, len(vals) - 1) * sd / math.sqrt(len(vals))
             ci = f"[{max(mean - half, 0.0):.1f}, {min(mean + half, 100.0):.1f}]"
-        lines.append(f"| {m} | {'' if p is None else f'{p:g}'} | {k} | {mean:.1f} | {ci} | {len(vals)} |")
+        split = " | ".join("–" if h is None else f"{h:.1f}" for h in halves)
+        lines.append(f"| {m} | {'' if p is None else f'{p:g}'} | {k} | {mean:.1f} | {ci} | {len(vals)} | {split} |")
     text = ("\n## Over-refusal per point (held-out requests refused; the harmful score cannot see it)\n\n"
-            "Held-out requests (`OVER_REFUSAL_PROMPTS`: half of them safe requests in harm's words); a "
+            "Held-out requests (`OVER_REFUSAL_PROMPTS`: the first half safe requests in harm's words, "
+            "`OVER_REFUSAL_HARM_WORDED`, the second everyday ones; the last two columns split the share "
+            "by half, – where a point was judged on the first half alone); a "
             "request counts as refused when the answer's first generated tokens hold a refusal phrase (the "
             "refusal judge's list; an empty answer is no refusal, so broken points are left out). Mean over "
             "the distinct models (seeds; one aligned model serves every seed of a grid with one), Student's t "
