@@ -351,6 +351,18 @@ def test_over_refusal_section_means_intervals_and_the_paired_table():
     assert "+100.0" in row and "refuses more" in row and "OR − OR(l2) at FA = 40" in text
     assert "safer" not in text.split("Over-refusal (OR) against l2")[1]
 
+    assert "everyday requests alone" not in text  # 4 requests: no everyday half
+    # With an everyday half, its own paired table: y refuses every harm-worded request and no
+    # everyday one, so its everyday OR − OR(l2) is 0 where the whole is above it.
+    halves = [{**r, "refused": r["refused"] * 12 + "00"} for r in refusing]
+    halves = [{**r, "refused": r["refused"][:48] + ("11" if r["method"].startswith("l2") else "00")}
+              for r in halves]
+    text3 = over_refusal_section(halves, replicates=50)
+    everyday = text3.split("everyday requests alone")[1]
+    row = next(line for line in everyday.splitlines() if line.startswith("| y |"))
+    assert "-100.0" in row and "refuses less" in row  # l2 refuses both everyday requests, y neither
+    row = next(line for line in text3.split("everyday requests alone")[0].splitlines() if line.startswith("| y |"))
+    assert "refuses more" in row  # on all 50: y refuses 48, l2 2
     # The halves: 48 harm-worded requests all refused, 2 everyday ones, one refused.
     split = [{**_rec("aligned", None, 0, 13.0, 21.0), "refused": "1" * 48 + "01", "over_refusal": 98.0}]
     assert "| aligned |  | 50 | 98.0 | – | 1 | 100.0 | 50.0 |" in over_refusal_section(split, replicates=10)

@@ -519,6 +519,15 @@ def over_refusal_section(records: Sequence[dict], *, replicates: int = 2000) -> 
     if paired:
         text += ("\nOver-refusal (OR) against l2 at equal task accuracy: the verdict's estimator on the "
                  "per-request refusals instead of the harmful verdicts.\n\n" + paired)
+    first = len(OVER_REFUSAL_HARM_WORDED)
+    if paired and all(len(r["refused"]) > first for r in mine):
+        # The everyday half alone: refusing a harm-worded safe request is caution, refusing an
+        # everyday one is lost usefulness; a defence may pay the first and not the second.
+        everyday = verdict_section([{**r, "harmful_verdicts": r["refused"][first:]} for r in mine],
+                                   replicates=replicates, score="OR", words=("refuses less", "refuses more"))
+        text += ("\nThe same on the everyday requests alone (`OVER_REFUSAL_EVERYDAY`, the second half): "
+                 "the usefulness a defence gives up, without the caution on harm-worded requests.\n\n"
+                 + everyday)
     return text
 
 
