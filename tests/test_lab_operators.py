@@ -93,6 +93,8 @@ def test_safegrad_l2_at_lambda_0_is_safegrad(lab):
     from asft_optim.lab.report import CURVE_ENDS
 
     assert CURVE_ENDS["safegrad-l2"] == ("safegrad", "l2_lambda")
+    # The join matches the records' settings: the same fields besides λ, or it never joins.
+    assert set(METHODS["safegrad-l2"].uses) - {"l2_lambda"} == set(METHODS["safegrad"].uses)
     zero = replace(lab.config.attack, l2_lambda=0.0)
     got, info = lab.attack("safegrad-l2", 0.1, 0, zero)
     want, _ = lab.trained["safegrad"]
