@@ -163,7 +163,14 @@ def test_verdict_section_reads_the_vectors_and_leaves_broken_points_out():
               for r in VERDICT if "harmful_verdicts" in r and not r["capability"]["broken"]]
     diffs = paired_differences(points, (50.0, 90.0), replicates=300)
     assert diffs[0].mean == -25.0 and not diffs[1].reached
-    assert text.startswith("p = 0.1:\n\n" + verdict_table(diffs) + "\nEach setting at its own FA")
+    # l2's own curve, (25, 50) to (75, 100) on both seeds: HS 75 at FA 50; no aligned verdicts here.
+    line = "\nl2's own HS on its curve, mean over the seeds that reach each level: FA 50: 75.0 (2 seeds); FA 90: not reached.\n"
+    assert text.startswith("p = 0.1:\n\n" + verdict_table(diffs) + line + "\nEach setting at its own FA")
+    # With the aligned model's verdicts (one model serving both seeds: counted once).
+    aligned = [{**_rec("aligned", None, s, 25.0, 21.0), "harmful_verdicts": "1000", "task_correct": "1000"}
+               for s in (0, 1)]
+    text = verdict_section(aligned + VERDICT[1:], levels=(50.0, 90.0), replicates=30)
+    assert line.replace("reached.", "reached. The aligned model's: 25.0.") in text
     assert text.endswith("\nLeft out, broken (more than 25 % of answers empty or degenerate): x l2_lambda=0.1 seed 0.\n")
     assert "| x | " in text and "not reached" in text
 

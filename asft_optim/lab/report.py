@@ -290,12 +290,43 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
                      f"{zero} has no row of its own.\n")
         for line in joined:
             text += f"\n{line}\n"
+        text += _reference_line(points, levels, reference, zero, score,
+                                [r for r in records if r["method"] == "aligned" and r.get("harmful_verdicts")])
         text += _own_fa_table(points, diffs, reference, zero, replicates, score, words)
         if broken:
             text += ("\nLeft out, broken (more than " f"{100 * BROKEN_SHARE:.0f} % of answers empty or degenerate): "
                      + ", ".join(f"{r['method']} seed {r['seed']}" for r in broken) + ".\n")
         out.append(text)
     return "\n".join(out)
+
+
+def _reference_line(points: list[Point], levels: Sequence, reference: str, zero: str | None, score: str,
+                    aligned: Sequence[dict]) -> str:
+    """The reference's own score on its curve at each FA level (seed mean over the seeds whose
+    curve reaches it) beside the aligned model's: how far below the reference a method can go
+    before it refuses more than the model the fine-tune started from."""
+    from .verdict import hs_at_fa
+
+    curves: dict[int, list[tuple[float, float]]] = {}
+    for pt in points:
+        if pt.method in (reference, zero):
+            curves.setdefault(pt.seed, []).append((100.0 * float(pt._c.mean()), 100.0 * float(pt._h.mean())))
+    parts = []
+    for x in levels:
+        if x == OWN:
+            continue
+        got = [v for v in (hs_at_fa(c, float(x)) for c in curves.values()) if v is not None]
+        parts.append(f"FA {x:g}: " + (f"{sum(got) / len(got):.1f} ({len(got)} seeds)" if got else "not reached"))
+    if not parts:
+        return ""
+    text = f"\n{reference}'s own {score} on its curve, mean over the seeds that reach each level: " + "; ".join(parts)
+    # One aligned model often serves every seed: count it once (by its stage key, else by its
+    # verdicts), so the mean is over models, not seeds.
+    vals = {r.get("refusal_key") or str(r["harmful_verdicts"]): 100.0 * sum(
+        str(b) in ("1", "True") for b in r["harmful_verdicts"]) / len(r["harmful_verdicts"]) for r in aligned}
+    if vals:
+        text += f". The aligned model's: {sum(vals.values()) / len(vals):.1f}"
+    return text + ".\n"
 
 
 def _own_fa_table(points: list[Point], fixed: Sequence, reference: str, zero: str | None,
