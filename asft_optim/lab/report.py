@@ -360,7 +360,7 @@ ZERO_OF = {"l2": "sft"}
 
 #: A method whose curve, at its swept field's 0, *is* another method's point of the same
 #: settings: ``safegrad-l2`` at λ = 0 runs ``safegrad``'s optimizer unchanged (``_safegrad``
-#: with λ = 0; ``tests/test_lab_verdict.py`` checks the two train to the same adapter). That
+#: with λ = 0; ``tests/test_lab_operators.py`` checks the two train to the same adapter). That
 #: point joins the method's curve as its end (the surgery alone keeps the attack's FA, so
 #: without it the curve stops at its weakest λ) and keeps its own row.
 CURVE_ENDS = {"safegrad-l2": ("safegrad", "l2_lambda")}
@@ -542,20 +542,22 @@ def over_refusal_section(records: Sequence[dict], *, replicates: int = 2000) -> 
     if any(len(c) > 1 for c in counts.values()):
         return text + ("\nNo paired table: points judged on different request counts "
                        f"({sorted(set().union(*counts.values()))}) cannot be paired.\n")
+    first = len(OVER_REFUSAL_HARM_WORDED)
+    everyday = ""
     try:
         paired = verdict_section([{**r, "harmful_verdicts": r["refused"]} for r in mine], replicates=replicates,
                                  score="OR", words=("refuses less", "refuses more"))
+        if paired and all(len(r["refused"]) > first for r in mine):
+            # The everyday half alone: refusing a harm-worded safe request is caution, refusing an
+            # everyday one is lost usefulness; a defence may pay the first and not the second.
+            everyday = verdict_section([{**r, "harmful_verdicts": r["refused"][first:]} for r in mine],
+                                       replicates=replicates, score="OR", words=("refuses less", "refuses more"))
     except ValueError as e:  # records of two settings or prompt counts: no pairing
         paired = f"No paired table: {e}.\n"
     if paired:
         text += ("\nOver-refusal (OR) against l2 at equal task accuracy: the verdict's estimator on the "
                  "per-request refusals instead of the harmful verdicts.\n\n" + paired)
-    first = len(OVER_REFUSAL_HARM_WORDED)
-    if paired and all(len(r["refused"]) > first for r in mine):
-        # The everyday half alone: refusing a harm-worded safe request is caution, refusing an
-        # everyday one is lost usefulness; a defence may pay the first and not the second.
-        everyday = verdict_section([{**r, "harmful_verdicts": r["refused"][first:]} for r in mine],
-                                   replicates=replicates, score="OR", words=("refuses less", "refuses more"))
+    if everyday:
         text += ("\nThe same on the everyday requests alone (`OVER_REFUSAL_EVERYDAY`, the second half): "
                  "the usefulness a defence gives up, without the caution on harm-worded requests.\n\n"
                  + everyday)
