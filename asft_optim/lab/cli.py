@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="pretrained preset: reduced (p 0,0.1; λ sweeps of asft and l2; 100 test rows and "
                    "100 harmful prompts), full (p 0,0.05,0.1,0.2; every method swept; 200 and 250), fine "
                    "(the reduced grid's p and sizes; every method swept, l2 and asft-orthogonal at λ 0.001, "
-                   "0.01, 0.02, 0.035, 0.06, 0.1, 1: where the fronts turn) or decisive (fine's sweeps at "
+                   "0.01, 0.02, 0.035, 0.06, 0.1, 0.3, 1: where the fronts turn) or decisive (fine's sweeps at "
                    "p 0.1, seeds 0-4, one aligned model, 500 test rows, all 250 harmful prompts, the judge's "
                    "measured token count: the verdict's grid)")
     g.add_argument("--test-limit", type=int, help="evaluate on the first N test rows (pretrained: 100 or 200)")
