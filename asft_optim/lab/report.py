@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .capability import BROKEN_SHARE, is_broken
 from .verdict import FA_LEVELS as VERDICT_LEVELS
-from .verdict import OWN, REFERENCE, Point, paired_differences, t_quantile, verdict_table
+from .verdict import OWN, REFERENCE, Point, _bits, paired_differences, t_quantile, verdict_table
 
 RECORD_KEYS = ("method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy")
 
@@ -322,8 +322,8 @@ def _reference_line(points: list[Point], levels: Sequence, reference: str, zero:
     text = f"\n{reference}'s own {score} on its curve, mean over the seeds that reach each level: " + "; ".join(parts)
     # One aligned model often serves every seed: count it once (by its stage key, else by its
     # verdicts), so the mean is over models, not seeds.
-    vals = {r.get("refusal_key") or str(r["harmful_verdicts"]): 100.0 * sum(
-        str(b) in ("1", "True") for b in r["harmful_verdicts"]) / len(r["harmful_verdicts"]) for r in aligned}
+    vals = {r.get("refusal_key") or str(r["harmful_verdicts"]): 100.0 * float(_bits(r["harmful_verdicts"]).mean())
+            for r in aligned}
     if vals:
         text += f". The aligned model's: {sum(vals.values()) / len(vals):.1f}"
     return text + ".\n"
@@ -493,9 +493,9 @@ def capability_table(records: Sequence[dict]) -> str:
 def _halves(refused, first: int) -> tuple[float | None, float | None]:
     """The share refused (%) among the first ``first`` requests and among the rest (None: no
     request of that half was judged)."""
-    bits = [str(b) in ("1", "True") for b in refused]
+    bits = _bits(refused)
     head, tail = bits[:first], bits[first:]
-    return (100.0 * sum(head) / len(head) if head else None, 100.0 * sum(tail) / len(tail) if tail else None)
+    return (100.0 * float(head.mean()) if len(head) else None, 100.0 * float(tail.mean()) if len(tail) else None)
 
 
 def over_refusal_section(records: Sequence[dict], *, replicates: int = 2000) -> str:
