@@ -185,8 +185,9 @@ def _module(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def lab_operators(lab, seed: int, attack, model) -> dict[str, dict[str, object]]:
-    """``{operator: {parameter name: share}}`` of every lab method, built as the lab builds it."""
+def lab_operators(lab, seed: int, attack, model, *, safegrad: bool = True) -> dict[str, dict[str, object]]:
+    """``{operator: {parameter name: share}}`` of every lab method, built as the lab builds it
+    (``safegrad=False``: all but safegrad's, whose safety gradient needs passes over ``model``)."""
     from asft_optim import build_anchors
     from asft_optim.input_anchors import InputAnchors
     from asft_optim.lab.models import answer_loss
@@ -209,13 +210,15 @@ def lab_operators(lab, seed: int, attack, model) -> dict[str, dict[str, object]]
                           rank=attack.orthogonal_rank, progress=False)
     ops = {"l2": {n: WholeShare() for n in weights},
            f"asft-orthogonal (k={attack.orthogonal_rank})": keyed(ortho, lambda p: OrthogonalShare(p.factor))}
-    dirs = {m: lab.operator(m, seed, attack)[0] for m in STAGE_METHODS}
+    dirs = {m: lab.operator(m, seed, attack)[0] for m in STAGE_METHODS if safegrad or m != "safegrad"}
     for m in ("input", "input-contrast"):
         anchors = InputAnchors.load(dirs[m] / OPERATOR_FILE)
         ops[f"{m} (k={attack.input_rank})"] = keyed(anchors, lambda p: InputShare(p.basis))
     for k in SPF_RANKS:
         subs = load_safety_subspaces(dirs["spf"], k)
         ops[f"spf (k={k})"] = keyed(subs, lambda s: OutputShare(s.basis))
+    if not safegrad:
+        return ops
     total, tokens = {}, 0  # S: the token-mean gradient over the safegrad stage's examples
     for n_tok, grads in row_gradients(model, load_refusal_examples(dirs["safegrad"]), weights, answer_loss):
         tokens += n_tok
