@@ -17,10 +17,14 @@ Each share is energy weighted over the 60 weights: ``Σ_w ‖op(ΔW_w)‖² / Σ
 share *of the whole update*), beside ``‖ΔW‖`` (root of ``Σ_w ‖ΔW_w‖²``) and the point's HS and
 FA from its record. Per method and setting, the mean over the seeds found.
 
+Beside them, ``cos(ΔW, V)`` of the whole update (``V = W_aligned − W_base`` over the 60
+weights): below 0 the update undoes the alignment, above 0 it goes further along it.
+
 A check that the adapter read is the evaluated one: every point's evaluation record carries
-``‖ΔW_w‖`` per weight (the lab's :func:`~asft_optim.lab.geometry.update_geometry`, from PEFT's
-``get_delta_weight`` at evaluation); this script's float64 ``‖s·B·A‖`` must match each within
-a relative 1e-4, or it stops.
+``‖ΔW_w‖`` and ``cos(ΔW_w, V_w)`` per weight (the lab's
+:func:`~asft_optim.lab.geometry.update_geometry`, from PEFT's ``get_delta_weight`` at
+evaluation); this script's float64 values must match each (relative 1e-4, absolute 1e-4), or
+it stops.
 
 It builds nothing: the lab runs ``cached_only``, over the records of ``--records``.
 
@@ -52,6 +56,8 @@ from torch import Tensor
 COLUMNS = ("asft-orthogonal (k=8)", "input (k=32)", "input-contrast (k=32)", "spf (k=8)", "spf (k=64)")
 #: Relative tolerance of the adapter read against the record's own ``‖ΔW_w‖`` (float32 there).
 NORM_RTOL = 1e-4
+#: Absolute tolerance of each weight's ``cos(ΔW, V)`` against the record's.
+COS_ATOL = 1e-4
 
 
 def adapter_deltas(adapter_dir: Path) -> dict[str, Tensor]:
@@ -92,6 +98,15 @@ def shares(deltas: dict[str, Tensor], ops: dict[str, dict[str, object]]) -> dict
     return out
 
 
+def cosine(deltas: dict[str, Tensor], v: dict[str, Tensor]) -> float:
+    """``cos(ΔW, V)`` of the whole update: ``Σ_w ⟨ΔW_w, V_w⟩ / (‖ΔW‖ ‖V‖)`` over the weights
+    (below 0: the update undoes the alignment; above 0: it goes further along it)."""
+    dot = sum(float((d * v[n]).sum()) for n, d in deltas.items())
+    dn = math.sqrt(sum(float(d.square().sum()) for d in deltas.values()))
+    vn = math.sqrt(sum(float(v[n].square().sum()) for n in deltas))
+    return dot / (dn * vn) if dn and vn else 0.0
+
+
 def _lab(out: Path, data: str, records: Path, lab_argv: list[str]):
     from asft_optim.lab import cli
     from asft_optim.lab.pretrained_lab import PretrainedLab
@@ -116,12 +131,13 @@ def main(argv=None) -> int:
     from harmful_gradient_share import lab_operators  # beside this script (sys.path[0])
 
     from asft_optim.lab.attack import get_method
+    from asft_optim.lab.geometry import _weights
     from asft_optim.lab.models import load
     from asft_optim.lab.runner import NotCached
 
     start = time.perf_counter()
     lab = _lab(args.out, args.data, args.records, lab_argv)
-    points, missing, ops_by_aligned = [], [], {}
+    points, missing, ops_by_aligned, v_by_aligned = [], [], {}, {}
     for seed in lab.config.seeds:
         try:
             aligned_dir, aligned_info = lab.aligned(seed)
@@ -130,7 +146,11 @@ def main(argv=None) -> int:
         if aligned_info["key"] not in ops_by_aligned:  # the operators of one aligned model, once
             ops = lab_operators(lab, seed, lab.config.attack, load(aligned_dir).eval(), safegrad=False)
             ops_by_aligned[aligned_info["key"]] = {c: ops[c] for c in COLUMNS}
-        ops = ops_by_aligned[aligned_info["key"]]
+            base_dir, _ = lab.base(seed)
+            base, aligned = _weights(base_dir), _weights(aligned_dir)
+            v_by_aligned[aligned_info["key"]] = {n: aligned[n].double() - base[n].double()
+                                                 for n in next(iter(ops_by_aligned[aligned_info["key"]].values()))}
+        ops, v = ops_by_aligned[aligned_info["key"]], v_by_aligned[aligned_info["key"]]
         for point in lab.grid_points():
             method = get_method(point.method)
             if method.post is not None:  # a post-hoc projection: the adapter is not what was evaluated
@@ -142,19 +162,21 @@ def main(argv=None) -> int:
                 missing.append({"seed": seed, "method": point.label, "stage": list(e.args)})
                 continue
             deltas = adapter_deltas(attack_dir / "adapter")
-            recorded = {g["weight"]: g["delta_norm"] for g in info["geometry"]}
+            recorded = {g["weight"]: g for g in info["geometry"]}
             if sorted(recorded) != sorted(deltas):
                 raise SystemExit(f"{point.label} seed {seed}: the adapter's weights are not the evaluated ones")
             for n, d in deltas.items():
-                norm = float(d.norm())
-                if abs(norm - recorded[n]) > NORM_RTOL * max(recorded[n], 1e-12):
-                    raise SystemExit(f"{point.label} seed {seed}, {n}: ‖ΔW‖ {norm:.6g} here, "
-                                     f"{recorded[n]:.6g} in the evaluation record")
+                norm, cos = float(d.norm()), cosine({n: d}, v)
+                if abs(norm - recorded[n]["delta_norm"]) > NORM_RTOL * max(recorded[n]["delta_norm"], 1e-12) \
+                        or abs(cos - recorded[n]["cos_delta_v"]) > COS_ATOL:
+                    raise SystemExit(f"{point.label} seed {seed}, {n}: ‖ΔW‖ {norm:.6g}, cos(ΔW, V) {cos:.6g} here; "
+                                     f"{recorded[n]['delta_norm']:.6g}, {recorded[n]['cos_delta_v']:.6g} "
+                                     "in the evaluation record")
             ev = info["eval"]
             points.append({"method": point.label, "seed": seed, "poison": point.poison,
                            "hs": ev["harmful_score"], "fa": ev["finetune_accuracy"],
                            "delta_norm": math.sqrt(sum(float(d.square().sum()) for d in deltas.values())),
-                           "shares": shares(deltas, ops)})
+                           "cos_v": cosine(deltas, v), "shares": shares(deltas, ops)})
     if not points:
         raise SystemExit("no point found: run the grid first (or check --out / --records / the lab options)")
     chance = {c: sum(s.chance for s in ops[c].values()) / len(ops[c]) for c in COLUMNS}
@@ -185,14 +207,16 @@ def markdown(record: dict) -> str:
              "against the evaluation record's ‖ΔW‖ per weight), and the share of `Σ‖ΔW‖²` each operator acts "
              "on (%, energy weighted over the weights): `asft-orthogonal`, the part off V's top-8 span (its "
              "penalty's); `input*`, the part on the 32 input directions; `spf`, the part in the refusal-gradient "
-             "subspace. Mean over the seeds found (n).", "",
-             "| method | n | HS | FA | ‖ΔW‖ | " + " | ".join(cols) + " |",
-             "|---|---|---|---|---|" + "---|" * len(cols),
-             "| chance (k/d) | | | | | " + " | ".join(f"{100 * record['chance'][c]:.1f}" for c in cols) + " |"]
+             "subspace; `cos(ΔW, V)`, the whole update's cosine with V = W_aligned − W_base over the 60 weights "
+             "(below 0: it undoes the alignment). Mean over the seeds found (n).", "",
+             "| method | n | HS | FA | ‖ΔW‖ | cos(ΔW, V) | " + " | ".join(cols) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(cols),
+             "| chance (k/d) | | | | | | " + " | ".join(f"{100 * record['chance'][c]:.1f}" for c in cols) + " |"]
     for label, pts in rows.items():
         cells = " | ".join(f"{100 * _mean([p['shares'][c] for p in pts]):.1f}" for c in cols)
         lines.append(f"| {label} | {len(pts)} | {_mean([p['hs'] for p in pts]):.1f} | "
-                     f"{_mean([p['fa'] for p in pts]):.1f} | {_mean([p['delta_norm'] for p in pts]):.2f} | {cells} |")
+                     f"{_mean([p['fa'] for p in pts]):.1f} | {_mean([p['delta_norm'] for p in pts]):.2f} | "
+                     f"{_mean([p['cos_v'] for p in pts]):+.3f} | {cells} |")
     if record["not_found"]:
         lines += ["", f"Points of the grid not found (not run yet): {len(record['not_found'])}."]
     return "\n".join(lines)

@@ -105,3 +105,18 @@ def test_shares_refuse_an_operator_on_other_weights(bench, shares_mod):
     deltas = {"a": torch.ones(2, 2, dtype=D)}
     with pytest.raises(SystemExit, match="covers"):
         bench.shares(deltas, {"l2": {"b": shares_mod.WholeShare()}})
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=seeds, n_weights=st.integers(1, 4))
+def test_cosine_is_the_concatenated_updates_cosine(bench, seed, n_weights):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [tuple(int(x) for x in torch.randint(1, 6, (2,), generator=gen)) for _ in range(n_weights)]
+    deltas = {f"w{i}": torch.randn(*s, generator=gen, dtype=D) for i, s in enumerate(shapes)}
+    v = {n: torch.randn(*d.shape, generator=gen, dtype=D) for n, d in deltas.items()}
+    flat_d = torch.cat([deltas[n].flatten() for n in deltas])
+    flat_v = torch.cat([v[n].flatten() for n in deltas])
+    want = float(flat_d @ flat_v / (flat_d.norm() * flat_v.norm()))
+    assert bench.cosine(deltas, v) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert bench.cosine({n: -2.5 * t for n, t in v.items()}, v) == pytest.approx(-1.0, rel=1e-12)
+    assert bench.cosine({n: torch.zeros_like(t) for n, t in v.items()}, v) == 0.0
