@@ -40,6 +40,13 @@ def test_markdown_table_exact():
     )
 
 
+def test_markdown_table_names_the_seed_count_of_a_thinner_cell():
+    records = RECORDS + [_rec("l2", 0.1, 0, 30.0, 70.5)]
+    assert markdown_table(records).splitlines()[-1] == (
+        "| l2 | – | 30.0 ± 0.0 (n=1) | 30.0 ± 0.0 | – | 70.5 ± 0.0 (n=1) | 70.5 ± 0.0 |")
+    assert "(n=" not in markdown_table(RECORDS)  # every cell over both seeds
+
+
 def test_seed_table_exact():
     records = RECORDS + [_rec("l2", 0.1, 0, 30.0, 70.5)]
     assert seed_table(records) == (

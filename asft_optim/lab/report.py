@@ -73,9 +73,12 @@ def markdown_table(records: Sequence[dict], broken: frozenset | set = frozenset(
     The average of a method is the mean over its poison ratios of the per-ratio means
     (± the std over seeds of the per-seed averages). ``aligned`` (before any attack)
     fills every column with its single value. A cell holding a point of ``broken``
-    (``(method, poison_ratio, seed)``, :func:`broken_points`) is marked ``†``.
+    (``(method, poison_ratio, seed)``, :func:`broken_points`) is marked ``†``; a cell over
+    fewer seeds than the fullest cell of its ratio says how many (``(n=3)``): its mean is
+    over other seeds than its neighbours'.
     """
-    methods, poisons, _ = _grid(records, "harmful_score")
+    methods, poisons, cells = _grid(records, "harmful_score")
+    fullest = {p: max((len(cells[(m, p)]) for m in methods), default=0) for p in poisons}
     head = ["Method"] + [f"HS p={p:g}" for p in poisons] + ["HS avg"] + [f"FA p={p:g}" for p in poisons] + ["FA avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
@@ -88,7 +91,10 @@ def markdown_table(records: Sequence[dict], broken: frozenset | set = frozenset(
                 continue
             for p in poisons:
                 mark = " †" if any((m, p, r["seed"]) in broken for r in rs if r["poison_ratio"] == p) else ""
-                row.append(_fmt([r[metric] for r in rs if r["poison_ratio"] == p]) + mark)
+                vals = [r[metric] for r in rs if r["poison_ratio"] == p]
+                if vals and len(vals) < fullest[p]:
+                    mark += f" (n={len(vals)})"
+                row.append(_fmt(vals) + mark)
             per_seed: dict[int, list[float]] = defaultdict(list)
             for r in rs:
                 per_seed[r["seed"]].append(r[metric])
