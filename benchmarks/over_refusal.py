@@ -29,14 +29,17 @@ from pathlib import Path
 import torch
 
 
-def _lab(out: Path, data: str, lab_argv: list[str]):
+def _lab(out: Path, data: str, lab_argv: list[str], records: Path | None = None):
+    """The decisive grid's pretrained lab over ``out``'s cache, ``cached_only`` (it builds
+    nothing), with ``asft lab``'s options ``lab_argv`` and the record store ``records``."""
     from asft_optim.lab import cli
     from asft_optim.lab.pretrained_lab import PretrainedLab
 
     args = cli.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
         ["--preset", "pretrained", "--data", data, "--grid", "decisive", "--no-progress", "--out", str(out), *lab_argv])
     cfg, settings = cli._config(args), cli._settings(args)
-    return PretrainedLab(cfg, cli._data(args, cfg, settings), out, settings, progress=False, cached_only=True)
+    return PretrainedLab(cfg, cli._data(args, cfg, settings), out, settings, progress=False, cached_only=True,
+                         records=records)
 
 
 def main(argv=None) -> int:

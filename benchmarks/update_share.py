@@ -107,17 +107,6 @@ def cosine(deltas: dict[str, Tensor], v: dict[str, Tensor]) -> float:
     return dot / (dn * vn) if dn and vn else 0.0
 
 
-def _lab(out: Path, data: str, records: Path, lab_argv: list[str]):
-    from asft_optim.lab import cli
-    from asft_optim.lab.pretrained_lab import PretrainedLab
-
-    args = cli.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
-        ["--preset", "pretrained", "--data", data, "--grid", "decisive", "--no-progress", "--out", str(out), *lab_argv])
-    cfg, settings = cli._config(args), cli._settings(args)
-    return PretrainedLab(cfg, cli._data(args, cfg, settings), out, settings, progress=False, cached_only=True,
-                         records=records)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="../shared/data/asft", help="the reference data folder")
@@ -129,6 +118,7 @@ def main(argv=None) -> int:
     lab_argv = [a for a in lab_argv if a != "--"]
     torch.set_num_threads(1)
     from harmful_gradient_share import lab_operators  # beside this script (sys.path[0])
+    from over_refusal import _lab
 
     from asft_optim.lab.attack import get_method
     from asft_optim.lab.geometry import _weights
@@ -136,7 +126,7 @@ def main(argv=None) -> int:
     from asft_optim.lab.runner import NotCached
 
     start = time.perf_counter()
-    lab = _lab(args.out, args.data, args.records, lab_argv)
+    lab = _lab(args.out, args.data, lab_argv, records=args.records)
     points, missing, ops_by_aligned, v_by_aligned = [], [], {}, {}
     for seed in lab.config.seeds:
         try:
