@@ -136,3 +136,62 @@ def test_rebuild_check_needs_the_cached_attack(tmp_path):
     with pytest.raises(SystemExit, match="not a folder"):
         mod.main(["--data", str(REAL_DATA), "--cache", str(tmp_path / "none"), "--", "--methods", "l2"])
     assert not list((tmp_path / "cache").iterdir())  # built nothing
+
+
+def _record_check():
+    spec = importlib.util.spec_from_file_location("record_check_bench", BENCH.parent / "record_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_record_check_tells_float_noise_from_a_changed_verdict(tmp_path):
+    """benchmarks/record_check.py: float leaves within --rtol pass, build seconds are skipped,
+    and any changed verdict, answer, list length or key fails, as does a float beyond --rtol."""
+    mod = _record_check()
+    ref = {"key": "k", "info": {"seconds": 100.0, "eval": {
+        "harmful_score": 40.0, "harmful_verdicts": [True, False, True], "examples": ["no", "sure"],
+        "capability": {"benign_nll": 1.4939}}, "train": {"final_loss": 2.6974653}}}
+
+    def store(name, record):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "eval-k.json").write_text(json.dumps(record))
+        (d / "eval-only-here.json").write_text("{}")
+        return d
+
+    b = store("ref", ref)
+    noise = json.loads(json.dumps(ref))
+    noise["info"]["seconds"] = 7.0
+    noise["info"]["eval"]["capability"]["benign_nll"] = 1.4938
+    noise["info"]["train"]["final_loss"] = 2.6974571
+    out = tmp_path / "o.json"
+    assert mod.main([str(store("noise", noise)), str(b), "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["ok"] and row["discrete_differences"] == [] and row["floats"] == 3
+    assert row["max_rel_diff_at"] == row["max_abs_diff_at"] == "/info/eval/capability/benign_nll"
+    assert abs(row["max_rel_diff"] - 1e-4 / 1.4939) < 1e-9 and abs(row["max_abs_diff"] - 1e-4) < 1e-9
+    # the same noise fails a tighter tolerance, and only the absolute part lets it through
+    assert mod.main([str(tmp_path / "noise"), str(b), "--rtol", "1e-6", "--atol", "0"]) == 1
+    assert mod.main([str(tmp_path / "noise"), str(b), "--rtol", "0", "--atol", "1e-3"]) == 0
+    big = json.loads(json.dumps(ref))
+    big["info"]["eval"]["harmful_score"] = 40.4
+    assert mod.main([str(store("big", big)), str(b), "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["rows"][0]["floats_beyond_tolerance"] == ["/info/eval/harmful_score"]
+
+    for name, change in [("verdict", lambda r: r["info"]["eval"]["harmful_verdicts"].__setitem__(1, True)),
+                         ("answer", lambda r: r["info"]["eval"]["examples"].__setitem__(0, "No")),
+                         ("length", lambda r: r["info"]["eval"]["examples"].append("x")),
+                         ("key", lambda r: r["info"]["eval"].pop("capability"))]:
+        rec = json.loads(json.dumps(ref))
+        change(rec)
+        out = tmp_path / f"{name}.json"
+        assert mod.main([str(store(name, rec)), str(b), "--json", str(out)]) == 1, name
+        assert json.loads(out.read_text())["rows"][0]["discrete_differences"], name
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="nothing to compare"):
+        mod.main([str(empty), str(b)])
+    with pytest.raises(SystemExit, match="not a folder"):
+        mod.main([str(tmp_path / "none"), str(b)])
