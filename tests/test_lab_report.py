@@ -163,7 +163,7 @@ VERDICT = [
 
 def test_verdict_section_reads_the_vectors_and_leaves_broken_points_out():
     from asft_optim.lab.report import verdict_section
-    from asft_optim.lab.verdict import Point, paired_differences, verdict_table
+    from asft_optim.lab.verdict import Point, paired_differences, per_seed_table, verdict_table
 
     text = verdict_section(VERDICT, levels=(50.0, 90.0), replicates=300)
     points = [Point(r["variant"]["method"], r["seed"], r["harmful_verdicts"], r["task_correct"])
@@ -172,7 +172,10 @@ def test_verdict_section_reads_the_vectors_and_leaves_broken_points_out():
     assert diffs[0].mean == -25.0 and not diffs[1].reached
     # l2's own curve, (25, 50) to (75, 100) on both seeds: HS 75 at FA 50; no aligned verdicts here.
     line = "\nl2's own HS on its curve, mean over the seeds that reach each level: FA 50: 75.0 (2 seeds); FA 90: not reached.\n"
-    assert text.startswith("p = 0.1:\n\n" + verdict_table(diffs) + line + "\nEach setting at its own FA")
+    per_seed = ("\nEach seed's own difference, of which each cell above is the mean (whether many seeds agree or "
+                "one drives it):\n\n" + per_seed_table(diffs))
+    assert text.startswith("p = 0.1:\n\n" + verdict_table(diffs) + line + per_seed + "\nEach setting at its own FA")
+    assert "| x | 50 | seed 0: " in per_seed and "| x | 90 |" not in per_seed
     # With the aligned model's verdicts (one model serving both seeds: counted once).
     aligned = [{**_rec("aligned", None, s, 25.0, 21.0), "harmful_verdicts": "1000", "task_correct": "1000"}
                for s in (0, 1)]

@@ -13,6 +13,7 @@ from asft_optim.lab.verdict import (
     Point,
     hs_at_fa,
     paired_differences,
+    per_seed_table,
     verdict_table,
 )
 
@@ -45,6 +46,13 @@ def test_hand_computed_example():
     for d in (got[50.0], got[75.0]):
         # Every replicate's value is a difference of two HS in [0, 100].
         assert -100 <= d.low <= d.high <= 100
+    # Each seed's own difference, by hand as above; unreached levels hold none.
+    assert dict(got[50.0].per_seed) == pytest.approx({0: -25.0, 1: -50.0})
+    assert dict(got[75.0].per_seed) == pytest.approx({0: -25.0, 1: -37.5})
+    assert got[20.0].per_seed == got[80.0].per_seed == ()
+    table = per_seed_table(list(got.values()))
+    assert "| x | 50 | seed 0: -25.0 · seed 1: -50.0 |" in table and "| x | 20 |" not in table
+    assert "| x | 75 | seed 0: -25.0 · seed 1: -37.5 |" in table
     # Deterministic in its seed.
     assert paired_differences(HAND, levels=(50.0,), replicates=300) == \
         paired_differences(HAND, levels=(50.0,), replicates=300)
@@ -104,6 +112,8 @@ def test_a_copy_shifted_by_delta_recovers_delta(rng, seeds, settings_, flipped):
     for d in paired_differences(l2 + shifted, levels=levels, replicates=300):
         if d.reached:
             assert d.mean == pytest.approx(delta)
+            assert [v for _, v in d.per_seed] == pytest.approx([delta] * d.n_seeds)  # every seed's own
+            assert [s for s, _ in d.per_seed] == sorted(s for s, _ in d.per_seed)
             assert d.low <= delta <= d.high
             assert d.riskier or d.low == 0  # δ > 0: never "safer"
             assert not d.safer

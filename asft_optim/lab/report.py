@@ -16,7 +16,16 @@ from pathlib import Path
 
 from .capability import BROKEN_SHARE, is_broken
 from .verdict import FA_LEVELS as VERDICT_LEVELS
-from .verdict import OWN, REFERENCE, Point, _bits, paired_differences, t_quantile, verdict_table
+from .verdict import (
+    OWN,
+    REFERENCE,
+    Point,
+    _bits,
+    paired_differences,
+    per_seed_table,
+    t_quantile,
+    verdict_table,
+)
 
 RECORD_KEYS = ("method", "poison_ratio", "seed", "harmful_score", "finetune_accuracy")
 
@@ -298,6 +307,8 @@ def verdict_section(records: Sequence[dict], levels: Sequence[float] = VERDICT_L
             text += f"\n{line}\n"
         text += _reference_line(points, levels, reference, zero, score,
                                 [r for r in records if r["method"] == "aligned" and r.get("harmful_verdicts")])
+        text += ("\nEach seed's own difference, of which each cell above is the mean (whether many seeds "
+                 "agree or one drives it):\n\n" + per_seed_table(diffs, reference=reference, score=score))
         text += _own_fa_table(points, diffs, reference, zero, replicates, score, words)
         if broken:
             text += ("\nLeft out, broken (more than " f"{100 * BROKEN_SHARE:.0f} % of answers empty or degenerate): "

@@ -95,6 +95,7 @@ __all__ = [
     "Point",
     "hs_at_fa",
     "paired_differences",
+    "per_seed_table",
     "t_quantile",
     "verdict_table",
 ]
@@ -158,7 +159,8 @@ class Difference:
     ``mean`` is ``None`` when no seed reaches the level on both curves; ``low``/``high``
     bound the 95 % interval (``None`` when no replicate reached it); ``unreached`` is the
     share of bootstrap replicates in which no drawn seed reached it (a reading at a curve's
-    end)."""
+    end); ``per_seed`` holds each counted seed's own difference :math:`d_s`, as
+    ``(seed, d_s)`` in seed order (``mean`` is their mean)."""
 
     method: str
     level: float | str
@@ -167,6 +169,7 @@ class Difference:
     high: float | None
     n_seeds: int
     unreached: float = 0.0
+    per_seed: tuple[tuple[int, float], ...] = ()
 
     @property
     def reached(self) -> bool:
@@ -399,7 +402,8 @@ def paired_differences(
                 low = mean - half if low is None else min(low, mean - half)
                 high = mean + half if high is None else max(high, mean + half)
                 low, high = max(low, -100.0), min(high, 100.0)  # a difference of two percentages
-            out.append(Difference(m, _level(x), mean, low, high, n, float(1 - len(ok) / replicates)))
+            out.append(Difference(m, _level(x), mean, low, high, n, float(1 - len(ok) / replicates),
+                                  tuple((s, d0[(s, m, x)]) for s in reach)))
     return out
 
 
@@ -416,6 +420,27 @@ def _cell(d: Difference, words: tuple[str, str] = ("safer", "less safe")) -> str
     if d.unreached > 0.05:
         text += f" ({100 * d.unreached:.0f} % of resamples do not reach it)"
     return text
+
+
+def per_seed_table(differences: Sequence[Difference], *, reference: str = REFERENCE, score: str = "HS") -> str:
+    """Markdown: each reached cell's per-seed differences :math:`d_s`, one row per method and
+    level, so that a reader sees whether a mean is many seeds agreeing or one seed's outlier
+    (the interval says how wide, not which seeds). Cells no seed reaches are left out.
+
+    Example::
+
+        >>> d = Difference("x", 60.0, -6.0, -20.0, 8.0, 2, per_seed=((1, -11.0), (3, -1.0)))
+        >>> print(per_seed_table([d]), end="")
+        | Method | FA | HS − HS(l2) per seed |
+        |---|---|---|
+        | x | 60 | seed 1: -11.0 · seed 3: -1.0 |
+    """
+    lines = [f"| Method | FA | {score} − {score}({reference}) per seed |", "|---|---|---|"]
+    for d in differences:
+        if d.reached and d.per_seed:
+            level = "own" if d.level == OWN else f"{d.level:g}"
+            lines.append(f"| {d.method} | {level} | " + " · ".join(f"seed {s}: {v:+.1f}" for s, v in d.per_seed) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def verdict_table(differences: Sequence[Difference], *, reference: str = REFERENCE, score: str = "HS",
